@@ -1,0 +1,209 @@
+"""DataLoaders for training (iteration-based, resumable, DDP-aware) and for evaluation.
+
+Training draws batches epoch after epoch from one of the samplers in ``data/samplers.py``. Every
+sample carries its own augmentation seed, a pure function of (seed, epoch, batch, position), so a
+run resumed at iteration i sees exactly the batches and augmentations an uninterrupted run would,
+whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Iterator, List, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
+
+from data.collate import Collate
+from data.samplers import (
+    ClassBalancedSampler,
+    GroupedBatchSampler,
+    RepeatFactorSampler,
+    ShuffleSampler,
+    create_aspect_ratio_groups,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """A 32-bit seed that depends only on where the sample sits in the epoch's stream."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
+
+
+class SeededDataset(Dataset):
+    """Takes ``(index, seed)`` items; seeds NumPy and ``random`` before the wrapped dataset's transforms."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Tuple[int, int]):
+        index, seed = item
+        np.random.seed(seed)
+        random.seed(seed)
+        return self.dataset[index]
+
+
+class ResumableBatchSampler(Sampler):
+    """Wraps a batch sampler: forwards ``set_epoch``, can skip the first batches of an epoch, and tags
+    every index with its augmentation seed (see ``sample_seed``).
+
+    The seed follows the sample's position in the global (all ranks) stream: rank r's j-th sample of
+    its b-th batch is sample r + (b * batch_size + j) * num_replicas of the epoch, which is where the
+    round-robin sharding of our samplers took it from. So N processes with batch B see the same
+    augmented samples as one process with batch N * B.
+    """
+
+    def __init__(
+        self, batch_sampler: Any, index_sampler: Any, seed: int, num_replicas: int = 1, rank: int = 0
+    ):
+        self.batch_sampler = batch_sampler
+        self.index_sampler = index_sampler
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.skip_batches = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch = epoch
+        self.skip_batches = skip_batches
+        if hasattr(self.index_sampler, "set_epoch"):
+            self.index_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        position = 0  # samples of this rank already drawn in the epoch
+        for b, batch in enumerate(self.batch_sampler):
+            if b >= self.skip_batches:
+                yield [
+                    (
+                        int(i),
+                        sample_seed(self.seed, self.epoch, self.rank + (position + j) * self.num_replicas),
+                    )
+                    for j, i in enumerate(batch)
+                ]
+            position += len(batch)
+
+
+def build_index_sampler(
+    dataset: Any,
+    sampler: str,
+    seed: int,
+    num_replicas: int,
+    rank: int,
+    num_bins: int = 1,
+    repeat_threshold: float = 0.001,
+) -> Any:
+    """The per-rank index sampler named by ``--sampler``."""
+    if sampler == "random":
+        return ShuffleSampler(len(dataset), seed=seed, num_replicas=num_replicas, rank=rank)
+    if sampler == "class_balanced":
+        return ClassBalancedSampler(
+            dataset.image_labels,
+            num_bins=num_bins,
+            num_samples=None,
+            seed=seed,
+            num_replicas=num_replicas,
+            rank=rank,
+        )
+    if sampler == "repeat_factor":
+        return RepeatFactorSampler(
+            dataset.image_labels,
+            repeat_threshold=repeat_threshold,
+            seed=seed,
+            num_replicas=num_replicas,
+            rank=rank,
+        )
+    raise ValueError(f"unknown --sampler {sampler!r} (random, class_balanced, repeat_factor)")
+
+
+def _worker_init(worker_id: int) -> None:
+    # Samples are seeded one by one (SeededDataset); this only keeps stray RNG use distinct per worker.
+    np.random.seed((torch.initial_seed() + worker_id) % 2**32)
+
+
+def build_train_loader(
+    dataset: Any,
+    batch_size: int,
+    num_workers: int,
+    size_divisibility: int,
+    seed: int,
+    num_replicas: int = 1,
+    rank: int = 0,
+    sampler: str = "random",
+    num_bins: int = 1,
+    repeat_threshold: float = 0.001,
+    aspect_ratio_group: bool = False,
+) -> DataLoader:
+    """A DataLoader whose ``batch_sampler`` is a ResumableBatchSampler; ``batch_size`` is per rank."""
+    index_sampler = build_index_sampler(
+        dataset, sampler, seed, num_replicas, rank, num_bins, repeat_threshold
+    )
+    if aspect_ratio_group:
+        group_ids = create_aspect_ratio_groups(dataset.image_sizes)
+        batch_sampler = GroupedBatchSampler(index_sampler, group_ids, batch_size)
+    else:
+        batch_sampler = BatchSampler(index_sampler, batch_size, drop_last=True)
+    if len(batch_sampler) == 0:
+        raise ValueError(
+            f"the training set gives no full batch of {batch_size} per rank "
+            f"({len(dataset)} images, {num_replicas} ranks): lower --batch_size"
+        )
+    return DataLoader(
+        SeededDataset(dataset),
+        batch_sampler=ResumableBatchSampler(batch_sampler, index_sampler, seed, num_replicas, rank),
+        num_workers=num_workers,
+        collate_fn=Collate(size_divisibility),
+        worker_init_fn=_worker_init,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def iterate_batches(loader: DataLoader, start_iter: int) -> Iterator[Tuple[int, Any]]:
+    """Endless (epoch, batch) stream that starts where iteration ``start_iter`` left off.
+
+    Epoch lengths may change from epoch to epoch (repeat-factor sampling), so the resume point is
+    found by walking the epochs and asking each one its length after ``set_epoch``.
+    """
+    batch_sampler: ResumableBatchSampler = loader.batch_sampler
+    epoch, remaining = 0, start_iter
+    while True:
+        batch_sampler.set_epoch(epoch)
+        if remaining < len(batch_sampler):
+            break
+        remaining -= len(batch_sampler)
+        epoch += 1
+    skip = remaining
+    while True:
+        batch_sampler.set_epoch(epoch, skip_batches=skip)
+        for batch in loader:
+            yield epoch, batch
+        epoch, skip = epoch + 1, 0
+
+
+def build_eval_loader(
+    dataset: Any,
+    batch_size: int,
+    num_workers: int,
+    size_divisibility: int,
+    indices: List[int] | None = None,
+) -> DataLoader:
+    """Sequential, unshuffled batches for inference."""
+    sampler = SequentialSampler(range(len(dataset))) if indices is None else indices
+    batch_sampler = BatchSampler(sampler, batch_size, drop_last=False)
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=Collate(size_divisibility),
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,207 @@
+"""The one training/inference engine, shared by train.py, evaluate.py, demo.py and extract_features.py.
+
+Every architecture plugs in through the same three objects returned by ``models.build_model``:
+``outputs = model(images, targets)``, ``loss_dict = criterion(outputs, targets)`` and
+``detections = postprocessor(outputs, targets)``, so nothing here knows which detector it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Any, Dict, Iterable, List, Tuple
+
+import torch
+from torch import Tensor
+
+from utils.coco_eval import detections_to_coco_results, evaluate_coco
+from utils.voc_eval import evaluate_voc, format_voc_table
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a loss term is NaN or infinite; the message names the iteration and the terms."""
+
+
+def targets_to_device(targets: List[Dict[str, Any]], device: torch.device) -> List[Dict[str, Any]]:
+    """Move the tensors of each target dict to ``device`` (strings and ints stay as they are)."""
+    return [
+        {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()}
+        for t in targets
+    ]
+
+
+def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
+    """torch.autocast for ``amp_dtype`` on ``device``, or a no-op when AMP is off."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def train_one_iter(
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    images: Tensor,
+    targets: List[Dict[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    iteration: int,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    clip_grad: float = 0.0,
+) -> Dict[str, float]:
+    """One forward/backward/step. Returns the loss terms (and ``loss``, their sum) as floats.
+
+    images (Tensor[N, 3, H, W]) and targets must already be on the model's device. Raises
+    NonFiniteLossError before the optimizer step when any term is not finite, so the weights (and the
+    last checkpoint) are left as they were.
+    """
+    model.train()
+    with autocast_context(images.device, amp_dtype):
+        outputs = model(images, targets)
+        loss_dict = criterion(outputs, targets)
+    loss = sum(loss_dict.values())
+    # note: .item() is a host-device sync; we need it anyway for the finite check and the log line.
+    terms = {name: value.detach().float().item() for name, value in loss_dict.items()}
+    if not all(math.isfinite(v) for v in terms.values()):
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {iteration}: "
+            + ", ".join(f"{k}={v}" for k, v in terms.items())
+            + ". Stopping; the last saved checkpoint is untouched. "
+            "Try a lower --lr, --clip_grad or --warmup_iters."
+        )
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        if clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+    terms["loss"] = sum(terms.values())
+    return terms
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    postprocessor: torch.nn.Module,
+    data_loader: Iterable,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    return_features: bool = False,
+    progress: bool = False,
+) -> Iterable[Tuple[List[Dict[str, Any]], List[Dict[str, Tensor]], Dict[str, Any]]]:
+    """Batched inference. Yields ``(targets, detections, outputs)`` per batch.
+
+    detections are the postprocessor's per-image dicts (boxes in original image pixels) moved to
+    the CPU. ``outputs`` is the raw model output (kept on device) for feature extraction.
+    """
+    model.eval()
+    iterator = data_loader
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(data_loader, desc="inference", leave=False)
+    for images, targets, _skipped in iterator:
+        if len(targets) == 0:
+            continue
+        images = images.to(device, non_blocking=True)
+        targets = targets_to_device(targets, device)
+        with autocast_context(device, amp_dtype):
+            outputs = (
+                model(images, None, return_features=return_features) if return_features else model(images)
+            )
+        detections = postprocessor(outputs, targets)
+        detections = [
+            {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in d.items()}
+            for d in detections
+        ]
+        yield targets, detections, outputs
+
+
+def run_inference(
+    model: torch.nn.Module,
+    postprocessor: torch.nn.Module,
+    data_loader: Iterable,
+    category_ids: List[int],
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Tuple[List[Dict[str, Any]], float]:
+    """Detections for a whole loader as COCO results (original category ids). Returns (results, seconds)."""
+    results: List[Dict[str, Any]] = []
+    start = time.time()
+    for targets, detections, _ in predict(
+        model, postprocessor, data_loader, device, amp_dtype, progress=progress
+    ):
+        image_ids = [int(t["image_id"]) for t in targets]
+        results.extend(detections_to_coco_results(detections, image_ids, category_ids))
+    return results, time.time() - start
+
+
+def compute_metrics(
+    gt: Dict[str, Any],
+    results: List[Dict[str, Any]],
+    metric: str = "voc",
+    iou_thresh: float = 0.5,
+    hierarchy: Any = None,
+) -> Dict[str, Any]:
+    """Score COCO-format results against a common-format ground truth dict.
+
+    metric: "voc" (VOC07 11-point and area AP at ``iou_thresh``), "coco" (pycocotools' 12 numbers),
+    "oid" (Open Images challenge metric; needs the class hierarchy) or "all" (voc + coco).
+    Returns {"voc": {...}, "coco": {...}, "oid": {...}} for the metrics run, each with a "table" string.
+    """
+    out: Dict[str, Any] = {}
+    if metric in ("voc", "all"):
+        voc = evaluate_voc(gt, results, iou_thresh=iou_thresh)
+        voc["table"] = format_voc_table(voc)
+        out["voc"] = voc
+    if metric in ("coco", "all"):
+        out["coco"] = evaluate_coco(gt, results)
+    if metric == "oid":
+        from utils.oid_eval import evaluate_oid, format_oid_table
+
+        oid = evaluate_oid(gt, results, hierarchy=hierarchy)
+        oid["table"] = format_oid_table(oid)
+        out["oid"] = oid
+    return out
+
+
+def evaluate(
+    model: torch.nn.Module,
+    postprocessor: torch.nn.Module,
+    data_loader: Iterable,
+    dataset: Any,
+    device: torch.device,
+    metric: str = "voc",
+    iou_thresh: float = 0.5,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """Inference over ``data_loader`` and the chosen metrics against ``dataset.coco_gt()``.
+
+    Used for validation during training and by evaluate.py, so both report the same numbers.
+    """
+    results, seconds = run_inference(
+        model, postprocessor, data_loader, dataset.category_ids, device, amp_dtype, progress=progress
+    )
+    num_images = len(dataset)
+    logger.info(
+        "inference on %d images took %.1f s (%.1f images/s)",
+        num_images,
+        seconds,
+        num_images / max(seconds, 1e-9),
+    )
+    metrics = compute_metrics(
+        dataset.coco_gt(), results, metric, iou_thresh, hierarchy=getattr(dataset, "hierarchy", None)
+    )
+    return metrics, results

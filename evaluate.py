@@ -1,0 +1,167 @@
+"""Evaluate a trained detector, or a results file made elsewhere.
+
+    python evaluate.py --checkpoint runs/RUN/model_050000.pth --dataset voc --val_sets test2007 --metric voc
+    python evaluate.py --run_dir runs/RUN --eval_iters 30000,50000 --metric all
+    python evaluate.py --detections results.json --dataset coco --val_sets val2017 --metric coco
+    python evaluate.py --checkpoint CKPT --dataset openimages --val_sets validation --metric oid \
+        --submission submission.csv
+
+Metrics: ``voc`` prints per-class AP at --iou_thresh, both VOC07 11-point and area under the curve;
+``coco`` the 12 pycocotools numbers; ``oid`` the Open Images challenge metric (needs the class
+hierarchy: ``<data_root>/<dataset>/hierarchy.json`` or --hierarchy); ``all`` is voc + coco.
+Detections are written as a COCO results JSON with the original category ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Dict, List
+
+import torch
+
+from data.dataset import build_dataset
+from data.loaders import build_eval_loader
+from engine import compute_metrics, evaluate
+from utils.checkpoint import build_model_from_checkpoint, checkpoint_iteration, list_checkpoints
+from utils.coco_eval import write_coco_results
+from utils.logger import setup_logging
+from utils.options import check_common_args, get_common_parser, int_list, resolve_defaults
+
+logger = logging.getLogger("evaluate")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Evaluate a detector", add_help=add_help, parents=[get_common_parser()])
+    g = parser.add_argument_group("what to evaluate")
+    g.add_argument("--checkpoint", default=None, help="a checkpoint written by train.py")
+    g.add_argument(
+        "--run_dir", default=None, help="a run folder; with --eval_iters, several of its checkpoints"
+    )
+    g.add_argument("--eval_iters", type=int_list, default=[], help="iterations to evaluate, e.g. 10000,20000")
+    g.add_argument("--detections", default=None, help="score an existing COCO results JSON, no model needed")
+    g = parser.add_argument_group("metrics and outputs")
+    g.add_argument("--metric", default="voc", choices=("voc", "coco", "oid", "all"))
+    g.add_argument("--iou_thresh", type=float, default=0.5, help="VOC IoU threshold")
+    g.add_argument("--hierarchy", default=None, help="Open Images class hierarchy JSON (for --metric oid)")
+    g.add_argument(
+        "--save_path",
+        default=None,
+        help="folder for results JSON and metrics (default: next to the checkpoint)",
+    )
+    g.add_argument(
+        "--submission", default=None, help="also write an Open Images challenge submission CSV here"
+    )
+    g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    return parser
+
+
+def checkpoints_to_evaluate(args: argparse.Namespace) -> List[str]:
+    if args.checkpoint:
+        return [args.checkpoint]
+    if not args.run_dir:
+        return []
+    available = list_checkpoints(args.run_dir)
+    if not args.eval_iters:
+        if not available:
+            raise SystemExit(f"no checkpoints in --run_dir {args.run_dir!r}")
+        return [available[-1]]
+    by_iter = {checkpoint_iteration(p): p for p in available}
+    missing = [i for i in args.eval_iters if i not in by_iter]
+    if missing:
+        raise SystemExit(
+            f"--eval_iters {missing} have no checkpoint in {args.run_dir!r} (available: {sorted(by_iter)})"
+        )
+    return [by_iter[i] for i in args.eval_iters]
+
+
+def load_hierarchy(args: argparse.Namespace) -> Any:
+    path = args.hierarchy or os.path.join(args.data_root, args.dataset, "hierarchy.json")
+    if not os.path.isfile(path):
+        raise SystemExit(
+            f"--metric oid needs the class hierarchy: {path!r} does not exist (pass --hierarchy)"
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def report(metrics: Dict[str, Any], tag: str) -> Dict[str, float]:
+    """Print every metric table; return the headline numbers."""
+    headline = {}
+    if "voc" in metrics:
+        print(f"\n[{tag}] PASCAL VOC AP@{metrics['voc'].get('iou_thresh', 0.5)}\n{metrics['voc']['table']}")
+        headline["voc_map_07_11pt"] = metrics["voc"]["map_07_11pt"]
+        headline["voc_map_area"] = metrics["voc"]["map_area"]
+    if "coco" in metrics:
+        print(f"\n[{tag}] COCO bbox\n{metrics['coco']['summary']}")
+        headline.update({f"coco_{k}": metrics["coco"][k] for k in ("AP", "AP50", "AP75")})
+    if "oid" in metrics:
+        print(f"\n[{tag}] Open Images challenge metric\n{metrics['oid']['table']}")
+        headline["oid_map"] = metrics["oid"]["map"]
+    return headline
+
+
+def main(args: argparse.Namespace) -> Dict[str, Any]:
+    setup_logging()
+    resolve_defaults(args)
+    check_common_args(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    hierarchy = load_hierarchy(args) if args.metric == "oid" else None
+
+    if args.detections:
+        dataset = build_dataset(args, args.val_sets, train=False)
+        with open(args.detections) as f:
+            results = json.load(f)
+        metrics = compute_metrics(dataset.coco_gt(), results, args.metric, args.iou_thresh, hierarchy)
+        return {"detections": report(metrics, os.path.basename(args.detections)), "metrics": metrics}
+
+    paths = checkpoints_to_evaluate(args)
+    if not paths:
+        raise SystemExit("give --checkpoint, --run_dir (with optional --eval_iters) or --detections")
+    parser = get_args_parser()
+    summary: Dict[str, Any] = {}
+    for path in paths:
+        model, postprocessor, run_args, _ = build_model_from_checkpoint(path, args, parser, device)
+        dataset = build_dataset(run_args, run_args.val_sets, train=False)
+        if hierarchy is not None:
+            dataset.hierarchy = hierarchy
+        loader = build_eval_loader(
+            dataset,
+            run_args.eval_batch_size,
+            run_args.num_workers,
+            size_divisibility=32 if run_args.resize_mode == "keep_aspect" else 1,
+        )
+        amp_dtype = torch.bfloat16 if args.amp and device.type == "cuda" else None
+        metrics, results = evaluate(
+            model,
+            postprocessor,
+            loader,
+            dataset,
+            device,
+            args.metric,
+            args.iou_thresh,
+            amp_dtype=amp_dtype,
+            progress=sys.stderr.isatty(),
+        )
+        tag = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}/{os.path.basename(path)}"
+        headline = report(metrics, tag)
+        save_dir = args.save_path or os.path.dirname(os.path.abspath(path))
+        splits = run_args.val_sets.replace(",", "+")
+        stem = f"{os.path.splitext(os.path.basename(path))[0]}_{run_args.dataset}_{splits}"
+        write_coco_results(results, os.path.join(save_dir, f"detections_{stem}.json"))
+        with open(os.path.join(save_dir, f"metrics_{stem}.json"), "w") as f:
+            json.dump(headline, f, indent=2)
+        if args.submission:
+            from utils.oid_eval import write_oid_submission
+
+            write_oid_submission(results, dataset.coco_gt(), args.submission)
+            logger.info("wrote the Open Images submission %s", args.submission)
+        summary[path] = headline
+    return summary
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args(sys.argv[1:]))

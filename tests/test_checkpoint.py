@@ -1,0 +1,65 @@
+import os
+
+import pytest
+import torch
+
+import evaluate
+from utils.checkpoint import (
+    args_from_checkpoint,
+    args_to_dict,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+
+
+def test_save_is_atomic_and_loads_weights_only(tmp_path):
+    path = str(tmp_path / "run" / "model_000010.pth")
+    state = {"model": {"w": torch.ones(2)}, "args": {"lr": 0.1}, "iteration": 10}
+    save_checkpoint(state, path)
+    assert not os.path.exists(path + ".tmp")
+    loaded = load_checkpoint(path)
+    assert loaded["iteration"] == 10 and torch.equal(loaded["model"]["w"], torch.ones(2))
+
+
+def test_load_refuses_pickled_code(tmp_path):
+    path = str(tmp_path / "evil.pth")
+
+    class Payload:  # any non-tensor object needs full unpickling, which weights_only refuses
+        pass
+
+    torch.save({"model": Payload(), "args": {}}, path)
+    with pytest.raises(ValueError, match="weights_only"):
+        load_checkpoint(path)
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        load_checkpoint(str(tmp_path / "nothere.pth"))
+    path = str(tmp_path / "other.pth")
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(ValueError, match="other.pth"):
+        load_checkpoint(path)
+
+
+def test_latest_and_prune(tmp_path):
+    for it in (5, 10, 15, 20):
+        save_checkpoint({"model": {}, "args": {}}, str(tmp_path / f"model_{it:06d}.pth"))
+    assert latest_checkpoint(str(tmp_path)).endswith("model_000020.pth")
+    prune_checkpoints(str(tmp_path), keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == ["model_000015.pth", "model_000020.pth"]
+
+
+def test_args_merge_keeps_structure_and_takes_explicit_cli_values():
+    parser = evaluate.get_args_parser()
+    trained = parser.parse_args(
+        ["--basenet", "resnet18", "--dataset", "shapes", "--conf_thresh", "0.2", "--input_dim", "320"]
+    )
+    ckpt = {"args": args_to_dict(trained)}
+    cli = parser.parse_args(["--basenet", "resnet101", "--nms_thresh", "0.3", "--checkpoint", "x.pth"])
+    merged = args_from_checkpoint(ckpt, cli, parser)
+    assert merged.basenet == "resnet18"  # structural: the weights only fit the trained network
+    assert merged.nms_thresh == 0.3  # explicit on the command line
+    assert merged.conf_thresh == 0.2 and merged.input_dim == 320  # not given: the run's own values
+    assert merged.checkpoint == "x.pth" and merged.pretrained == "none"

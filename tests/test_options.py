@@ -1,0 +1,85 @@
+import pytest
+
+import train
+from utils.options import check_common_args, float_list, int_list, resolve_defaults
+
+
+def parse(*argv):
+    return train.get_args_parser().parse_args(list(argv))
+
+
+def test_list_parsers():
+    assert float_list("0.5,1,2") == [0.5, 1.0, 2.0]
+    assert int_list("30000, 40000") == [30000, 40000]
+    assert int_list("") == []
+
+
+def test_loss_dependent_defaults():
+    mbox = resolve_defaults(parse("--loss_type", "mbox"))
+    focal = resolve_defaults(parse("--loss_type", "focal"))
+    assert (mbox.negative_threshold, mbox.smooth_l1_beta) == (0.5, 1.0)
+    assert focal.negative_threshold == 0.4
+    assert focal.smooth_l1_beta == pytest.approx(1 / 9)
+
+
+def test_unknown_backbone_fails_at_parse(capsys):
+    with pytest.raises(SystemExit):
+        parse("--basenet", "resnet77")
+    assert "resnet77" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--anchor_type", "kmeans"], "--anchor_type kmeans needs --anchor_file"),
+        (["--anchor_type", "kmeans", "--anchor_file", "nope.json"], "'nope.json' does not exist"),
+        (["--shared_heads", "5"], "--shared_heads must be in 0..--num_head_layers"),
+        (["--pretrained", "missing.pth"], "neither 'imagenet', 'none' nor an existing file"),
+        (["--positive_threshold", "0.4", "--negative_threshold", "0.5"], "must not exceed"),
+    ],
+)
+def test_bad_common_options_fail_at_start(argv, message):
+    args = resolve_defaults(parse(*argv))
+    with pytest.raises(SystemExit, match=message):
+        check_common_args(args)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max_iter", "100", "--step_values", "50,200"], "within 1..--max_iter"),
+        (["--max_iter", "100", "--step_values", "80,50"], "must be increasing"),
+        (["--resume", "no_such.pth"], "does not exist"),
+    ],
+)
+def test_bad_train_options_fail_at_start(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        train.check_train_args(parse(*argv))
+
+
+def test_lr_schedule_warmup_and_steps():
+    f = lambda it: train.lr_factor(it, warmup_iters=10, warmup_factor=0.1, step_values=[20, 30], gamma=0.1)
+    assert f(0) == pytest.approx(0.1)
+    assert f(5) == pytest.approx(0.1 * 0.5 + 0.5)
+    assert f(10) == pytest.approx(1.0)
+    assert f(19) == pytest.approx(1.0)
+    assert f(20) == pytest.approx(0.1)
+    assert f(35) == pytest.approx(0.01)
+
+
+def test_run_name_is_derived_from_options():
+    args = resolve_defaults(
+        parse(
+            "--dataset",
+            "voc",
+            "--basenet",
+            "resnet50",
+            "--num_scales",
+            "1",
+            "--batch_size",
+            "24",
+            "--lr",
+            "0.0005",
+        )
+    )
+    assert train.run_name(args) == "voc_fpn_ohem_resnet50_pre1x3_mbox_sh0_sq600_bs24_lr0.0005"

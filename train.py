@@ -1,0 +1,405 @@
+"""Train an FPN detector (single-stage FPN-OHEM by default, or Faster R-CNN FPN with --arch).
+
+Run-book
+--------
+One process (GPU if present, else CPU)::
+
+    python train.py --dataset voc --train_sets trainval2007,trainval2012 --val_sets test2007 \
+        --basenet resnet50 --input_dim 600 --batch_size 24 --lr 0.0005 --max_iter 50000 \
+        --step_values 30000,40000
+
+Several GPUs on one node (DistributedDataParallel; ``--batch_size`` is per process)::
+
+    torchrun --nproc_per_node 4 train.py --batch_size 6 ...
+
+Several nodes: add torchrun's ``--nnodes``, ``--node_rank`` and ``--rdzv_endpoint``.
+Learning-rate rule: keep ``lr / total_batch`` constant, total_batch = batch_size * processes; the
+original settings are lr 0.0005 at a total batch of 24 (scale linearly, with --warmup_iters for
+large batches).
+
+Resume: ``--resume auto`` continues from the newest checkpoint of the run folder (or give a path);
+the schedule, optimizer, scaler, data order and augmentation continue exactly where they stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Dict, List
+
+import torch
+
+from data.dataset import build_dataset
+from data.loaders import build_eval_loader, build_train_loader, iterate_batches
+from engine import NonFiniteLossError, evaluate, targets_to_device, train_one_iter
+from models import build_model
+from utils import distributed as dist_utils
+from utils.checkpoint import (
+    anchors_from_checkpoint,
+    args_to_dict,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from utils.logger import JsonLinesWriter, MetricLogger, Progress, ScalarSinks, setup_logging
+from utils.options import check_common_args, get_common_parser, int_list, resolve_defaults
+
+logger = logging.getLogger("train")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "Train an FPN detector", add_help=add_help, parents=[get_common_parser()]
+    )
+
+    # * Schedule and optimisation
+    g = parser.add_argument_group("schedule")
+    g.add_argument("--batch_size", type=int, default=24, help="images per process and iteration")
+    g.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    g.add_argument(
+        "--lr", type=float, default=0.0005, help="base learning rate (see the lr rule in the docstring)"
+    )
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight_decay", type=float, default=1e-4, help="not applied to norm layers and biases")
+    g.add_argument("--max_iter", type=int, default=50000)
+    g.add_argument(
+        "--step_values", type=int_list, default=[30000, 40000], help="iterations where lr *= --gamma"
+    )
+    g.add_argument("--gamma", type=float, default=0.1)
+    g.add_argument("--warmup_iters", type=int, default=500, help="linear warm-up from --warmup_factor * lr")
+    g.add_argument("--warmup_factor", type=float, default=1.0 / 3)
+    g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm (0: off)")
+    g.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+    g.add_argument("--amp_dtype", default="bf16", choices=("bf16", "fp16"), help="fp16 uses a grad scaler")
+    g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm under DDP (for trainable BN)")
+
+    # * Sampling
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--sampler", default="random", choices=("random", "class_balanced", "repeat_factor"))
+    g.add_argument("--num_bins", type=int, default=1, help="class_balanced: frequency bins")
+    g.add_argument("--repeat_threshold", type=float, default=0.001, help="repeat_factor: LVIS threshold t")
+    g.add_argument("--aspect_ratio_group", action="store_true", help="batch images of similar aspect ratio")
+
+    # * Checkpoints, validation and logging
+    g = parser.add_argument_group("runs and logging")
+    g.add_argument("--save_root", default="runs/", help="parent of the run folders")
+    g.add_argument("--run_name", default=None, help="run folder name (default: derived from the options)")
+    g.add_argument(
+        "--save_step", type=int, default=5000, help="checkpoint every N iterations (and at the end)"
+    )
+    g.add_argument("--keep_checkpoints", type=int, default=3, help="keep the last N checkpoints (0: all)")
+    g.add_argument(
+        "--resume", default=None, help="checkpoint path, or 'auto' for the newest in the run folder"
+    )
+    g.add_argument(
+        "--val_step", type=int, default=5000, help="validate every N iterations (0: only at the end)"
+    )
+    g.add_argument(
+        "--val_metric", default="voc", choices=("voc", "coco", "all"), help="metric for validation"
+    )
+    g.add_argument("--no_val", action="store_true", help="skip validation entirely")
+    g.add_argument("--log_step", type=int, default=20, help="log every N iterations")
+    g.add_argument("--tensorboard", action="store_true")
+    g.add_argument("--visdom", action="store_true")
+    g.add_argument("--vis_port", type=int, default=8097)
+    return parser
+
+
+def run_name(args: argparse.Namespace) -> str:
+    """Run folder name from the options, as in the original (backbone, anchors, loss, input, batch, lr)."""
+    if args.arch == "faster_rcnn_fpn":
+        anchors = "rpn"
+    elif args.anchor_type == "kmeans":
+        anchors = f"kmeans-{os.path.splitext(os.path.basename(args.anchor_file))[0]}"
+    else:
+        anchors = f"pre{args.num_scales}x{len(args.aspect_ratios)}"
+    size = f"sq{args.input_dim}" if args.resize_mode == "square" else f"ka{args.min_size}-{args.max_size}"
+    heads = f"sh{args.shared_heads}" if args.arch == "fpn_ohem" else ""
+    parts = [
+        args.dataset,
+        args.arch,
+        args.basenet,
+        anchors,
+        args.loss_type if args.arch == "fpn_ohem" else "",
+        heads,
+        size,
+        f"bs{args.batch_size * dist_utils.get_world_size()}",
+        f"lr{args.lr:g}",
+    ]
+    return "_".join(p for p in parts if p)
+
+
+def check_train_args(args: argparse.Namespace) -> None:
+    errors: List[str] = []
+    if args.max_iter <= 0:
+        errors.append(f"--max_iter must be positive, got {args.max_iter}")
+    if args.step_values != sorted(args.step_values) or any(
+        s <= 0 or s > args.max_iter for s in args.step_values
+    ):
+        errors.append(
+            f"--step_values {args.step_values} must be increasing and within 1..--max_iter ({args.max_iter})"
+        )
+    if args.batch_size <= 0 or args.lr <= 0:
+        errors.append(f"--batch_size and --lr must be positive, got {args.batch_size} and {args.lr}")
+    if args.warmup_iters < 0 or args.save_step <= 0 or args.log_step <= 0 or args.val_step < 0:
+        errors.append("--warmup_iters/--val_step must be >= 0 and --save_step/--log_step > 0")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        errors.append(f"--resume {args.resume!r} does not exist (give a checkpoint path or 'auto')")
+    if args.amp_dtype == "fp16" and args.amp and (args.device or "").startswith("cpu"):
+        errors.append("--amp --amp_dtype fp16 needs CUDA; use bf16 on the CPU")
+    if errors:
+        raise SystemExit("Bad options:\n  " + "\n  ".join(errors))
+
+
+def lr_factor(
+    iteration: int, warmup_iters: int, warmup_factor: float, step_values: List[int], gamma: float
+) -> float:
+    """Multiplier of the base lr at ``iteration``: linear warm-up, then steps of ``gamma``."""
+    factor = gamma ** sum(iteration >= s for s in step_values)
+    if iteration < warmup_iters:
+        alpha = iteration / warmup_iters
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """SGD (or AdamW) with no weight decay on norm layers and biases."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=args.lr)
+    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def anchors_of(model: torch.nn.Module) -> List[List[List[float]]] | None:
+    """The (w, h) anchors per level, for the checkpoint (None for architectures without our anchors)."""
+    generator = getattr(model, "anchor_generator", None)
+    whs = getattr(generator, "anchor_whs_per_level", None)
+    return None if whs is None else [w.tolist() for w in whs]
+
+
+def main(args: argparse.Namespace) -> Dict[str, Any]:
+    resolve_defaults(args)
+    check_common_args(args)
+    check_train_args(args)
+    device = resolve_device(args.device)
+    dist_info = dist_utils.init_distributed(device)
+    rank, world_size = dist_info["rank"], dist_info["world_size"]
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", dist_info["local_rank"])
+    torch.manual_seed(args.man_seed + rank)
+
+    run_dir = os.path.join(args.save_root, args.run_name or run_name(args))
+    setup_logging(rank, os.path.join(run_dir, "train.log"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    train_set = build_dataset(args, args.train_sets, train=True)
+    args.num_classes = len(train_set.class_names)
+    logger.info(
+        "training on %s/%s: %d images, %d classes",
+        args.dataset,
+        args.train_sets,
+        len(train_set),
+        args.num_classes,
+    )
+    val_set = None if args.no_val else build_dataset(args, args.val_sets, train=False)
+
+    resume_path = latest_checkpoint(run_dir) if args.resume == "auto" else args.resume
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    anchor_whs = anchors_from_checkpoint(checkpoint) if checkpoint is not None else None
+    if checkpoint is not None:
+        args.pretrained = "none"  # the checkpoint holds every weight
+    model, criterion, postprocessor = build_model(args, anchor_whs_per_level=anchor_whs)
+    model.to(device)
+    criterion.to(device)
+    postprocessor.to(device)
+    if args.sync_bn and world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, args)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda it: lr_factor(it, args.warmup_iters, args.warmup_factor, args.step_values, args.gamma),
+    )
+    amp_dtype = None
+    if args.amp:
+        amp_dtype = torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    start_iter = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_iter = int(checkpoint["iteration"])
+        logger.info("resumed from %s at iteration %d", resume_path, start_iter)
+
+    model_without_ddp = model
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    train_loader = build_train_loader(
+        train_set,
+        args.batch_size,
+        args.num_workers,
+        size_divisibility=32 if args.resize_mode == "keep_aspect" else 1,
+        seed=args.man_seed,
+        num_replicas=world_size,
+        rank=rank,
+        sampler=args.sampler,
+        num_bins=args.num_bins,
+        repeat_threshold=args.repeat_threshold,
+        aspect_ratio_group=args.aspect_ratio_group,
+    )
+    val_loader = None
+    if val_set is not None and rank == 0:
+        val_loader = build_eval_loader(
+            val_set,
+            args.eval_batch_size,
+            args.num_workers,
+            size_divisibility=32 if args.resize_mode == "keep_aspect" else 1,
+        )
+
+    is_main = rank == 0
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(args_to_dict(args), f, indent=2, sort_keys=True)
+    metrics_log = JsonLinesWriter(os.path.join(run_dir, "metrics.jsonl")) if is_main else None
+    sinks = (
+        ScalarSinks(run_dir, args.tensorboard, args.visdom, args.vis_port, env=os.path.basename(run_dir))
+        if is_main
+        else None
+    )
+
+    def checkpoint_state(iteration: int) -> Dict[str, Any]:
+        return {
+            "model": model_without_ddp.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "iteration": iteration,
+            "args": args_to_dict(args),
+            "class_names": list(train_set.class_names),
+            "category_ids": [int(c) for c in train_set.category_ids],
+            "anchors": anchors_of(model_without_ddp),
+        }
+
+    def validate(iteration: int) -> Dict[str, float]:
+        metrics, _ = evaluate(
+            model_without_ddp,
+            postprocessor,
+            val_loader,
+            val_set,
+            device,
+            args.val_metric,
+            amp_dtype=amp_dtype,
+        )
+        summary = {}
+        if "voc" in metrics:
+            summary["val_map50_07"] = metrics["voc"]["map_07_11pt"]
+            summary["val_map50_area"] = metrics["voc"]["map_area"]
+            logger.info("iteration %d validation:\n%s", iteration, metrics["voc"]["table"])
+        if "coco" in metrics:
+            summary["val_coco_ap"] = metrics["coco"]["AP"]
+        return summary
+
+    meters = MetricLogger(window_size=args.log_step)
+    progress = Progress(args.max_iter, start_iter, args.log_step, enabled=is_main)
+    num_skipped, num_cropped_out, last_val = 0, 0, {}
+    last_time = time.time()
+    iteration = start_iter
+    try:
+        for _epoch, (images, targets, skipped) in iterate_batches(train_loader, start_iter):
+            if iteration >= args.max_iter:
+                break
+            num_skipped += len(skipped)
+            if len(targets) == 0:
+                continue
+            num_cropped_out += sum(int(t.get("num_cropped_out", 0)) for t in targets)
+            images = images.to(device, non_blocking=True)
+            targets = targets_to_device(targets, device)
+            terms = train_one_iter(
+                model, criterion, images, targets, optimizer, iteration, scaler, amp_dtype, args.clip_grad
+            )
+            scheduler.step()
+            iteration += 1
+            if world_size > 1:  # log the mean over ranks, not rank 0's share of the batch
+                terms = {
+                    k: float(v)
+                    for k, v in dist_utils.reduce_dict(
+                        {k: torch.tensor(v, device=device) for k, v in terms.items()}
+                    ).items()
+                }
+            now = time.time()
+            meters.update(**terms, images_per_s=len(targets) * world_size / max(now - last_time, 1e-9))
+            last_time = now
+            lr = optimizer.param_groups[0]["lr"]
+            progress.update(iteration, f"{meters}  lr {lr:.2e}")
+            if is_main and (iteration % args.log_step == 0 or iteration == args.max_iter):
+                record = {
+                    "iteration": iteration,
+                    "lr": lr,
+                    **meters.averages(),
+                    "skipped_images": num_skipped,
+                    "boxes_cropped_out": num_cropped_out,
+                }
+                metrics_log.write(record)
+                sinks.add_scalars({k: v for k, v in record.items() if k != "iteration"}, iteration)
+            if is_main and (iteration % args.save_step == 0 or iteration == args.max_iter):
+                save_checkpoint(
+                    checkpoint_state(iteration), os.path.join(run_dir, f"model_{iteration:06d}.pth")
+                )
+                prune_checkpoints(run_dir, args.keep_checkpoints)
+            if val_loader is not None and (
+                (args.val_step and iteration % args.val_step == 0) or iteration == args.max_iter
+            ):
+                last_val = validate(iteration)
+                metrics_log.write({"iteration": iteration, **last_val})
+                sinks.add_scalars(last_val, iteration)
+    except NonFiniteLossError as e:
+        logger.error("%s", e)
+        progress.close()
+        dist_utils.cleanup()
+        raise SystemExit(f"training stopped: {e}") from e
+    progress.close()
+    if sinks is not None:
+        sinks.close()
+    if num_skipped:
+        logger.warning("%d unreadable images were skipped during training (--skip_bad_images)", num_skipped)
+    logger.info(
+        "done: %d iterations, %d boxes removed by random crops; run folder %s",
+        iteration,
+        num_cropped_out,
+        run_dir,
+    )
+    dist_utils.cleanup()
+    return {
+        "run_dir": run_dir,
+        "iteration": iteration,
+        "skipped_images": num_skipped,
+        **last_val,
+        "final_loss": meters.averages().get("loss"),
+    }
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args(sys.argv[1:]))

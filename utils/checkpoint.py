@@ -1,0 +1,164 @@
+"""Checkpoints that carry everything needed to rebuild and resume a run.
+
+A checkpoint holds: model, optimizer, lr_scheduler, scaler, iteration, the resolved options
+(as a dict), class names, original category ids and the anchors (w, h) per level. It is written
+atomically (temp file + rename), so a crash while saving never corrupts the last good one.
+It is loaded with ``torch.load(..., weights_only=True)``: a checkpoint from the internet cannot run
+code, which is why options are stored as a plain dict, not a Namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import re
+from typing import Any, Dict, List
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = "model_{:06d}.pth"
+
+
+def args_to_dict(args: argparse.Namespace) -> Dict[str, Any]:
+    """Options as plain Python values (weights_only loading accepts only those)."""
+    out = {}
+    for key, value in vars(args).items():
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+            out[key] = list(value)
+    return out
+
+
+def save_checkpoint(state: Dict[str, Any], path: str) -> None:
+    """Write ``state`` to ``path`` atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp_path = path + ".tmp"
+    torch.save(state, tmp_path)
+    os.replace(tmp_path, path)
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
+    """Load a checkpoint safely (weights_only=True), with a clear error for a missing or foreign file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(f"could not load checkpoint {path!r} with weights_only=True: {e}") from e
+    if not isinstance(state, dict) or "model" not in state or "args" not in state:
+        raise ValueError(f"{path!r} is not a checkpoint of this project (needs 'model' and 'args')")
+    return state
+
+
+def list_checkpoints(run_dir: str) -> List[str]:
+    """Checkpoints of a run folder, oldest iteration first."""
+    paths = glob.glob(os.path.join(run_dir, "model_*.pth"))
+    return sorted(paths, key=checkpoint_iteration)
+
+
+def checkpoint_iteration(path: str) -> int:
+    match = re.search(r"model_(\d+)\.pth$", os.path.basename(path))
+    return int(match.group(1)) if match else -1
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    paths = list_checkpoints(run_dir)
+    return paths[-1] if paths else None
+
+
+def prune_checkpoints(run_dir: str, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (keep_last <= 0 keeps everything)."""
+    if keep_last <= 0:
+        return
+    for path in list_checkpoints(run_dir)[:-keep_last]:
+        os.remove(path)
+        logger.info("removed old checkpoint %s", path)
+
+
+# Options that define the network and its label space: always taken from the checkpoint, since the
+# weights only fit the model they were trained with.
+STRUCTURAL_OPTIONS = (
+    "arch",
+    "basenet",
+    "fpn_channels",
+    "p6_from",
+    "num_head_layers",
+    "shared_heads",
+    "anchor_type",
+    "anchor_file",
+    "num_scales",
+    "aspect_ratios",
+    "loss_type",
+    "num_classes",
+    "box_variances",
+    "positive_threshold",
+    "negative_threshold",
+    "smooth_l1_beta",
+    "focal_alpha",
+    "focal_gamma",
+    "neg_pos_ratio",
+)
+
+
+def args_from_checkpoint(
+    checkpoint: Dict[str, Any], cli_args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> argparse.Namespace:
+    """Options for rebuilding a trained model: the checkpoint's, with the command line's on top.
+
+    Structural options come from the checkpoint. Any other option given explicitly on the command line
+    (its value differs from the parser default) wins; the rest keep the checkpoint's values, falling back
+    to the command line's defaults for options the checkpoint predates. Weights come from the
+    checkpoint, so ``pretrained`` is always "none".
+    """
+    defaults = vars(parser.parse_args([]))
+    merged = dict(vars(cli_args))
+    for key, value in checkpoint["args"].items():
+        explicit = key in merged and merged[key] != defaults.get(key)
+        if key in STRUCTURAL_OPTIONS or not explicit:
+            merged[key] = value
+    for key, value in vars(cli_args).items():  # script-only options (e.g. --checkpoint) stay as given
+        merged.setdefault(key, value)
+    merged["pretrained"] = "none"
+    return argparse.Namespace(**merged)
+
+
+def anchors_from_checkpoint(checkpoint: Dict[str, Any]):
+    """The checkpoint's anchors as a list of Tensor[k, 2] (w, h), or None."""
+    import torch as _torch
+
+    anchors = checkpoint.get("anchors")
+    return None if anchors is None else [_torch.tensor(a, dtype=_torch.float32) for a in anchors]
+
+
+def build_model_from_checkpoint(
+    path: str, cli_args: argparse.Namespace, parser: argparse.ArgumentParser, device: torch.device
+):
+    """Rebuild the trained model of a checkpoint. Returns (model, postprocessor, args, checkpoint).
+
+    The model is in eval mode on ``device``; ``args`` are the merged options (see args_from_checkpoint),
+    with ``class_names`` and ``category_ids`` of the training set attached.
+    """
+    from models import build_model  # late import: utils must not depend on models at import time
+
+    checkpoint = load_checkpoint(path)
+    args = args_from_checkpoint(checkpoint, cli_args, parser)
+    model, _criterion, postprocessor = build_model(
+        args, anchor_whs_per_level=anchors_from_checkpoint(checkpoint)
+    )
+    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path!r} does not fit the model it describes: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    args.class_names = checkpoint.get("class_names")
+    args.category_ids = checkpoint.get("category_ids")
+    model.to(device).eval()
+    postprocessor.to(device)
+    logger.info("loaded %s (iteration %s, %s %s)", path, checkpoint.get("iteration"), args.arch, args.basenet)
+    return model, postprocessor, args, checkpoint

@@ -1,0 +1,77 @@
+"""DistributedDataParallel helpers: torchrun's environment variables, with a one-process fallback."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+def init_distributed(device: torch.device) -> Dict[str, int]:
+    """Initialise the process group when launched by torchrun (RANK/WORLD_SIZE set), else do nothing.
+
+    Returns {"rank", "world_size", "local_rank"}. nccl on CUDA, gloo on CPU. Multi-node works through
+    torchrun's own flags (--nnodes, --rdzv_endpoint ...) since they only set these variables.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return {"rank": 0, "world_size": 1, "local_rank": 0}
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+        logger.info("initialised %s process group: rank %d of %d", backend, rank, world_size)
+    return {"rank": rank, "world_size": world_size, "local_rank": local_rank}
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def reduce_dict(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Average a dict of scalar tensors over all ranks (for logging; the gradients are DDP's job)."""
+    if not is_distributed():
+        return values
+    names = sorted(values)
+    stacked = torch.stack([values[k].detach().float() for k in names])
+    dist.all_reduce(stacked)
+    stacked /= get_world_size()
+    return dict(zip(names, stacked))
+
+
+def all_gather_object(obj):
+    """Gather any picklable object from every rank into a list (rank order)."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

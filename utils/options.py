@@ -1,0 +1,220 @@
+"""The one option parser every script shares, and the checks that make bad values fail at start.
+
+Scripts build their parser as ``argparse.ArgumentParser(parents=[get_common_parser()])`` and add
+only what is theirs. Option names follow the original codebase (``--basenet``, ``--shared_heads``,
+``--anchor_type``, ``--loss_type``, ``--max_iter``, ``--step_values``, ``--val_step``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List
+
+BASENETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+ARCHS = ("fpn_ohem", "faster_rcnn_fpn")
+
+
+def float_list(text: str) -> List[float]:
+    """Parse "0.5,1,2" into [0.5, 1.0, 2.0]."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+
+
+def int_list(text: str) -> List[int]:
+    """Parse "30000,40000" into [30000, 40000] (an empty string gives [])."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def str2bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def get_common_parser() -> argparse.ArgumentParser:
+    """Options shared by train.py, evaluate.py, demo.py, extract_features.py and kmeans_for_anchors.py."""
+    parser = argparse.ArgumentParser(add_help=False)
+
+    # * Data
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="shapes", help="dataset folder name under --data_root")
+    g.add_argument("--data_root", default="datasets/", help="root holding <dataset>/annotations/<split>.json")
+    g.add_argument("--train_sets", default="train", help="comma-separated training splits")
+    g.add_argument("--val_sets", default="val", help="comma-separated validation splits")
+    g.add_argument(
+        "--classes",
+        default=None,
+        help="train/evaluate on a class subset: a file with one name or MID per line, or a comma list; "
+        "boxes of other classes are ignored in the loss (neither positive nor negative)",
+    )
+    g.add_argument(
+        "--skip_bad_images",
+        action="store_true",
+        help="skip missing/corrupt images with a warning (counted, reported at the end) instead of failing",
+    )
+    g.add_argument("-j", "--num_workers", type=int, default=2, help="data loading worker processes")
+
+    # * Input size
+    g = parser.add_argument_group("input")
+    g.add_argument(
+        "--resize_mode",
+        default="square",
+        choices=("square", "keep_aspect"),
+        help="square: --input_dim x --input_dim (the original); keep_aspect: short side --min_size, "
+        "long side at most --max_size, batches padded to a multiple of 32",
+    )
+    g.add_argument("--input_dim", type=int, default=600, help="square input size")
+    g.add_argument("--min_size", type=int, default=600, help="keep_aspect: short side")
+    g.add_argument("--max_size", type=int, default=1000, help="keep_aspect: long side at most")
+
+    # * Model
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--arch",
+        default="fpn_ohem",
+        choices=ARCHS,
+        help="fpn_ohem: single-stage FPN detector; faster_rcnn_fpn: two-stage Faster R-CNN with FPN",
+    )
+    g.add_argument("--basenet", default="resnet50", choices=BASENETS, help="ResNet backbone")
+    g.add_argument(
+        "--pretrained",
+        default="imagenet",
+        help="imagenet (torchvision weights from torch's cache), none (random init) or a state-dict PATH",
+    )
+    g.add_argument(
+        "--freeze_upto",
+        type=int,
+        default=1,
+        help="with pretrained weights, freeze the stem and the first N residual stages (0-4)",
+    )
+    g.add_argument(
+        "--train_bn",
+        dest="freeze_bn",
+        action="store_false",
+        help="train batch norm even with pretrained weights (it is frozen by default then)",
+    )
+    parser.set_defaults(freeze_bn=True)
+    g.add_argument("--fpn_channels", type=int, default=256, help="FPN and head channels")
+    g.add_argument("--p6_from", default="c5", choices=("c5", "p5"), help="input of the stride-2 P6 conv")
+    g.add_argument("--num_head_layers", type=int, default=4, help="3x3 conv layers per head tower")
+    g.add_argument(
+        "--shared_heads",
+        type=int,
+        default=0,
+        help="share the first k tower layers between the cls and box heads (0 separate, "
+        "num_head_layers fully shared)",
+    )
+
+    # * Anchors
+    g = parser.add_argument_group("anchors")
+    g.add_argument("--anchor_type", default="predefined", choices=("predefined", "kmeans"))
+    g.add_argument("--anchor_file", default=None, help="anchor JSON written by kmeans_for_anchors.py")
+    g.add_argument(
+        "--num_scales", type=int, default=3, choices=(1, 2, 3), help="predefined anchors: scales per level"
+    )
+    g.add_argument(
+        "--aspect_ratios", type=float_list, default=[0.5, 1.0, 2.0], help="predefined anchors: h/w ratios"
+    )
+
+    # * Loss and matching
+    g = parser.add_argument_group("loss")
+    g.add_argument(
+        "--loss_type",
+        default="mbox",
+        choices=("mbox", "focal"),
+        help="mbox: softmax + OHEM hard negatives; focal: sigmoid focal loss",
+    )
+    g.add_argument("--positive_threshold", type=float, default=0.5)
+    g.add_argument(
+        "--negative_threshold",
+        type=float,
+        default=None,
+        help="anchors with IoU in [negative, positive) are ignored (default: 0.5 for mbox, 0.4 for focal)",
+    )
+    g.add_argument("--neg_pos_ratio", type=int, default=3, help="OHEM negatives per positive")
+    g.add_argument("--smooth_l1_beta", type=float, default=None, help="default: 1.0 for mbox, 1/9 for focal")
+    g.add_argument("--focal_alpha", type=float, default=0.25)
+    g.add_argument("--focal_gamma", type=float, default=2.0)
+    g.add_argument(
+        "--box_variances", type=float_list, default=[0.1, 0.2], help="box coding variances (centre, size)"
+    )
+
+    # * Evaluation / post-processing
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--conf_thresh", type=float, default=0.05, help="per-level score threshold before NMS")
+    g.add_argument("--nms_thresh", type=float, default=0.5)
+    g.add_argument("--pre_nms_topk", type=int, default=1000, help="candidates per level before NMS")
+    g.add_argument("--topk", type=int, default=100, help="detections kept per image")
+    g.add_argument("--class_agnostic_nms", action="store_true")
+    g.add_argument("--eval_batch_size", type=int, default=8)
+
+    # * Runtime
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda when available)")
+    g.add_argument("--man_seed", type=int, default=123, help="random seed (offset by rank)")
+    return parser
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults that depend on other options (loss-dependent thresholds)."""
+    if getattr(args, "negative_threshold", None) is None:
+        args.negative_threshold = 0.4 if args.loss_type == "focal" else args.positive_threshold
+    if getattr(args, "smooth_l1_beta", None) is None:
+        args.smooth_l1_beta = 1.0 / 9 if args.loss_type == "focal" else 1.0
+    return args
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Fail at start, with the option's name, rather than an hour into a run."""
+    errors: List[str] = []
+    if args.anchor_type == "kmeans":
+        if not args.anchor_file:
+            errors.append("--anchor_type kmeans needs --anchor_file (write one with kmeans_for_anchors.py)")
+        elif not os.path.isfile(args.anchor_file):
+            errors.append(f"--anchor_file {args.anchor_file!r} does not exist")
+    if args.pretrained not in ("imagenet", "none") and not os.path.isfile(args.pretrained):
+        errors.append(f"--pretrained {args.pretrained!r} is neither 'imagenet', 'none' nor an existing file")
+    if not 0 <= args.freeze_upto <= 4:
+        errors.append(f"--freeze_upto must be in 0..4, got {args.freeze_upto}")
+    if not 0 <= args.shared_heads <= args.num_head_layers:
+        errors.append(
+            f"--shared_heads must be in 0..--num_head_layers ({args.num_head_layers}), "
+            f"got {args.shared_heads}"
+        )
+    if args.num_head_layers < 1:
+        errors.append(f"--num_head_layers must be >= 1, got {args.num_head_layers}")
+    if not args.aspect_ratios or any(r <= 0 for r in args.aspect_ratios):
+        errors.append(f"--aspect_ratios must be positive, got {args.aspect_ratios}")
+    if len(args.box_variances) != 2 or any(v <= 0 for v in args.box_variances):
+        errors.append(f"--box_variances needs two positive numbers, got {args.box_variances}")
+    if not 0 < args.positive_threshold <= 1:
+        errors.append(f"--positive_threshold must be in (0, 1], got {args.positive_threshold}")
+    if args.negative_threshold is not None and args.negative_threshold > args.positive_threshold:
+        errors.append(
+            f"--negative_threshold ({args.negative_threshold}) must not exceed "
+            f"--positive_threshold ({args.positive_threshold})"
+        )
+    if not 0 < args.nms_thresh <= 1:
+        errors.append(f"--nms_thresh must be in (0, 1], got {args.nms_thresh}")
+    if args.input_dim < 32 or args.min_size < 32 or args.max_size < args.min_size:
+        errors.append(
+            f"input sizes too small or inconsistent: --input_dim {args.input_dim}, "
+            f"--min_size {args.min_size}, --max_size {args.max_size}"
+        )
+    if args.arch == "faster_rcnn_fpn" and args.loss_type == "focal":
+        errors.append("--loss_type focal applies to --arch fpn_ohem only")
+    if errors:
+        raise SystemExit("Bad options:\n  " + "\n  ".join(errors))
+
+
+def split_names(text: str | None) -> List[str]:
+    """Split a comma-separated option ("trainval2007,trainval2012") into names."""
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
