@@ -1,0 +1,205 @@
+"""Helpers shared by the dataset converters in ``prep/``.
+
+- ``ConversionReport`` counts, by reason, every box a converter clips or drops, every image it
+  skips, and notes about records kept as they are (a ``<filename>`` that disagrees, a size read from
+  the image). Converters never drop anything without counting it here.
+- ``summarize`` turns the converted annotations and the report into the summary dict that the
+  converters print (``format_summary``) and return from ``main(args)``.
+- ``link_or_copy`` puts an image folder inside ``<data_root>/<dataset>/`` so the dataset folder
+  stands alone; ``read_image_size`` reads an image's size from its header.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections import Counter
+from typing import Any, Dict, List, Tuple
+
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+# Tried in this order when an image is looked up by its stem.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".JPG", ".JPEG", ".PNG")
+
+# Examples (file names, record ids) kept per reason for the summary.
+MAX_EXAMPLES = 5
+
+# EXIF orientations 5..8 rotate by 90 degrees: the decoded image has width and height swapped.
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+class ConversionReport:
+    """What a converter changed or left out, counted by reason, with a few examples per reason.
+
+    - ``clipped_boxes``: boxes kept after clipping to the image.
+    - ``dropped_boxes``: boxes not written (zero area, unknown class, bad ids, ...).
+    - ``skipped_images``: images not written (missing file, unparseable XML, ...).
+    - ``notes``: records kept but worth knowing about (``<filename>`` disagrees, size read from the image).
+    """
+
+    def __init__(self) -> None:
+        self.clipped_boxes: Counter = Counter()
+        self.dropped_boxes: Counter = Counter()
+        self.skipped_images: Counter = Counter()
+        self.notes: Counter = Counter()
+        self.examples: Dict[str, List[str]] = {}
+
+    def _count(self, counter: Counter, reason: str, example: str | None) -> None:
+        counter[reason] += 1
+        if example is not None:
+            examples = self.examples.setdefault(reason, [])
+            if len(examples) < MAX_EXAMPLES:
+                examples.append(example)
+
+    def clip_box(self, reason: str, example: str | None = None) -> None:
+        self._count(self.clipped_boxes, reason, example)
+
+    def drop_box(self, reason: str, example: str | None = None) -> None:
+        self._count(self.dropped_boxes, reason, example)
+
+    def skip_image(self, reason: str, example: str | None = None) -> None:
+        logger.warning("skipped image (%s): %s", reason, example)
+        self._count(self.skipped_images, reason, example)
+
+    def note(self, reason: str, example: str | None = None) -> None:
+        self._count(self.notes, reason, example)
+
+
+def class_names_for_summary(categories: List[Dict[str, Any]]) -> List[str]:
+    """Category names, made unique with the id where two categories share a name."""
+    counts = Counter(c["name"] for c in categories)
+    return [c["name"] if counts[c["name"]] == 1 else f"{c['name']} (id {c['id']})" for c in categories]
+
+
+def summarize(coco: Dict[str, Any], report: ConversionReport, split: str, output: str) -> Dict[str, Any]:
+    """The summary of one converted split.
+
+    Returns:
+        dict with ``split``, ``output`` (the annotation file), ``num_images``,
+        ``num_images_without_boxes``, ``num_boxes``, ``num_difficult``, ``num_crowd``,
+        ``boxes_per_class`` ({name: count} in label order, zeros included), and the report's
+        ``clipped_boxes``, ``dropped_boxes``, ``skipped_images``, ``notes`` ({reason: count}) and
+        ``examples`` ({reason: [up to MAX_EXAMPLES examples]}).
+    """
+    annotations = coco["annotations"]
+    per_category = Counter(a["category_id"] for a in annotations)
+    images_with_boxes = {a["image_id"] for a in annotations}
+    names = class_names_for_summary(coco["categories"])
+    return {
+        "split": split,
+        "output": output,
+        "num_images": len(coco["images"]),
+        "num_images_without_boxes": sum(1 for im in coco["images"] if im["id"] not in images_with_boxes),
+        "num_boxes": len(annotations),
+        "num_difficult": sum(1 for a in annotations if a.get("difficult", 0)),
+        "num_crowd": sum(1 for a in annotations if a["iscrowd"]),
+        "boxes_per_class": {name: per_category[c["id"]] for name, c in zip(names, coco["categories"])},
+        "clipped_boxes": dict(report.clipped_boxes),
+        "dropped_boxes": dict(report.dropped_boxes),
+        "skipped_images": dict(report.skipped_images),
+        "notes": dict(report.notes),
+        "examples": {reason: list(examples) for reason, examples in report.examples.items()},
+    }
+
+
+def _format_counts(title: str, counts: Dict[str, int], examples: Dict[str, List[str]]) -> List[str]:
+    if not counts:
+        return [f"  {title}: none"]
+    lines = [f"  {title}: {sum(counts.values())}"]
+    for reason, count in sorted(counts.items(), key=lambda kv: -kv[1]):
+        shown = examples.get(reason, [])
+        suffix = f" (e.g. {', '.join(shown)})" if shown else ""
+        lines.append(f"    {reason}: {count}{suffix}")
+    return lines
+
+
+def format_summary(summary: Dict[str, Any]) -> str:
+    """Human-readable form of ``summarize``'s dict, as printed by the converters."""
+    s = summary
+    lines = [
+        f"{s['split']}: {s['output']}",
+        f"  images: {s['num_images']} ({s['num_images_without_boxes']} without boxes)",
+        f"  boxes: {s['num_boxes']} (difficult {s['num_difficult']}, crowd/group {s['num_crowd']})",
+        "  boxes per class:",
+    ]
+    width = max((len(name) for name in s["boxes_per_class"]), default=0)
+    lines += [f"    {name:<{width}} {count}" for name, count in s["boxes_per_class"].items()]
+    examples = s["examples"]
+    lines += _format_counts("clipped boxes (kept)", s["clipped_boxes"], examples)
+    lines += _format_counts("dropped boxes", s["dropped_boxes"], examples)
+    lines += _format_counts("skipped images", s["skipped_images"], examples)
+    lines += _format_counts("notes", s["notes"], examples)
+    return "\n".join(lines)
+
+
+def link_or_copy(src: str, dst: str, copy: bool) -> str:
+    """Make the folder ``src`` available as ``dst`` (a symlink to its absolute path, or a copy).
+
+    A symlink keeps working when the dataset folder is moved (the target is absolute), as long as
+    ``src`` stays where it is; a copy makes the dataset folder self-contained.
+
+    Returns:
+        str: what was done: "linked", "copied", or "already in place" (``dst`` is ``src`` or a link to it).
+
+    Raises:
+        ValueError: ``src`` is not a folder, or ``dst`` exists and is something else.
+    """
+    if not os.path.isdir(src):
+        raise ValueError(f"image folder {src!r} does not exist or is not a folder")
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    if os.path.lexists(dst):
+        if os.path.exists(dst) and os.path.samefile(src, dst):
+            if copy and os.path.islink(dst):
+                raise ValueError(f"{dst} is a link to {src}; remove the link to copy the images instead")
+            return "already in place"
+        if copy and os.path.isdir(dst) and not os.path.islink(dst):
+            shutil.copytree(src, dst, dirs_exist_ok=True)  # refresh an earlier copy
+            return "copied"
+        raise ValueError(
+            f"{dst} already exists and is not {src}: remove it, or choose another --dataset or --data_root"
+        )
+    if copy:
+        shutil.copytree(src, dst)
+        return "copied"
+    os.symlink(os.path.abspath(src), dst, target_is_directory=True)
+    return "linked"
+
+
+def read_image_size(path: str) -> Tuple[int, int]:
+    """(width, height) of an image as ``data.image_io.read_image`` returns it, from the header only.
+
+    The EXIF orientation is applied (read_image applies it too), so a portrait photo stored
+    landscape with orientation 6 reports its upright size.
+
+    Raises:
+        ValueError: naming the file, when it is missing or not an image PIL can identify.
+    """
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except OSError as e:  # includes FileNotFoundError and PIL.UnidentifiedImageError
+        raise ValueError(f"{path}: cannot read the image size: {e}") from e
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
+    return width, height
+
+
+def find_image(image_dir: str, stem: str, names_in_dir: set | None = None) -> str | None:
+    """File name (not path) of the image ``<stem><ext>`` in ``image_dir``, trying ``IMAGE_EXTENSIONS``.
+
+    ``names_in_dir`` (the folder's listing) avoids a stat per extension for large folders.
+    """
+    for ext in IMAGE_EXTENSIONS:
+        name = stem + ext
+        if (
+            name in names_in_dir
+            if names_in_dir is not None
+            else os.path.isfile(os.path.join(image_dir, name))
+        ):
+            return name
+    return None
