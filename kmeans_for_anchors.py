@@ -1,0 +1,321 @@
+"""Cluster a dataset's training boxes into per-level anchor shapes (IoU k-means) and report anchor quality.
+
+Run-book:
+    python prep/shapes.py --data_root datasets
+    python kmeans_for_anchors.py --dataset shapes --train_sets train --val_sets val --input_dim 256 \
+        --out anchors/shapes.json
+    python train.py ... --input_dim 256 --anchor_type kmeans --anchor_file anchors/shapes.json
+
+Boxes come from ``<data_root>/<dataset>/annotations/<split>.json`` and are rescaled exactly as training
+resizes their image (``data.transforms.compute_resize``: square ``--input_dim``, or keep-aspect
+``--min_size/--max_size``), so train with the same input options as the anchor file (it records them).
+Difficult and crowd boxes are left out of the clustering and of the report, and counted.
+
+The clustering (``layers/kmeans.py`` has the details): each box goes to the pyramid level whose
+predefined one-scale anchors give it the highest centred IoU, then per level ``--k`` clusters (default 3,
+so 15 anchors for P3..P7) of (w, h) with the distance 1 - IoU at a common centre, starting from the
+predefined anchors (k ratios log-uniform in [0.5, 2]), median update, until the assignments stop changing
+(at most ``--max_iter`` steps).
+
+The report, on the train splits and on the val splits when given, is the original codebase's table:
+
+    | Type | SR | AR | #Anchors/level | Total | Average IoU | Recall % |
+
+SR / AR = scales / aspect ratios per location, #Anchors/level = anchors per location on each level,
+Total = anchors per image at the training input size (keep-aspect: the mean over the images). Recall is
+the share of gt boxes with at least one anchor of IoU >= 0.5 (the matcher's positive threshold), average
+IoU the mean over gt boxes of their best anchor IoU, both on the real anchor grid (positions included)
+of each image's input size: the resized size padded to a multiple of 32 for keep-aspect, as the batch
+collation does (a batch with larger images only adds anchors beyond the image).
+``--json`` prints the report as one JSON object on the last line.
+"""
+
+import argparse
+import json
+import logging
+import os
+import time
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from data.annotations import load_annotations
+from data.transforms import compute_resize
+from layers.anchors import DEFAULT_STRIDES, load_anchor_file, predefined_anchor_whs, save_anchor_file
+from layers.kmeans import INIT_MODES, anchor_quality, cluster_anchor_whs, kmeans_aspect_ratios
+
+logger = logging.getLogger("kmeans_for_anchors")
+
+# Keep-aspect batches are padded to a multiple of this (data.collate.Collate); square inputs are not.
+KEEP_ASPECT_SIZE_DIVISIBILITY = 32
+REPORT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
+
+
+def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("IoU k-means anchors and anchor-quality report", add_help=add_help)
+    # * Data (same names and defaults as the shared parser)
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="shapes", help="dataset folder name under --data_root")
+    g.add_argument("--data_root", default="datasets/", help="root holding <dataset>/annotations/<split>.json")
+    g.add_argument("--train_sets", default="train", help="comma-separated splits to cluster and report on")
+    g.add_argument("--val_sets", default="val", help="comma-separated splits to report on ('' for none)")
+    # * Input: boxes are rescaled as training resizes the images
+    g = parser.add_argument_group("input")
+    g.add_argument("--resize_mode", default="square", choices=("square", "keep_aspect"))
+    g.add_argument("--input_dim", type=int, default=600, help="square input size")
+    g.add_argument("--min_size", type=int, default=600, help="keep_aspect: short side")
+    g.add_argument("--max_size", type=int, default=1000, help="keep_aspect: long side at most")
+    # * Clustering
+    g = parser.add_argument_group("clustering")
+    g.add_argument("--k", type=int, default=3, help="anchors per location (clusters per level)")
+    g.add_argument("--max_iter", type=int, default=300, help="k-means iterations at most, per level")
+    g.add_argument(
+        "--init",
+        default="predefined",
+        choices=INIT_MODES,
+        help="initial centres: predefined one-scale anchors, or k random boxes (uses --seed)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of --init random")
+    # * Output
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", default=None, help="anchor file to write (default anchors/<dataset>.json)")
+    g.add_argument("--json", action="store_true", help="print the report as one JSON object (last line)")
+    return parser
+
+
+def split_names(text: str | None) -> List[str]:
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
+def load_boxes(
+    annotation_files: Sequence[str],
+    resize_mode: str,
+    input_dim: int,
+    min_size: int,
+    max_size: int,
+) -> Dict:
+    """Boxes of the given split files in network-input pixels, grouped by input size.
+
+    Returns a dict:
+        gt_boxes (ndarray[G, 4] float64, xyxy input px), difficult / crowd / degenerate (ndarray[G] bool;
+        degenerate = zero width or height), gt_input_size_idxs (ndarray[G] int64 into input_sizes),
+        input_sizes (ndarray[S, 2] int64 (h, w) of the padded network input), num_images_per_size
+        (ndarray[S]), num_images, annotation_files.
+    """
+    heights, widths, boxes, image_idxs, difficult, crowd = [], [], [], [], [], []
+    num_images = 0
+    for path in annotation_files:
+        coco = load_annotations(path)
+        ids = np.array([im["id"] for im in coco["images"]], dtype=np.int64)
+        heights.append(np.array([im["height"] for im in coco["images"]], dtype=np.float64))
+        widths.append(np.array([im["width"] for im in coco["images"]], dtype=np.float64))
+        anns = coco["annotations"]
+        ann_image_ids = np.array([a["image_id"] for a in anns], dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        pos = np.searchsorted(ids[order], ann_image_ids).clip(max=max(len(ids) - 1, 0))
+        if len(anns) and (len(ids) == 0 or np.any(ids[order][pos] != ann_image_ids)):
+            bad = ann_image_ids[ids[order][pos] != ann_image_ids] if len(ids) else ann_image_ids
+            raise ValueError(f"{path}: annotations refer to unknown image ids, e.g. {bad[:5].tolist()}")
+        image_idxs.append(num_images + order[pos])
+        boxes.append(np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4))
+        difficult.append(np.array([bool(a.get("difficult", 0)) for a in anns], dtype=bool))
+        crowd.append(np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool))
+        num_images += len(ids)
+    heights, widths = np.concatenate(heights), np.concatenate(widths)
+    image_idxs = np.concatenate(image_idxs).astype(np.int64)
+    xywh = np.concatenate(boxes)
+    new_h, new_w, sx, sy = compute_resize(heights, widths, resize_mode, input_dim, min_size, max_size)
+    divisibility = KEEP_ASPECT_SIZE_DIVISIBILITY if resize_mode == "keep_aspect" else 1
+    padded = np.stack([new_h, new_w], axis=1).astype(np.int64)
+    padded = -(-padded // divisibility) * divisibility  # round up
+    input_sizes, image_size_idxs, num_images_per_size = np.unique(
+        padded.reshape(-1, 2), axis=0, return_inverse=True, return_counts=True
+    )
+    scale = np.stack([sx, sy, sx, sy], axis=1)[image_idxs]  # [G, 4]
+    gt_boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1) * scale
+    return {
+        "gt_boxes": gt_boxes,
+        "difficult": np.concatenate(difficult),
+        "crowd": np.concatenate(crowd),
+        "degenerate": (gt_boxes[:, 2] <= gt_boxes[:, 0]) | (gt_boxes[:, 3] <= gt_boxes[:, 1]),
+        "gt_input_size_idxs": image_size_idxs.reshape(-1)[image_idxs],
+        "input_sizes": input_sizes,
+        "num_images_per_size": num_images_per_size,
+        "num_images": num_images,
+        "annotation_files": list(annotation_files),
+    }
+
+
+def kept_boxes(box_set: Dict) -> np.ndarray:
+    """Mask of the boxes that count: not difficult, not crowd, positive width and height."""
+    return ~(box_set["difficult"] | box_set["crowd"] | box_set["degenerate"])
+
+
+def box_counts(box_set: Dict) -> Dict:
+    keep = kept_boxes(box_set)
+    return {
+        "num_images": int(box_set["num_images"]),
+        "num_input_sizes": int(len(box_set["input_sizes"])),
+        "num_boxes": int(keep.sum()),
+        "num_ignored_difficult": int(box_set["difficult"].sum()),
+        "num_ignored_crowd": int(box_set["crowd"].sum()),
+        "num_ignored_degenerate": int(box_set["degenerate"].sum()),
+    }
+
+
+def report_rows(box_set: Dict, clustered_whs: Sequence[torch.Tensor], strides: Sequence[int]) -> List[Dict]:
+    """The table rows (predefined 3x3, 2x3, 1x3 and clustered 1xk) measured on ``box_set``."""
+    keep = kept_boxes(box_set)
+    gt_boxes = torch.as_tensor(box_set["gt_boxes"][keep], dtype=torch.float32)
+    gt_size_idxs = torch.as_tensor(box_set["gt_input_size_idxs"][keep], dtype=torch.int64)
+    sizes = [tuple(int(v) for v in s) for s in box_set["input_sizes"]]
+    num_images = [int(n) for n in box_set["num_images_per_size"]]
+    anchor_sets = [
+        (
+            "predefined",
+            num_scales,
+            len(REPORT_ASPECT_RATIOS),
+            predefined_anchor_whs(num_scales, REPORT_ASPECT_RATIOS),
+        )
+        for num_scales in (3, 2, 1)
+    ]
+    anchor_sets.append(("clustered", 1, clustered_whs[0].shape[0], clustered_whs))
+    rows = []
+    for kind, num_scales, num_ratios, whs in anchor_sets:
+        quality = anchor_quality(gt_boxes, gt_size_idxs, sizes, num_images, whs, strides)
+        rows.append({"type": kind, "num_scales": num_scales, "num_aspect_ratios": num_ratios, **quality})
+    return rows
+
+
+def format_table(rows: Sequence[Dict]) -> str:
+    lines = [
+        "| Type | SR | AR | #Anchors/level | Total | Average IoU | Recall % |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        avg = "n/a" if r["average_iou"] is None else f"{r['average_iou']:.4f}"
+        rec = "n/a" if r["recall_pct"] is None else f"{r['recall_pct']:.2f}"
+        lines.append(
+            f"| {r['type']} | {r['num_scales']} | {r['num_aspect_ratios']} | {r['num_anchors_per_location']} "
+            f"| {r['total_anchors']} | {avg} | {rec} |"
+        )
+    return "\n".join(lines)
+
+
+def cluster_and_report(
+    train_set: Dict,
+    val_set: Dict | None,
+    k: int = 3,
+    max_iter: int = 300,
+    init: str = "predefined",
+    seed: int = 0,
+    out: str | None = None,
+    anchor_file_meta: Dict | None = None,
+    strides: Sequence[int] = DEFAULT_STRIDES,
+) -> Dict:
+    """Cluster the kept train boxes, write the anchor file (when ``out``) and measure the report rows.
+
+    The clustered row uses the anchors as read back from the file (rounded as stored), i.e. exactly
+    what ``train.py --anchor_type kmeans`` will use.
+    """
+    keep = kept_boxes(train_set)
+    whs = train_set["gt_boxes"][keep, 2:] - train_set["gt_boxes"][keep, :2]  # [N, 2]
+    init_whs = [w.double().numpy() for w in predefined_anchor_whs(1, kmeans_aspect_ratios(k))]
+    t0 = time.perf_counter()
+    clustered, level_summaries = cluster_anchor_whs(whs, init_whs, max_iter=max_iter, init=init, seed=seed)
+    kmeans_seconds = time.perf_counter() - t0
+    clustered_whs = [torch.as_tensor(c, dtype=torch.float32) for c in clustered]
+    if out:
+        save_anchor_file(out, clustered_whs, strides=list(strides), **(anchor_file_meta or {}))
+        clustered_whs, _ = load_anchor_file(out, expected_strides=strides)
+    for summary, stride, centres in zip(level_summaries, strides, clustered_whs):
+        summary["stride"] = int(stride)
+        summary["anchor_whs"] = [[round(w, 2), round(h, 2)] for w, h in centres.tolist()]
+    t0 = time.perf_counter()
+    splits = {"train": {**box_counts(train_set), "rows": report_rows(train_set, clustered_whs, strides)}}
+    if val_set is not None:
+        splits["val"] = {**box_counts(val_set), "rows": report_rows(val_set, clustered_whs, strides)}
+    report_seconds = time.perf_counter() - t0
+    return {
+        "anchor_file": out,
+        "k": k,
+        "init": init,
+        "seed": seed,
+        "max_iter": max_iter,
+        "clustering": {"num_boxes": int(whs.shape[0]), "seconds": kmeans_seconds, "levels": level_summaries},
+        "splits": splits,
+        "report_seconds": report_seconds,
+    }
+
+
+def print_report(report: Dict) -> None:
+    c = report["clustering"]
+    print(
+        f"Clustered {c['num_boxes']} boxes of {report['dataset']}/{'+'.join(report['train_sets'])} "
+        f"in {c['seconds']:.2f} s ({report['resize_mode']}, input_dim {report['input_dim']}, "
+        f"min/max size {report['min_size']}/{report['max_size']})"
+    )
+    for s in c["levels"]:
+        init_iou = "n/a" if s["mean_iou_init"] is None else f"{s['mean_iou_init']:.3f}"
+        iou = "n/a" if s["mean_iou"] is None else f"{s['mean_iou']:.3f}"
+        print(
+            f"  P{s['level'] + 3} (stride {s['stride']}): {s['num_boxes']} boxes, {s['num_iters']} iters "
+            f"{'converged' if s['converged'] else 'NOT converged'}, reseeded {s['num_reseeded']}, "
+            f"centred IoU {init_iou} -> {iou}, anchors (w, h) {s['anchor_whs']}"
+        )
+    print(f"Wrote {report['anchor_file']}")
+    for name, split in report["splits"].items():
+        sets = report["train_sets"] if name == "train" else report["val_sets"]
+        print(
+            f"\n{report['dataset']} {'+'.join(sets)} ({name}): {split['num_images']} images, "
+            f"{split['num_boxes']} boxes (ignored: {split['num_ignored_difficult']} difficult, "
+            f"{split['num_ignored_crowd']} crowd, {split['num_ignored_degenerate']} zero-size), "
+            f"{split['num_input_sizes']} input size(s)"
+        )
+        print(format_table(split["rows"]))
+
+
+def main(args: argparse.Namespace) -> Dict:
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    if args.max_iter < 1:
+        raise ValueError(f"--max_iter must be >= 1, got {args.max_iter}")
+    train_sets, val_sets = split_names(args.train_sets), split_names(args.val_sets)
+    if not train_sets:
+        raise ValueError("--train_sets names no split")
+    ann_dir = os.path.join(args.data_root, args.dataset, "annotations")
+    resize = dict(
+        resize_mode=args.resize_mode, input_dim=args.input_dim, min_size=args.min_size, max_size=args.max_size
+    )
+    train_set = load_boxes([os.path.join(ann_dir, f"{s}.json") for s in train_sets], **resize)
+    val_set = (
+        load_boxes([os.path.join(ann_dir, f"{s}.json") for s in val_sets], **resize) if val_sets else None
+    )
+    if not kept_boxes(train_set).any():
+        raise ValueError(
+            f"--train_sets {args.train_sets}: no box to cluster in {train_set['annotation_files']}"
+        )
+    out = args.out or os.path.join("anchors", f"{args.dataset}.json")
+    meta = dict(resize, dataset=args.dataset, train_sets=train_sets)
+    report = cluster_and_report(
+        train_set,
+        val_set,
+        k=args.k,
+        max_iter=args.max_iter,
+        init=args.init,
+        seed=args.seed,
+        out=out,
+        anchor_file_meta=meta,
+    )
+    report = {**meta, "val_sets": val_sets, **report}
+
+    print_report(report)
+    if args.json:
+        print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(argparse.ArgumentParser(parents=[get_args_parser()]).parse_args())
