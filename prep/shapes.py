@@ -1,0 +1,478 @@
+"""Generate "shapes", the synthetic detection set the project ships as its default dataset.
+
+    python prep/shapes.py                                   # datasets/shapes, seed 0, 1000 + 200 images
+    python prep/shapes.py --seed 1 --num_train 5000         # another draw, a larger training set
+    python prep/shapes.py --samples_dir demo_data/samples   # only 4 sample images for demo.py
+
+Output, in the common format (see data/annotations.py):
+
+    <data_root>/<dataset>/images/{train,val}/NNNNNN.png
+    <data_root>/<dataset>/annotations/{train,val}.json   categories circle (id 1), square (2), triangle (3)
+
+What an image holds (all sizes in pixels, defaults for --image_size 256):
+  - Background: a linear gradient between two random colours in a random direction, plus a smooth
+    random texture (an upsampled low-resolution noise grid).
+  - Clutter that is NOT an object: 0-6 thin anti-aliased lines, 0-8 small dots (radius 1-3, smaller
+    than any object), 0-2 "+" / "x" crosses (arms 2-4 px thick) of object size.
+  - 1-6 objects (--min_shapes/--max_shapes), each a filled shape of one random colour, axis-aligned:
+      circle   = an ellipse whose box has aspect ratio w/h in [1/A, A]   (A = --max_aspect, 2)
+      square   = a rectangle whose aspect ratio w/h is in [1/A, A]
+      triangle = a triangle with its base on one side of its box (pointing up/down/left/right) and
+                 its apex anywhere along the opposite side, box aspect ratio in [1/A, A]
+    The longer side of the box is log-uniform in [--min_size, --max_size] (12 to 192), so small
+    objects are as common per octave as large ones. Objects lie wholly inside the image.
+  - On half of the images, per-pixel Gaussian noise with a random sigma in [1, --noise] (6), drawn
+    last, over everything.
+
+Overlaps are allowed, with two rules. (1) A later object may not leave an earlier one with less
+than --min_visible (60%) of its own pixels visible; a placement that would is redrawn (new size,
+aspect and position), and after 30 failed tries the object is left out and COUNTED
+("rejected_shapes" in the statistics). (2) Each box is the bounding box of the object's VISIBLE
+pixels (x1 = min column, x2 = max column + 1, continuous coordinates), so a box never reaches
+past what can be seen. An object's colour is redrawn until at least 95% of the pixels it covers
+differ from it by a colour distance of 60 or more (background, clutter and earlier objects alike).
+
+Determinism: image i of split s is drawn from ``np.random.default_rng([seed, s, i])`` and written as
+PNG (lossless), so the same seed and options give byte-identical images and annotation files.
+Image ids: train 1_000_000 + i, val 2_000_000 + i (unique across splits, so the splits can be
+merged); annotation id = image id * 100 + k for the image's k-th object (k = 1..99).
+Annotation ``area`` is the box area w * h (what COCO's size ranges see for detections too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
+
+import cv2
+import numpy as np
+
+# `python prep/shapes.py` puts prep/ on sys.path, not the repo root that holds the data package.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from data.annotations import save_annotations  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+CLASSES = ("circle", "square", "triangle")  # training labels 0, 1, 2; category ids 1, 2, 3
+SPLITS = {"train": 1, "val": 2, "samples": 3}  # split number: seeds the split's stream, offsets its ids
+IMAGE_ID_OFFSET = 1_000_000
+MAX_PLACEMENT_TRIES = 30
+MAX_COLOUR_TRIES = 20
+MIN_COLOUR_DISTANCE = 60.0
+MIN_CONTRASTED_FRACTION = 0.95
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    """How images are drawn; see the module docstring."""
+
+    image_size: int = 256
+    min_size: float = 12.0
+    max_size: float = 192.0
+    max_aspect: float = 2.0
+    min_shapes: int = 1
+    max_shapes: int = 6
+    min_visible: float = 0.6
+    noise: float = 6.0
+
+    def check(self) -> None:
+        problems = []
+        if self.image_size < 16:
+            problems.append(f"--image_size {self.image_size} < 16")
+        if not 4 <= self.min_size <= self.max_size <= self.image_size:
+            problems.append(
+                f"need 4 <= --min_size ({self.min_size}) <= --max_size ({self.max_size}) "
+                f"<= --image_size ({self.image_size})"
+            )
+        if self.max_aspect < 1:
+            problems.append(f"--max_aspect {self.max_aspect} < 1")
+        if self.min_size / self.max_aspect < 2:
+            problems.append(
+                f"--min_size / --max_aspect = {self.min_size / self.max_aspect:.2f} px < 2: "
+                "the short side of the smallest objects would vanish"
+            )
+        if not 0 <= self.min_shapes <= self.max_shapes <= 99:
+            problems.append(
+                f"need 0 <= --min_shapes ({self.min_shapes}) <= --max_shapes ({self.max_shapes}) <= 99"
+            )
+        if not 0 < self.min_visible <= 1:
+            problems.append(f"--min_visible {self.min_visible} not in (0, 1]")
+        if self.noise < 0:
+            problems.append(f"--noise {self.noise} < 0")
+        if problems:
+            raise ValueError("prep/shapes.py: bad options: " + "; ".join(problems))
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Gradient + smooth texture, float32[size, size, 3] RGB in about [0, 255]."""
+    colours = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    grid = int(rng.integers(3, 9))
+    # Both are drawn on a grid x grid image and upsampled in one resize: the gradient is linear, so
+    # the interpolation reproduces it, and this is several times faster than computing it per pixel.
+    coords = (np.arange(grid, dtype=np.float32) + 0.5) / grid
+    t = float(np.cos(angle)) * coords[None, :] + float(np.sin(angle)) * coords[:, None]  # [grid, grid]
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    low_res = colours[0] + (colours[1] - colours[0]) * t[..., None]
+    low_res += rng.normal(0, rng.uniform(0, 25), size=(grid, grid, 3)).astype(np.float32)
+    return cv2.resize(low_res, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def _clutter(rng: np.random.Generator, canvas: np.ndarray, cfg: ShapesConfig) -> None:
+    """Draw non-object clutter into ``canvas`` (float32[S, S, 3]) in place."""
+    size = cfg.image_size
+    for _ in range(rng.integers(0, 7)):
+        p1, p2 = rng.integers(0, size, size=(2, 2))
+        cv2.line(
+            canvas,
+            tuple(map(int, p1)),
+            tuple(map(int, p2)),
+            rng.uniform(0, 255, 3).tolist(),
+            int(rng.integers(1, 3)),
+            cv2.LINE_AA,
+        )
+    for _ in range(rng.integers(0, 9)):
+        centre = tuple(map(int, rng.integers(0, size, size=2)))
+        cv2.circle(canvas, centre, int(rng.integers(1, 4)), rng.uniform(0, 255, 3).tolist(), -1, cv2.LINE_AA)
+    for _ in range(rng.integers(0, 3)):
+        arm = rng.uniform(cfg.min_size, max(cfg.min_size, size / 4)) / 2
+        cx, cy = rng.uniform(arm, size - arm, size=2)
+        thickness = int(rng.integers(2, 5))
+        colour = rng.uniform(0, 255, 3).tolist()
+        diagonal = rng.random() < 0.5
+        for sign in (1, -1):
+            dx, dy = (arm * 0.7, sign * arm * 0.7) if diagonal else ((arm, 0) if sign > 0 else (0, arm))
+            p1, p2 = (int(round(cx - dx)), int(round(cy - dy))), (int(round(cx + dx)), int(round(cy + dy)))
+            cv2.line(canvas, p1, p2, colour, thickness, cv2.LINE_AA)
+
+
+def _shape_mask(rng: np.random.Generator, label: int, cfg: ShapesConfig) -> np.ndarray:
+    """A random object of class ``label`` as a bool[S, S] mask, lying wholly inside the image."""
+    size = cfg.image_size
+    long_side = np.exp(rng.uniform(np.log(cfg.min_size), np.log(cfg.max_size)))
+    short_side = long_side / np.exp(rng.uniform(0, np.log(cfg.max_aspect)))
+    w, h = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
+    w, h = max(int(round(w)), 2), max(int(round(h)), 2)
+    x0, y0 = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+    x1, y1 = x0 + w - 1, y0 + h - 1  # last pixel row / column
+    mask = np.zeros((size, size), np.uint8)
+    if CLASSES[label] == "circle":
+        # shift=1: half-pixel centre and axes, so the ellipse spans exactly columns x0..x1, rows y0..y1.
+        cv2.ellipse(mask, (x0 + x1, y0 + y1), (w - 1, h - 1), 0, 0, 360, 1, -1, cv2.LINE_8, 1)
+    elif CLASSES[label] == "square":
+        mask[y0 : y1 + 1, x0 : x1 + 1] = 1
+    else:
+        apex = rng.uniform(0, 1)
+        direction = int(rng.integers(4))  # 0 up, 1 down, 2 left, 3 right
+        if direction < 2:
+            ax = x0 + apex * (x1 - x0)
+            tip, base = (y0, y1) if direction == 0 else (y1, y0)
+            points = [(ax, tip), (x0, base), (x1, base)]
+        else:
+            ay = y0 + apex * (y1 - y0)
+            tip, base = (x0, x1) if direction == 2 else (x1, x0)
+            points = [(tip, ay), (base, y0), (base, y1)]
+        # shift=4: sixteenth-pixel vertices, so the apex can sit anywhere along its side.
+        cv2.fillPoly(mask, [np.round(np.array(points) * 16).astype(np.int32)], 1, cv2.LINE_8, 4)
+    return mask.astype(bool)
+
+
+def render_image(
+    rng: np.random.Generator, cfg: ShapesConfig
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Dict[str, Any]]:
+    """Draw one image.
+
+    Returns:
+        image (uint8[S, S, 3], RGB),
+        labels (int64[N], 0..2, position in CLASSES),
+        boxes (float64[N, 4], xyxy, continuous pixel coordinates: tight around the visible pixels),
+        debug dict: ``masks`` (bool[N, S, S], visible pixels of each object), ``full_areas`` (int64[N],
+        pixels of each object before later ones covered it), ``colours`` (uint8[N, 3], RGB),
+        ``rejected`` (int, objects left out after MAX_PLACEMENT_TRIES).
+    """
+    size = cfg.image_size
+    canvas = _background(rng, size)
+    _clutter(rng, canvas, cfg)
+    num_objects = int(rng.integers(cfg.min_shapes, cfg.max_shapes + 1))
+    visible = np.zeros((0, size, size), bool)
+    full_areas = np.zeros(0, np.int64)
+    labels: List[int] = []
+    colours: List[np.ndarray] = []
+    rejected = 0
+    for _ in range(num_objects):
+        label = int(rng.integers(len(CLASSES)))
+        for _ in range(MAX_PLACEMENT_TRIES):
+            mask = _shape_mask(rng, label, cfg)
+            # Rule (1): every earlier object keeps >= min_visible of its own pixels.
+            kept = (visible & ~mask).sum(axis=(1, 2))
+            if np.all(kept >= cfg.min_visible * full_areas):
+                break
+        else:
+            rejected += 1
+            continue
+        under = canvas[mask]  # [P, 3] what the object covers
+        for _ in range(MAX_COLOUR_TRIES):
+            colour = rng.integers(0, 256, size=3).astype(np.float32)
+            distance = np.linalg.norm(under - colour, axis=1)
+            if np.mean(distance >= MIN_COLOUR_DISTANCE) >= MIN_CONTRASTED_FRACTION:
+                break
+        canvas[mask] = colour
+        visible = np.concatenate([visible & ~mask, mask[None]])
+        full_areas = np.append(full_areas, mask.sum())
+        labels.append(label)
+        colours.append(colour.astype(np.uint8))
+    if cfg.noise > 0 and rng.random() < 0.5:  # half the images are clean, which also halves their PNG size
+        canvas += rng.uniform(1, cfg.noise) * rng.standard_normal(size=canvas.shape, dtype=np.float32)
+    image = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
+    boxes = masks_to_boxes_xyxy(visible)
+    debug = {
+        "masks": visible,
+        "full_areas": full_areas,
+        "colours": np.array(colours, np.uint8).reshape(-1, 3),
+        "rejected": rejected,
+    }
+    return image, np.array(labels, np.int64), boxes, debug
+
+
+def masks_to_boxes_xyxy(masks: np.ndarray) -> np.ndarray:
+    """Tight boxes of non-empty bool masks [N, H, W] -> float64[N, 4] xyxy, x2 = last column + 1."""
+    if len(masks) == 0:
+        return np.zeros((0, 4))
+    rows, cols = masks.any(axis=2), masks.any(axis=1)  # [N, H], [N, W]
+    height, width = masks.shape[1:]
+    y1, x1 = rows.argmax(axis=1), cols.argmax(axis=1)
+    y2 = height - rows[:, ::-1].argmax(axis=1)
+    x2 = width - cols[:, ::-1].argmax(axis=1)
+    return np.stack([x1, y1, x2, y2], axis=1).astype(np.float64)
+
+
+def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator image ``index`` of ``split`` is drawn from (independent of every other image)."""
+    return np.random.default_rng([seed, SPLITS[split], index])
+
+
+def _write_png(path: str, image_rgb: np.ndarray) -> None:
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f"{path}: OpenCV could not encode the image as PNG")
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    with open(tmp_path, "wb") as f:
+        f.write(encoded.tobytes())
+    os.replace(tmp_path, path)
+
+
+def _render_and_write(
+    task: Tuple[str, str, int, int, ShapesConfig],
+) -> Tuple[List[int], List[List[float]], int]:
+    """Worker: draw image ``index`` of ``split``, write its PNG, return (labels, boxes xyxy, rejected)."""
+    dataset_root, split, index, seed, cfg = task
+    image, labels, boxes, debug = render_image(image_rng(seed, split, index), cfg)
+    _write_png(os.path.join(dataset_root, "images", split, f"{index:06d}.png"), image)
+    return labels.tolist(), boxes.tolist(), debug["rejected"]
+
+
+def generate_split(
+    dataset_root: str, split: str, num_images: int, seed: int, cfg: ShapesConfig, num_workers: int = 0
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Write ``images/<split>/*.png`` and ``annotations/<split>.json`` under ``dataset_root``.
+
+    ``num_workers`` > 0 draws images in that many processes; the output does not depend on it.
+    Returns (the annotation dict, its statistics).
+    """
+    image_dir = os.path.join(dataset_root, "images", split)
+    os.makedirs(image_dir, exist_ok=True)
+    # Files left by an earlier, larger run would sit unannotated next to this one's: remove them.
+    ours = {f"{i:06d}.png" for i in range(num_images)}
+    stale = [f for f in os.listdir(image_dir) if re.fullmatch(r"\d{6}\.png", f) and f not in ours]
+    for f in stale:
+        os.remove(os.path.join(image_dir, f))
+    if stale:
+        logger.info("removed %d stale image(s) from %s", len(stale), image_dir)
+    tasks = [(dataset_root, split, i, seed, cfg) for i in range(num_images)]
+    if num_workers > 0 and num_images > 1:
+        with multiprocessing.Pool(num_workers) as pool:
+            results = pool.map(
+                _render_and_write, tasks, chunksize=max(1, min(32, num_images // (4 * num_workers)))
+            )
+    else:
+        results = [_render_and_write(task) for task in tasks]
+    images, annotations = [], []
+    for i, (labels, boxes, _) in enumerate(results):
+        image_id = SPLITS[split] * IMAGE_ID_OFFSET + i
+        file_name = f"images/{split}/{i:06d}.png"
+        images.append(
+            {"id": image_id, "file_name": file_name, "width": cfg.image_size, "height": cfg.image_size}
+        )
+        for k, (label, (x1, y1, x2, y2)) in enumerate(zip(labels, boxes), start=1):
+            w, h = x2 - x1, y2 - y1
+            annotations.append(
+                {
+                    "id": image_id * 100 + k,
+                    "image_id": image_id,
+                    "category_id": label + 1,
+                    "bbox": [x1, y1, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                    "difficult": 0,
+                }
+            )
+    coco = {
+        "info": {
+            "description": "synthetic shapes (prep/shapes.py)",
+            "seed": seed,
+            "split": split,
+            **vars(cfg),
+        },
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": c + 1, "name": name} for c, name in enumerate(CLASSES)],
+    }
+    save_annotations(coco, os.path.join(dataset_root, "annotations", f"{split}.json"))
+    return coco, split_statistics(coco, sum(r[2] for r in results))
+
+
+def split_statistics(coco: Dict[str, Any], rejected: int = 0) -> Dict[str, Any]:
+    """Images, boxes per class, boxes per image (min/mean/max), box side ranges [min, max] of one split."""
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    category_ids = np.array([a["category_id"] for a in coco["annotations"]], np.int64)
+    bboxes = np.array([a["bbox"] for a in coco["annotations"]], np.float64).reshape(-1, 4)
+    image_index = {im["id"]: i for i, im in enumerate(coco["images"])}
+    per_image = np.bincount(
+        np.array([image_index[a["image_id"]] for a in coco["annotations"]], np.int64),
+        minlength=len(image_index),
+    )
+    w, h = bboxes[:, 2], bboxes[:, 3]
+
+    def value_range(x: np.ndarray) -> List[float]:
+        return [float(x.min()), float(x.max())] if len(x) else [0.0, 0.0]
+
+    return {
+        "images": len(coco["images"]),
+        "boxes": len(bboxes),
+        "boxes_per_class": {names[c]: int((category_ids == c).sum()) for c in names},
+        "boxes_per_image": {
+            "min": int(value_range(per_image)[0]),
+            "mean": float(per_image.mean()) if len(per_image) else 0.0,
+            "max": int(value_range(per_image)[1]),
+        },
+        "box_width": value_range(w),
+        "box_height": value_range(h),
+        "box_sqrt_area": value_range(np.sqrt(w * h)),
+        "rejected_shapes": int(rejected),
+    }
+
+
+def write_samples(out_dir: str, num: int = 4, seed: int = 0, cfg: ShapesConfig | None = None) -> List[str]:
+    """Write ``num`` images from the "samples" stream (not in train or val) as ``shapes_NN.png``."""
+    cfg = cfg or ShapesConfig()
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i in range(num):
+        image, _, _, _ = render_image(image_rng(seed, "samples", i), cfg)
+        paths.append(os.path.join(out_dir, f"shapes_{i:02d}.png"))
+        _write_png(paths[-1], image)
+    return paths
+
+
+def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Generate the synthetic shapes detection set", add_help=add_help)
+    parser.add_argument("--data_root", default="datasets", help="output goes to <data_root>/<dataset>/")
+    parser.add_argument("--dataset", default="shapes")
+    parser.add_argument("--seed", default=0, type=int, help="same seed + options = byte-identical output")
+    parser.add_argument("--num_train", default=1000, type=int)
+    parser.add_argument("--num_val", default=200, type=int)
+    parser.add_argument(
+        "-j",
+        "--num_workers",
+        default=min(os.cpu_count() or 1, 8),
+        type=int,
+        help="processes drawing images (0: none); the output does not depend on it",
+    )
+    # * Image content (see the module docstring)
+    parser.add_argument("--image_size", default=256, type=int, help="square images, pixels")
+    parser.add_argument("--min_size", default=12.0, type=float, help="smallest object, longer box side (px)")
+    parser.add_argument(
+        "--max_size",
+        default=None,
+        type=float,
+        help="largest object, longer box side (px); default 0.75 * image_size",
+    )
+    parser.add_argument("--max_aspect", default=2.0, type=float, help="box aspect ratio w/h in [1/A, A]")
+    parser.add_argument("--min_shapes", default=1, type=int, help="fewest objects per image")
+    parser.add_argument("--max_shapes", default=6, type=int, help="most objects per image")
+    parser.add_argument(
+        "--min_visible",
+        default=0.6,
+        type=float,
+        help="an earlier object keeps at least this fraction of its pixels visible",
+    )
+    parser.add_argument(
+        "--noise", default=6.0, type=float, help="largest per-pixel noise sigma (0-255 scale)"
+    )
+    # * Samples for demo.py
+    parser.add_argument(
+        "--samples_dir",
+        default=None,
+        help="write only --num_samples sample images (shapes_NN.png) here, not the dataset",
+    )
+    parser.add_argument("--num_samples", default=4, type=int)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ShapesConfig:
+    cfg = ShapesConfig(
+        image_size=args.image_size,
+        min_size=args.min_size,
+        max_size=args.max_size if args.max_size is not None else 0.75 * args.image_size,
+        max_aspect=args.max_aspect,
+        min_shapes=args.min_shapes,
+        max_shapes=args.max_shapes,
+        min_visible=args.min_visible,
+        noise=args.noise,
+    )
+    cfg.check()
+    return cfg
+
+
+def main(args: argparse.Namespace) -> Dict[str, Any]:
+    """Generate the set (or the samples) and return its statistics ({"splits": {split: stats}, ...})."""
+    cfg = config_from_args(args)
+    start = time.perf_counter()
+    if args.samples_dir:
+        paths = write_samples(args.samples_dir, args.num_samples, args.seed, cfg)
+        print(f"wrote {len(paths)} sample images to {args.samples_dir}")
+        return {"samples": paths, "seconds": time.perf_counter() - start}
+    dataset_root = os.path.join(args.data_root, args.dataset)
+    stats: Dict[str, Any] = {"dataset_root": dataset_root, "splits": {}}
+    for split, num in (("train", args.num_train), ("val", args.num_val)):
+        if num < 0:
+            raise ValueError(f"--num_{split} must be >= 0, got {num}")
+        _, stats["splits"][split] = generate_split(dataset_root, split, num, args.seed, cfg, args.num_workers)
+    stats["seconds"] = time.perf_counter() - start
+    print(f"shapes dataset in {dataset_root} (seed {args.seed}, {stats['seconds']:.1f} s)")
+    for split, s in stats["splits"].items():
+        per_class = ", ".join(f"{name} {n}" for name, n in s["boxes_per_class"].items())
+        bpi = s["boxes_per_image"]
+        print(
+            f"  {split:5s}: {s['images']} images, {s['boxes']} boxes ({per_class}); boxes/image "
+            f"min {bpi['min']} mean {bpi['mean']:.2f} max {bpi['max']}; box w {s['box_width'][0]:.0f}-"
+            f"{s['box_width'][1]:.0f}, h {s['box_height'][0]:.0f}-{s['box_height'][1]:.0f}, sqrt(area) "
+            f"{s['box_sqrt_area'][0]:.1f}-{s['box_sqrt_area'][1]:.1f} px; "
+            f"{s['rejected_shapes']} shape(s) left out (no placement kept earlier ones visible)"
+        )
+    return stats
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main(get_args_parser(add_help=True).parse_args())
