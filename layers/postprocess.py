@@ -1,0 +1,171 @@
+"""Detections from head outputs: per-level threshold and top-k, decode, clip, NMS, back to original pixels."""
+
+import logging
+from typing import Dict, List
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+from layers.box_coder import BoxCoder
+
+logger = logging.getLogger(__name__)
+
+
+class PostProcess(nn.Module):
+    """Turn pred_logits / pred_box_deltas into per-image detections, for the whole batch at once.
+
+    Steps: per level, scores above ``conf_thresh`` (strictly), the ``pre_nms_topk`` best (anchor, class)
+    pairs per image; decode those boxes and clip them to the image's valid (unpadded) size; NMS per image
+    and class (or per image with ``class_agnostic``) as ONE ``batched_nms`` call over the batch; keep the
+    ``max_detections`` best per image; map to original image pixels.
+
+    Args:
+        box_coder: decodes the deltas (same variances as in training).
+        score_type: "softmax" (K + 1 columns, column 0 = background, dropped) or "sigmoid" (K columns).
+        conf_thresh, pre_nms_topk, nms_thresh, max_detections, class_agnostic: as named.
+
+    Inputs (forward):
+        outputs: pred_logits (Tensor[N, A, C]), pred_box_deltas (Tensor[N, A, 4]), anchors (Tensor[A, 4],
+            xyxy input px), num_anchors_per_level (list of int; one level with all anchors if absent).
+        targets: per image size (Tensor[2], h, w of the valid resized image), scale (Tensor[2], sx, sy:
+            input = original * scale; 1 if absent), orig_size (Tensor[2], h, w; ``size / scale`` if absent).
+
+    Returns:
+        list (per image) of dicts: boxes (Tensor[D, 4] float32, xyxy ORIGINAL image px), scores (Tensor[D]),
+        labels (Tensor[D] int64, 0..K-1), anchor_idxs (Tensor[D] int64, index into the A anchors); D <=
+        max_detections, sorted by decreasing score.
+    """
+
+    def __init__(
+        self,
+        box_coder: BoxCoder,
+        score_type: str = "softmax",
+        conf_thresh: float = 0.05,
+        pre_nms_topk: int = 1000,
+        nms_thresh: float = 0.5,
+        max_detections: int = 100,
+        class_agnostic: bool = False,
+    ):
+        super().__init__()
+        if score_type not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_type must be 'softmax' or 'sigmoid', got {score_type!r}")
+        if pre_nms_topk < 1 or max_detections < 1:
+            raise ValueError(
+                f"pre_nms_topk ({pre_nms_topk}) and max_detections ({max_detections}) must be >= 1"
+            )
+        self.box_coder = box_coder
+        self.score_type = score_type
+        self.conf_thresh = conf_thresh
+        self.pre_nms_topk = pre_nms_topk
+        self.nms_thresh = nms_thresh
+        self.max_detections = max_detections
+        self.class_agnostic = class_agnostic
+
+    def extra_repr(self) -> str:
+        return (
+            f"score_type={self.score_type}, conf_thresh={self.conf_thresh}, "
+            f"pre_nms_topk={self.pre_nms_topk}, nms_thresh={self.nms_thresh}, "
+            f"max_detections={self.max_detections}, class_agnostic={self.class_agnostic}"
+        )
+
+    def _scores(self, logits: Tensor) -> Tensor:
+        logits = logits.float()
+        if self.score_type == "softmax":
+            return torch.softmax(logits, dim=-1)[..., 1:]
+        return torch.sigmoid(logits)
+
+    @torch.no_grad()
+    def forward(self, outputs: Dict[str, Tensor], targets: List[Dict]) -> List[Dict[str, Tensor]]:
+        pred_logits, pred_box_deltas, anchors = (
+            outputs["pred_logits"],
+            outputs["pred_box_deltas"],
+            outputs["anchors"],
+        )
+        num_images, num_anchors, _ = pred_logits.shape
+        device = pred_logits.device
+        if len(targets) != num_images:
+            raise ValueError(f"{len(targets)} targets for {num_images} images")
+        num_anchors_per_level = outputs.get("num_anchors_per_level") or [num_anchors]
+
+        # 1. Per level: threshold, then top-k (anchor, class) pairs per image, batched over images.
+        cand_scores, cand_anchor_idxs, cand_labels = [], [], []
+        start = 0
+        for num_level in num_anchors_per_level:
+            scores = self._scores(pred_logits[:, start : start + num_level])  # [N, A_l, K]
+            num_classes = scores.shape[-1]
+            scores = scores.reshape(num_images, -1)  # [N, A_l * K], anchor-major
+            scores = scores.masked_fill(scores <= self.conf_thresh, float("-inf"))
+            top_scores, top_idxs = scores.topk(min(self.pre_nms_topk, scores.shape[1]), dim=1)
+            cand_scores.append(top_scores)
+            cand_anchor_idxs.append(top_idxs // num_classes + start)
+            cand_labels.append(top_idxs % num_classes)
+            start += num_level
+        if start != num_anchors:
+            raise ValueError(f"num_anchors_per_level sums to {start}, pred_logits has {num_anchors} anchors")
+        scores = torch.cat(cand_scores, dim=1)  # [N, M]
+        keep = torch.isfinite(scores)  # -inf: below threshold (or fewer entries than top-k wanted)
+        image_idxs = torch.arange(num_images, device=device)[:, None].expand_as(scores)[keep]
+        scores = scores[keep]
+        anchor_idxs = torch.cat(cand_anchor_idxs, dim=1)[keep]
+        labels = torch.cat(cand_labels, dim=1)[keep]
+
+        # 2. Decode and clip to the valid (unpadded) image area.
+        sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets]).to(device)  # [N, 2] (h, w)
+        boxes = self.box_coder.decode(pred_box_deltas[image_idxs, anchor_idxs], anchors[anchor_idxs])
+        boxes = _clip_xyxy(boxes, sizes[image_idxs].float())
+
+        # 3. One NMS call for the batch: boxes of different images (and classes) never suppress each other.
+        # float64: batched_nms offsets boxes by idx * (max coordinate + 1), which is > 1e6 px for big
+        # batches with many classes, where float32 has sub-pixel steps no longer.
+        nms_groups = image_idxs if self.class_agnostic else image_idxs * num_classes + labels
+        keep = batched_nms(
+            boxes.double(), scores.double(), nms_groups, self.nms_thresh
+        )  # by decreasing score
+
+        # 4. The max_detections best per image: stable sort by image keeps the score order within each.
+        keep = keep[torch.sort(image_idxs[keep], stable=True).indices]
+        kept_image_idxs = image_idxs[keep]
+        counts = torch.bincount(kept_image_idxs, minlength=num_images)
+        first = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(keep.numel(), device=device) - first[kept_image_idxs]
+        keep = keep[rank < self.max_detections]
+        counts = counts.clamp(max=self.max_detections)
+
+        # 5. Back to original image pixels.
+        scales, orig_sizes = _scales_and_orig_sizes(targets, sizes)
+        image_idxs = image_idxs[keep]
+        boxes = boxes[keep] / scales.to(device)[image_idxs].repeat(1, 2)
+        boxes = _clip_xyxy(boxes, orig_sizes.to(device)[image_idxs].float())
+
+        results = []
+        split = counts.tolist()
+        for b, s, lab, a in zip(
+            boxes.split(split),
+            scores[keep].split(split),
+            labels[keep].split(split),
+            anchor_idxs[keep].split(split),
+        ):
+            results.append({"boxes": b, "scores": s, "labels": lab, "anchor_idxs": a})
+        return results
+
+
+def _clip_xyxy(boxes: Tensor, sizes_hw: Tensor) -> Tensor:
+    """Clip boxes (Tensor[M, 4] xyxy) to [0, w] x [0, h], with sizes_hw (Tensor[M, 2]) per box."""
+    upper = sizes_hw.flip(-1).repeat(1, 2)  # (w, h, w, h)
+    return torch.minimum(boxes.clamp(min=0), upper)
+
+
+def _scales_and_orig_sizes(targets: List[Dict], sizes: Tensor):
+    scales = torch.stack(
+        [torch.as_tensor(t["scale"], dtype=torch.float32) if "scale" in t else torch.ones(2) for t in targets]
+    )  # [N, 2] (sx, sy)
+    orig_sizes = torch.stack(
+        [
+            torch.as_tensor(t["orig_size"]).float()
+            if "orig_size" in t
+            else sizes[i].cpu().float() / scales[i].flip(0)  # (h / sy, w / sx)
+            for i, t in enumerate(targets)
+        ]
+    )  # [N, 2] (h, w)
+    return scales, orig_sizes
