@@ -201,3 +201,13 @@ def test_save_refuses_invalid_and_keeps_previous_file(tmp_path):
         save_annotations(odd, str(path))
     assert load_annotations(str(path)) == _valid()
     assert os.listdir(tmp_path) == ["train.json"]
+
+
+def test_valid_files_take_the_vectorised_path():
+    # The per-record checks are the fallback that names problems; a valid file must be accepted by
+    # the fast all-or-nothing check, or loading Open Images would take minutes.
+    from data.annotations import _looks_valid
+
+    coco = _valid()
+    assert _looks_valid(coco["images"], coco["annotations"], coco["categories"])
+    assert _looks_valid([], [], [])

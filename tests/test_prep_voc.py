@@ -310,3 +310,32 @@ def test_script_runs_from_the_repo_root(tmp_path):
         [sys.executable, "prep/voc.py", "--help"], cwd=ROOT, capture_output=True, text=True
     )
     assert help_out.returncode == 0 and "--val_fraction" in help_out.stdout
+
+
+def test_size_from_an_exif_rotated_image_matches_the_loader(tmp_path):
+    from PIL import Image
+
+    from data.image_io import read_image
+
+    xml_dir, image_dir = tmp_path / "xml", tmp_path / "img"
+    image_dir.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 30 wide x 20 high, shown rotated by 90 degrees: 20 wide x 30 high
+    Image.new("RGB", (30, 20), (90, 90, 90)).save(image_dir / "r.jpg", exif=exif)
+    _write(xml_dir / "r.xml", _xml("r.jpg", None, [_obj("x", (1, 1, 20, 30))]))
+    data_root = str(tmp_path / "d")
+    argv = [
+        "--xml_dir",
+        str(xml_dir),
+        "--image_dir",
+        str(image_dir),
+        "--dataset",
+        "r",
+        "--data_root",
+        data_root,
+    ]
+    summaries = voc.main(_args(*argv, "--val_fraction", "0"))
+    assert summaries["train"]["clipped_boxes"] == {}
+    image = load_annotations(os.path.join(data_root, "r", "annotations", "train.json"))["images"][0]
+    assert (image["width"], image["height"]) == (20, 30)
+    assert read_image(os.path.join(data_root, "r", image["file_name"])).shape[:2] == (30, 20)
