@@ -106,7 +106,7 @@ def parse_voc_xml(path: str) -> Dict[str, Any]:
 
     Returns:
         dict with ``filename`` (str or None), ``size`` ((width, height) ints, or None when missing
-        or not positive) and ``objects``: list of dicts with ``name`` (str or None), ``difficult``
+        or below 1) and ``objects``: list of dicts with ``name`` (str or None), ``difficult``
         (0/1, or None when missing) and ``box`` ((xmin, ymin, xmax, ymax) floats as written,
         1-based inclusive, or None when missing or unreadable).
 
@@ -133,7 +133,7 @@ def parse_voc_xml(path: str) -> Dict[str, Any]:
         )
     return {
         "filename": _text(root, "filename"),
-        "size": (int(width), int(height)) if width and height and width > 0 and height > 0 else None,
+        "size": (round(width), round(height)) if width and height and width >= 1 and height >= 1 else None,
         "objects": objects,
     }
 
