@@ -30,7 +30,8 @@ aspect and position), and after 30 failed tries the object is left out and COUNT
 ("rejected_shapes" in the statistics). (2) Each box is the bounding box of the object's VISIBLE
 pixels (x1 = min column, x2 = max column + 1, continuous coordinates), so a box never reaches
 past what can be seen. An object's colour is redrawn until at least 95% of the pixels it covers
-differ from it by a colour distance of 60 or more (background, clutter and earlier objects alike).
+differ from it by a colour distance of 60 or more (background, clutter and earlier objects alike);
+after 20 tries the last colour is kept and the object counted ("low_contrast_shapes").
 
 Determinism: image i of split s is drawn from ``np.random.default_rng([seed, s, i])`` and written as
 PNG (lossless), so the same seed and options give byte-identical images and annotation files.
@@ -198,7 +199,8 @@ def render_image(
         boxes (float64[N, 4], xyxy, continuous pixel coordinates: tight around the visible pixels),
         debug dict: ``masks`` (bool[N, S, S], visible pixels of each object), ``full_areas`` (int64[N],
         pixels of each object before later ones covered it), ``colours`` (uint8[N, 3], RGB),
-        ``rejected`` (int, objects left out after MAX_PLACEMENT_TRIES).
+        ``rejected`` (int, objects left out after MAX_PLACEMENT_TRIES), ``low_contrast`` (int, objects
+        kept although no colour in MAX_COLOUR_TRIES met the contrast rule).
     """
     size = cfg.image_size
     canvas = _background(rng, size)
@@ -208,7 +210,7 @@ def render_image(
     full_areas = np.zeros(0, np.int64)
     labels: List[int] = []
     colours: List[np.ndarray] = []
-    rejected = 0
+    rejected = low_contrast = 0
     for _ in range(num_objects):
         label = int(rng.integers(len(CLASSES)))
         for _ in range(MAX_PLACEMENT_TRIES):
@@ -226,6 +228,8 @@ def render_image(
             distance = np.linalg.norm(under - colour, axis=1)
             if np.mean(distance >= MIN_COLOUR_DISTANCE) >= MIN_CONTRASTED_FRACTION:
                 break
+        else:
+            low_contrast += 1  # kept with its last colour (a busy background), but counted
         canvas[mask] = colour
         visible = np.concatenate([visible & ~mask, mask[None]])
         full_areas = np.append(full_areas, mask.sum())
@@ -240,6 +244,7 @@ def render_image(
         "full_areas": full_areas,
         "colours": np.array(colours, np.uint8).reshape(-1, 3),
         "rejected": rejected,
+        "low_contrast": low_contrast,
     }
     return image, np.array(labels, np.int64), boxes, debug
 
@@ -273,12 +278,13 @@ def _write_png(path: str, image_rgb: np.ndarray) -> None:
 
 def _render_and_write(
     task: Tuple[str, str, int, int, ShapesConfig],
-) -> Tuple[List[int], List[List[float]], int]:
-    """Worker: draw image ``index`` of ``split``, write its PNG, return (labels, boxes xyxy, rejected)."""
+) -> Tuple[List[int], List[List[float]], int, int]:
+    """Worker: draw image ``index`` of ``split``, write its PNG; return (labels, boxes xyxy, rejected,
+    low_contrast) as in ``render_image``."""
     dataset_root, split, index, seed, cfg = task
     image, labels, boxes, debug = render_image(image_rng(seed, split, index), cfg)
     _write_png(os.path.join(dataset_root, "images", split, f"{index:06d}.png"), image)
-    return labels.tolist(), boxes.tolist(), debug["rejected"]
+    return labels.tolist(), boxes.tolist(), debug["rejected"], debug["low_contrast"]
 
 
 def generate_split(
@@ -307,7 +313,7 @@ def generate_split(
     else:
         results = [_render_and_write(task) for task in tasks]
     images, annotations = [], []
-    for i, (labels, boxes, _) in enumerate(results):
+    for i, (labels, boxes, _, _) in enumerate(results):
         image_id = SPLITS[split] * IMAGE_ID_OFFSET + i
         file_name = f"images/{split}/{i:06d}.png"
         images.append(
@@ -338,10 +344,13 @@ def generate_split(
         "categories": [{"id": c + 1, "name": name} for c, name in enumerate(CLASSES)],
     }
     save_annotations(coco, os.path.join(dataset_root, "annotations", f"{split}.json"))
-    return coco, split_statistics(coco, sum(r[2] for r in results))
+    stats = split_statistics(coco)
+    stats["rejected_shapes"] = sum(r[2] for r in results)
+    stats["low_contrast_shapes"] = sum(r[3] for r in results)
+    return coco, stats
 
 
-def split_statistics(coco: Dict[str, Any], rejected: int = 0) -> Dict[str, Any]:
+def split_statistics(coco: Dict[str, Any]) -> Dict[str, Any]:
     """Images, boxes per class, boxes per image (min/mean/max), box side ranges [min, max] of one split."""
     names = {c["id"]: c["name"] for c in coco["categories"]}
     category_ids = np.array([a["category_id"] for a in coco["annotations"]], np.int64)
@@ -368,7 +377,6 @@ def split_statistics(coco: Dict[str, Any], rejected: int = 0) -> Dict[str, Any]:
         "box_width": value_range(w),
         "box_height": value_range(h),
         "box_sqrt_area": value_range(np.sqrt(w * h)),
-        "rejected_shapes": int(rejected),
     }
 
 
@@ -468,7 +476,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             f"min {bpi['min']} mean {bpi['mean']:.2f} max {bpi['max']}; box w {s['box_width'][0]:.0f}-"
             f"{s['box_width'][1]:.0f}, h {s['box_height'][0]:.0f}-{s['box_height'][1]:.0f}, sqrt(area) "
             f"{s['box_sqrt_area'][0]:.1f}-{s['box_sqrt_area'][1]:.1f} px; "
-            f"{s['rejected_shapes']} shape(s) left out (no placement kept earlier ones visible)"
+            f"{s['rejected_shapes']} shape(s) left out (no placement kept earlier ones visible), "
+            f"{s['low_contrast_shapes']} drawn with low contrast"
         )
     return stats
 

@@ -62,6 +62,7 @@ def test_annotations_load_and_match_the_rendered_boxes(tmp_path):
             assert all(a["iscrowd"] == 0 and a["difficult"] == 0 for a in anns)
             assert all(a["area"] == a["bbox"][2] * a["bbox"][3] for a in anns)
         s = stats["splits"][split]
+        assert s["rejected_shapes"] >= 0 and s["low_contrast_shapes"] >= 0
         assert s["images"] == num and s["boxes"] == len(coco["annotations"]) == sum(
             s["boxes_per_class"].values()
         )
@@ -107,13 +108,14 @@ def test_every_box_is_tight_around_its_shape_coloured_pixels():
 
 def test_classes_sizes_aspect_ratios_and_counts_vary():
     cfg = shapes.ShapesConfig(image_size=128, min_size=8, max_size=96)
-    all_labels, all_boxes, counts, rejected = [], [], [], 0
+    all_labels, all_boxes, counts, rejected, low_contrast = [], [], [], 0, 0
     for i in range(80):
         _, labels, boxes, debug = shapes.render_image(shapes.image_rng(0, "val", i), cfg)
         all_labels.append(labels)
         all_boxes.append(boxes)
         counts.append(len(labels) + debug["rejected"])
         rejected += debug["rejected"]
+        low_contrast += debug["low_contrast"]
     labels, boxes = np.concatenate(all_labels), np.concatenate(all_boxes)
     assert np.bincount(labels, minlength=3).min() > 40  # every class, roughly evenly
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
@@ -125,6 +127,7 @@ def test_classes_sizes_aspect_ratios_and_counts_vary():
         ratio = (w / h)[labels == c]
         assert ratio.min() < 0.67 and ratio.max() > 1.5
     assert min(counts) == 1 and max(counts) == 6 and rejected <= 0.02 * len(labels)
+    assert low_contrast <= 0.05 * len(labels)
 
 
 def test_samples_and_bad_options(tmp_path):
