@@ -8,6 +8,7 @@ from ``<data_root>/<dataset>/<file_name>``. The boxes of all splits are held in 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 from typing import Any, Callable, Dict, List, Sequence, Tuple
@@ -155,15 +156,19 @@ class DetectionDataset(Dataset):
         self.image_sizes = np.round(self.image_sizes).astype(np.int64).reshape(-1, 2)
 
         anns = [a for coco in cocos for a in coco["annotations"]]
-        ann_ids = np.asarray([a["id"] for a in anns], dtype=np.int64)
-        xywh = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-        category_ids = np.asarray([a["category_id"] for a in anns], dtype=np.int64)
-        iscrowd = np.asarray([a["iscrowd"] for a in anns], dtype=bool)
-        difficult = np.asarray([a.get("difficult", 0) for a in anns], dtype=bool)
+        num_anns = len(anns)
+        # np.fromiter over flat values: several times faster than np.asarray on millions of small lists
+        ann_ids = np.fromiter((a["id"] for a in anns), dtype=np.int64, count=num_anns)
+        xywh = np.fromiter(
+            itertools.chain.from_iterable(a["bbox"] for a in anns), dtype=np.float64, count=4 * num_anns
+        ).reshape(-1, 4)
+        category_ids = np.fromiter((a["category_id"] for a in anns), dtype=np.int64, count=num_anns)
+        iscrowd = np.fromiter((a["iscrowd"] for a in anns), dtype=bool, count=num_anns)
+        difficult = np.fromiter((a.get("difficult", 0) for a in anns), dtype=bool, count=num_anns)
         # image index of every box (image ids are unique over the splits)
         id_order = np.argsort(np.asarray(self.image_ids, dtype=np.int64))
         sorted_ids = np.asarray(self.image_ids, dtype=np.int64)[id_order]
-        ann_image_ids = np.asarray([a["image_id"] for a in anns], dtype=np.int64)
+        ann_image_ids = np.fromiter((a["image_id"] for a in anns), dtype=np.int64, count=num_anns)
         image_index = id_order[np.searchsorted(sorted_ids, ann_image_ids)] if len(anns) else ann_image_ids
         # category id -> full label (position in the categories list) -> subset label
         cat_ids = np.asarray([c["id"] for c in self.categories], dtype=np.int64)
