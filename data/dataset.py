@@ -298,11 +298,13 @@ def parse_split_names(splits: str | Sequence[str]) -> List[str]:
     return names
 
 
-def parse_classes(value: str | None) -> List[str] | None:
+def parse_classes(value: str | Sequence[str] | None) -> List[str] | None:
     """--classes: None, a file with one name or mid per line (blank lines and '#' comments skipped), or
     a comma list."""
     if value is None or value == "":
         return None
+    if isinstance(value, (list, tuple)):  # already resolved, e.g. the class names stored in a checkpoint
+        return [str(v) for v in value]
     if os.path.isfile(value):
         with open(value, encoding="utf-8") as f:
             names = [line.strip() for line in f]

@@ -124,6 +124,10 @@ def args_from_checkpoint(
     for key, value in vars(cli_args).items():  # script-only options (e.g. --checkpoint) stay as given
         merged.setdefault(key, value)
     merged["pretrained"] = "none"
+    if checkpoint["args"].get("classes") and checkpoint.get("class_names"):
+        # A model trained on a class subset evaluates on the same subset; the names are stored because the
+        # --classes file the run used may not exist where the checkpoint is evaluated.
+        merged["classes"] = list(checkpoint["class_names"])
     return argparse.Namespace(**merged)
 
 
