@@ -219,6 +219,9 @@ def test_no_detections_gives_zero_ap_and_unknown_ids_raise():
     gt = make_gt([1], [(1, 1, [0, 0, 10, 10], 0, 0)], [(1, "a")])
     res = evaluate_voc(gt, [])
     assert res["ap_area"]["a"] == 0.0 and res["ap_07_11pt"]["a"] == 0.0 and res["map_area"] == 0.0
+    # No ground truth at all: every detection is an FP, no class is evaluated.
+    res = evaluate_voc(make_gt([1], [], [(1, "a")]), [det(1, 1, [0, 0, 1, 1], 0.5)])
+    assert res["num_fp"]["a"] == 1 and math.isnan(res["map_area"]) and res["num_classes_evaluated"] == 0
     with pytest.raises(ValueError, match=r"category ids \[7\]"):
         evaluate_voc(gt, [det(1, 7, [0, 0, 1, 1], 0.5)])
     with pytest.raises(ValueError, match="image ids not in the ground truth"):

@@ -134,6 +134,14 @@ def best_match_per_detection(
     return max_overlap, best_gt
 
 
+def lookup_or_fill(values: np.ndarray, idx: np.ndarray, fill: Any) -> np.ndarray:
+    """values[idx] where idx >= 0, else fill (-1 marks "no match"); works when values is empty."""
+    out = np.full(len(idx), fill, dtype=values.dtype)
+    hit = idx >= 0
+    out[hit] = values[idx[hit]]
+    return out
+
+
 def first_occurrence_mask(values: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """Boolean mask of the candidates whose value appears for the first time (in array order).
 
@@ -335,7 +343,7 @@ def match_detections_voc(
     # The devkit only considers boxes that overlap (iw > 0 and ih > 0).
     matched = (max_iou >= iou_thresh) & (max_iou > 0)
     gt_ignored = gt_arrays["difficult"] | gt_arrays["iscrowd"]
-    ignored = matched & gt_ignored[np.maximum(best_gt, 0)]
+    ignored = matched & lookup_or_fill(gt_ignored, best_gt, False)
     candidates = matched & ~ignored
     # Which candidate reaches its box first, in processing order.
     is_first = first_occurrence_mask(best_gt[ranking], candidates[ranking])
