@@ -1,0 +1,676 @@
+"""Open Images detection challenge metric, and the challenge's submission CSV.
+
+Semantics are those of the reference implementation, the TensorFlow Object Detection API's
+``OpenImagesDetectionChallengeEvaluator`` (object_detection_evaluation.py, per_image_evaluation.py,
+metrics.py) together with its label expansion (dataset_tools/oid_hierarchical_labels_expansion.py):
+
+- Hierarchy. Ground-truth boxes and verified-present image labels are expanded to every ancestor class,
+  verified-absent labels to every descendant; detections are not expanded. Only ``Subcategory`` links
+  count (``Part`` links are not an is-a relation; the reference ignores them too) and the tree's root
+  (the virtual "Entity") is skipped. A class reachable through two paths gets each ancestor once: the
+  reference's parent lists can then repeat an ancestor, which would duplicate that box in its expanded
+  ground truth. An expanded box that coincides with a box annotated for the ancestor itself is kept, as
+  the reference keeps it (it is a second object to find). Pass ``hierarchy`` only for ground truth that
+  is not expanded yet (prep/openimages.py writes it unexpanded).
+- Which classes count in an image. A class is evaluated in an image when it is a verified label there,
+  present or absent, after expansion, or when the image has a ground-truth box of it (the reference takes
+  the union of the image-level labels and the box labels). Detections of any other class in that image
+  are ignored: neither true nor false positives.
+- Per image and class, detections in descending score are matched to non-group-of boxes first: the box
+  with the largest IoU (first in file order on ties); IoU >= iou_thresh and box not yet taken -> TP;
+  box already taken -> not a TP, and the detection goes on to the group-of stage; below the threshold
+  -> goes on too. A detection whose best box is ``difficult`` is ignored (Open Images has none; the
+  reference's generic evaluator does this and so do we).
+- Group-of boxes (``iscrowd=1``). Detections left over are matched to the group-of box with the largest
+  intersection over the detection's area (IoA) >= iou_thresh. Each group-of box that is hit yields one
+  true positive (weight 1, the challenge's ``group_of_weight``) carrying the highest score among its
+  detections, and the detections themselves are ignored. Like the reference, the highest score has to
+  be > 0 for the true positive to be added. Everything else is a false positive. Group-of boxes count
+  as positives (weight 1).
+- AP per class is the all-point area under the precision/recall curve (the reference's
+  ``compute_average_precision``, which is the VOC2010+ definition); mAP is the mean over classes that
+  have ground truth; other classes get NaN.
+- Detections with zero width or height are removed (as the reference's ``_remove_invalid_boxes``) and
+  counted.
+
+Differences from the reference, none of which changes a number on well-formed input: detections of image
+ids that are not in the ground truth raise ValueError (the reference ignores them), detections of unknown
+categories raise too, score ties are broken by input order (the reference's quicksort order is
+arbitrary), and there is no cap at 10,000 detections per image and class (the reference's disabled NMS
+keeps the top 10,000).
+
+IoU and IoA do not change when x and y are scaled by different factors, so they are computed in absolute
+pixels, while the reference uses normalised coordinates.
+"""
+
+import csv
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from utils.voc_eval import (
+    best_match_per_detection,
+    detections_to_arrays,
+    first_occurrence_mask,
+    gt_to_arrays,
+    lookup_or_fill,
+    map_detections,
+    paired_iou_xyxy,
+    pairs_within_groups,
+    rank_by_class_and_score,
+    voc_ap,
+)
+
+logger = logging.getLogger(__name__)
+
+SUBMISSION_HEADER = ["ImageId", "PredictionString"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Hierarchy
+
+
+def _parents_from_tree(tree: dict, source: str) -> dict[str, set[str]]:
+    """child MID -> parent MIDs from the official nested {"LabelName", "Subcategory": [...]} JSON."""
+    parents: dict[str, set[str]] = {}
+    stack = [(tree, True)]
+    while stack:
+        node, is_root = stack.pop()
+        if not isinstance(node, dict) or not isinstance(node.get("LabelName"), str):
+            raise ValueError(f"{source}: hierarchy node without a string 'LabelName': {str(node)[:200]}")
+        children = node.get("Subcategory", [])
+        if not isinstance(children, list):
+            raise ValueError(f"{source}: 'Subcategory' of {node['LabelName']} must be a list")
+        for child in children:
+            if not isinstance(child, dict) or not isinstance(child.get("LabelName"), str):
+                raise ValueError(f"{source}: hierarchy node without a string 'LabelName': {str(child)[:200]}")
+            child_parents = parents.setdefault(child["LabelName"], set())
+            if not is_root:  # the root is a virtual "Entity" node, not a class (reference: skip_root)
+                child_parents.add(node["LabelName"])
+            stack.append((child, False))
+    return parents
+
+
+def load_hierarchy(path_or_dict: str | dict, mids: Iterable[str] | None = None) -> dict[str, list[str]]:
+    """Ancestor map of an Open Images class hierarchy.
+
+    Args:
+        path_or_dict (str | dict): the official hierarchy JSON (``bbox_labels_600_hierarchy.json``: nested
+            {"LabelName": ..., "Subcategory": [...]} under a root that is skipped), as a path or the loaded
+            dict; or a dict child MID -> list of parent MIDs (direct or not: the closure is taken).
+        mids (Iterable[str] | None): restrict to these classes (e.g. the dataset's categories). Every one
+            of them is a key; ancestors outside the set are left out, but the closure is taken over the
+            whole hierarchy first, so a grandparent still counts when the parent is not selected.
+
+    Returns:
+        dict MID -> list of ancestor MIDs (each once; in ``mids`` order when given, else sorted).
+
+    Raises:
+        ValueError: unreadable file, malformed hierarchy, or a cycle.
+    """
+    source = path_or_dict if isinstance(path_or_dict, str) else "hierarchy"
+    data = path_or_dict
+    if isinstance(path_or_dict, str):
+        try:
+            with open(path_or_dict, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"load_hierarchy: cannot read {path_or_dict}: {err}") from err
+    if isinstance(data, dict) and "LabelName" in data:
+        parents = _parents_from_tree(data, source)
+    elif isinstance(data, dict):
+        parents = {}
+        for child, plist in data.items():
+            if not isinstance(child, str) or not isinstance(plist, (list, tuple, set)):
+                raise ValueError(
+                    f"{source}: a child -> parents map needs str keys and list values ({child!r})"
+                )
+            parents[child] = {str(p) for p in plist}
+    else:
+        raise ValueError(f"{source}: expected the nested hierarchy JSON or a child -> parents dict")
+
+    closure: dict[str, set[str]] = {}
+    for start in list(parents):
+        # Iterative post-order DFS; a node on the current path seen again is a cycle.
+        stack, on_path = [(start, iter(parents.get(start, ())))], {start}
+        while stack:
+            node, it = stack[-1]
+            parent = next(it, None)
+            if parent is None:
+                stack.pop()
+                on_path.discard(node)
+                acc = set()
+                for p in parents.get(node, ()):
+                    acc.add(p)
+                    acc |= closure.get(p, set())
+                closure[node] = acc
+            elif parent in on_path:
+                raise ValueError(f"{source}: the hierarchy has a cycle through {parent}")
+            elif parent not in closure:
+                stack.append((parent, iter(parents.get(parent, ()))))
+                on_path.add(parent)
+
+    if mids is None:
+        return {mid: sorted(anc) for mid, anc in closure.items()}
+    mids = list(mids)
+    position = {mid: i for i, mid in enumerate(mids)}
+    missing = [mid for mid in mids if mid not in closure]
+    if missing:
+        logger.warning(
+            "load_hierarchy: %d of %d classes are not in the hierarchy (no ancestors): %s",
+            len(missing),
+            len(mids),
+            ", ".join(missing[:10]),
+        )
+    return {
+        mid: sorted((a for a in closure.get(mid, ()) if a in position), key=position.__getitem__)
+        for mid in mids
+    }
+
+
+def descendants_from_ancestors(ancestors: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Invert an ancestor map: MID -> list of descendant MIDs (every key of ``ancestors`` is a key)."""
+    descendants: dict[str, list[str]] = {mid: [] for mid in ancestors}
+    for mid, ancs in ancestors.items():
+        for a in ancs:
+            descendants.setdefault(a, []).append(mid)
+    return descendants
+
+
+def _category_maps(
+    gt: dict, ancestors: dict[str, list[str]]
+) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Ancestor and descendant maps from category id to category ids."""
+    no_mid = [c["id"] for c in gt["categories"] if not c.get("mid")]
+    if no_mid:
+        raise ValueError(f"OID hierarchy: categories {no_mid[:10]} have no 'mid'")
+    id_of_mid = {c["mid"]: int(c["id"]) for c in gt["categories"]}
+    anc_by_cat = {
+        int(c["id"]): [id_of_mid[a] for a in ancestors.get(c["mid"], []) if a in id_of_mid]
+        for c in gt["categories"]
+    }
+    desc_by_cat: dict[int, list[int]] = {cid: [] for cid in anc_by_cat}
+    for cid, ancs in anc_by_cat.items():
+        for a in ancs:
+            desc_by_cat[a].append(cid)
+    return anc_by_cat, desc_by_cat
+
+
+def expand_image_labels(
+    present: Iterable[int],
+    absent: Iterable[int],
+    anc_by_cat: dict[int, list[int]],
+    desc_by_cat: dict[int, list[int]],
+) -> tuple[list[int], list[int]]:
+    """Verified-present labels plus their ancestors, verified-absent labels plus their descendants.
+
+    Args:
+        present, absent (Iterable[int]): category ids.
+        anc_by_cat, desc_by_cat (dict[int, list[int]]): category id -> ancestor / descendant category ids.
+
+    Returns:
+        (present, absent): sorted lists of unique category ids.
+    """
+    present_out, absent_out = set(present), set(absent)
+    for c in list(present_out):
+        present_out.update(anc_by_cat.get(c, ()))
+    for c in list(absent_out):
+        absent_out.update(desc_by_cat.get(c, ()))
+    return sorted(present_out), sorted(absent_out)
+
+
+def expand_annotations(
+    annotations: list[dict], anc_by_cat: dict[int, list[int]], first_id: int
+) -> list[dict]:
+    """Copies of each box for every ancestor class of its category (the originals are not included).
+
+    Args:
+        annotations (list[dict]): common-format annotations.
+        anc_by_cat (dict[int, list[int]]): category id -> ancestor category ids.
+        first_id (int): annotation id of the first copy; copies are numbered consecutively.
+
+    Returns:
+        list[dict]: the copies, each with ``category_id`` replaced, a new ``id`` and ``expanded_from`` (the
+        original annotation id); every other field as in the original.
+    """
+    out = []
+    next_id = first_id
+    for a in annotations:
+        for anc in anc_by_cat.get(int(a["category_id"]), ()):
+            out.append({**a, "id": next_id, "category_id": anc, "expanded_from": a.get("id")})
+            next_id += 1
+    return out
+
+
+def expand_ground_truth(gt: dict, ancestors: dict[str, list[str]]) -> dict:
+    """Hierarchically expanded copy of a common-format OID ground truth (the input is not modified).
+
+    Args:
+        gt (dict): images with ``verified_present`` / ``verified_absent`` (category ids), annotations,
+            categories with ``mid``.
+        ancestors (dict[str, list[str]]): from ``load_hierarchy``.
+
+    Returns:
+        dict: the same structure with boxes copied to ancestor classes and image labels expanded.
+    """
+    anc_by_cat, desc_by_cat = _category_maps(gt, ancestors)
+    first_id = max((int(a["id"]) for a in gt["annotations"]), default=0) + 1
+    extra = expand_annotations(gt["annotations"], anc_by_cat, first_id)
+    images = []
+    num_present = num_absent = 0
+    for img in gt["images"]:
+        present, absent = expand_image_labels(
+            img.get("verified_present", ()), img.get("verified_absent", ()), anc_by_cat, desc_by_cat
+        )
+        num_present += len(present) - len(set(img.get("verified_present", ())))
+        num_absent += len(absent) - len(set(img.get("verified_absent", ())))
+        images.append({**img, "verified_present": present, "verified_absent": absent})
+    logger.info(
+        "OID hierarchy expansion: +%d boxes, +%d verified-present and +%d verified-absent labels",
+        len(extra),
+        num_present,
+        num_absent,
+    )
+    return {**gt, "images": images, "annotations": list(gt["annotations"]) + extra}
+
+
+# --------------------------------------------------------------------------------------------------
+# Metric
+
+
+def paired_ioa_xyxy(det_boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
+    """Element-wise intersection over the detection's area.
+
+    Args:
+        det_boxes (np.ndarray[P, 4]): xyxy.
+        gt_boxes (np.ndarray[P, 4]): xyxy.
+
+    Returns:
+        np.ndarray[P] float64, 0 where the detection has no area.
+    """
+    inter_w = np.clip(
+        np.minimum(det_boxes[:, 2], gt_boxes[:, 2]) - np.maximum(det_boxes[:, 0], gt_boxes[:, 0]), 0, None
+    )
+    inter_h = np.clip(
+        np.minimum(det_boxes[:, 3], gt_boxes[:, 3]) - np.maximum(det_boxes[:, 1], gt_boxes[:, 1]), 0, None
+    )
+    inter = inter_w * inter_h
+    area = (det_boxes[:, 2] - det_boxes[:, 0]) * (det_boxes[:, 3] - det_boxes[:, 1])
+    return np.divide(inter, area, out=np.zeros_like(inter), where=area > 0)
+
+
+def _evaluatable_keys(gt: dict, gta: dict) -> np.ndarray:
+    """Sorted unique keys image position * K + class position of the classes evaluated per image."""
+    num_classes = len(gta["class_names"])
+    category_index = gta["category_index"]
+    img_pos, cls_pos = [], []
+    for i, img in enumerate(gt["images"]):
+        labels = list(img.get("verified_present", ())) + list(img.get("verified_absent", ()))
+        try:
+            cls_pos.extend(category_index[int(c)] for c in labels)
+        except KeyError as err:
+            raise ValueError(
+                f"OID ground truth: image {img['id']} has verified labels of unknown category {err}"
+            ) from err
+        img_pos.extend([i] * len(labels))
+    label_keys = np.asarray(img_pos, dtype=np.int64) * num_classes + np.asarray(cls_pos, dtype=np.int64)
+    box_keys = gta["img"] * num_classes + gta["cls"]
+    return np.unique(np.concatenate([label_keys, box_keys]))
+
+
+def evaluate_oid(
+    gt: dict, detections: list[dict], hierarchy: str | dict | None = None, iou_thresh: float = 0.5
+) -> dict:
+    """Open Images detection challenge AP per class and mAP (see the module docstring for the rules).
+
+    Args:
+        gt (dict): common-format ground truth: images with ``verified_present`` / ``verified_absent``
+            (category ids; missing = none), annotations (``iscrowd=1`` = group-of), categories with ``mid``.
+        detections (list[dict]): COCO results {"image_id", "category_id", "bbox" [x, y, w, h] abs px,
+            "score"}.
+        hierarchy (str | dict | None): anything ``load_hierarchy`` accepts; when given, ``gt`` is expanded
+            first (it must not be expanded already). None: no expansion.
+        iou_thresh (float): in (0, 1]; IoU for ordinary boxes and IoA for group-of boxes.
+
+    Returns:
+        dict with ap {class name: AP, NaN without ground truth}, map, num_classes_evaluated, class_names,
+        mids, iou_thresh, and per-class counts: num_gt (positives, group-of boxes included),
+        num_gt_group_of, num_det (input), num_tp (group-of true positives included), num_fp,
+        num_ignored_unverified (class not verified in that image), num_ignored_group_of (absorbed by a
+        group-of box), num_ignored_difficult, num_invalid (zero width or height).
+    """
+    if not 0.0 < iou_thresh <= 1.0:
+        raise ValueError(f"evaluate_oid: iou_thresh must be in (0, 1], got {iou_thresh}")
+    if hierarchy is not None:
+        mids = [c.get("mid") for c in gt["categories"]]
+        if not all(mids):
+            raise ValueError("evaluate_oid: a hierarchy needs a 'mid' for every category")
+        gt = expand_ground_truth(gt, load_hierarchy(hierarchy, mids))
+
+    gta = gt_to_arrays(gt)
+    det = detections_to_arrays(detections)
+    det_img, det_cls = map_detections(gta, det, "evaluate_oid")
+    class_names = gta["class_names"]
+    num_classes = len(class_names)
+    scores, boxes = det["scores"], det["boxes"]
+
+    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    det_keys = det_img * num_classes + det_cls
+    evaluatable = np.isin(det_keys, _evaluatable_keys(gt, gta))
+    unverified = valid & ~evaluatable
+    kept = np.flatnonzero(valid & evaluatable)
+    if (~valid).any():
+        logger.warning("evaluate_oid: %d detections with zero width or height removed", int((~valid).sum()))
+
+    # Everything below works on the kept detections, indexed 0..N-1.
+    k_keys, k_scores, k_boxes = det_keys[kept], scores[kept], boxes[kept]
+    ranking = rank_by_class_and_score(det_cls[kept], k_scores)
+    num_kept = len(kept)
+    gt_keys = gta["img"] * num_classes + gta["cls"]
+    group_of, difficult = gta["iscrowd"], gta["difficult"]
+
+    # Stage 1: ordinary boxes, IoU.
+    normal_idx = np.flatnonzero(~group_of)
+    d_idx, g_idx = pairs_within_groups(k_keys, gt_keys[normal_idx])
+    ious = paired_iou_xyxy(k_boxes[d_idx], gta["boxes"][normal_idx[g_idx]])
+    max_iou, best = best_match_per_detection(num_kept, d_idx, g_idx, ious)
+    best_gt = lookup_or_fill(normal_idx, best, -1)
+    matched = max_iou >= iou_thresh
+    ignored_difficult = matched & lookup_or_fill(difficult, best_gt, False)
+    candidates = matched & ~ignored_difficult
+    is_tp = np.zeros(num_kept, dtype=bool)
+    is_tp[ranking[first_occurrence_mask(best_gt[ranking], candidates[ranking])]] = True
+
+    # Stage 2: left-over detections against group-of boxes, IoA.
+    left = ~is_tp & ~ignored_difficult
+    group_idx = np.flatnonzero(group_of)
+    d_idx, g_idx = pairs_within_groups(k_keys, gt_keys[group_idx])
+    ioas = paired_ioa_xyxy(k_boxes[d_idx], gta["boxes"][group_idx[g_idx]])
+    max_ioa, best = best_match_per_detection(num_kept, d_idx, g_idx, ioas)
+    best_group = lookup_or_fill(group_idx, best, -1)
+    in_group = left & (max_ioa >= iou_thresh)
+    in_difficult_group = in_group & lookup_or_fill(difficult, best_group, False)
+    hits_group = in_group & ~in_difficult_group
+    # One true positive per group-of box, represented by its first detection in ranking order, which has
+    # the highest score among the box's detections (ranking is score-descending within a class).
+    first_hit = ranking[first_occurrence_mask(best_group[ranking], hits_group[ranking])]
+    group_tp = first_hit[k_scores[first_hit] > 0]  # the reference keeps max scores > 0 only
+    is_fp = left & ~in_group
+
+    # Ranked entries: true positives, false positives and one entry per hit group-of box, each at the
+    # ranking position of its detection (class-major, score descending, stable).
+    entry = np.zeros(num_kept, dtype=np.int8)  # 0 = none, 1 = TP, 2 = FP
+    entry[is_tp] = 1
+    entry[group_tp] = 1
+    entry[is_fp] = 2
+    ranked = ranking[entry[ranking] > 0]
+    ranked_cls = det_cls[kept][ranked]
+    ranked_tp = (entry[ranked] == 1).astype(np.float64)
+    run_bounds = np.searchsorted(ranked_cls, np.arange(num_classes + 1))
+
+    positives = ~difficult
+    num_pos = np.bincount(gta["cls"][positives], minlength=num_classes)
+    ap = {}
+    for k, name in enumerate(class_names):
+        if num_pos[k] == 0:
+            ap[name] = float("nan")
+            continue
+        tp = ranked_tp[run_bounds[k] : run_bounds[k + 1]]
+        cum_tp = np.cumsum(tp)
+        recall = cum_tp / num_pos[k]
+        precision = cum_tp / np.arange(1, len(tp) + 1)
+        ap[name] = voc_ap(recall, precision, use_07_metric=False)
+    evaluated = [name for k, name in enumerate(class_names) if num_pos[k] > 0]
+    if not evaluated:
+        logger.warning("evaluate_oid: no class has ground truth; mAP is NaN")
+
+    def per_class(counts: np.ndarray) -> dict[str, int]:
+        return {name: int(counts[k]) for k, name in enumerate(class_names)}
+
+    def kept_counts(mask: np.ndarray) -> dict[str, int]:
+        return per_class(np.bincount(det_cls[kept][mask], minlength=num_classes))
+
+    group_ignored = hits_group.copy()
+    group_ignored[group_tp] = False
+    return {
+        "iou_thresh": iou_thresh,
+        "class_names": class_names,
+        "mids": [c.get("mid", "") for c in gt["categories"]],
+        "ap": ap,
+        "map": float(np.mean([ap[n] for n in evaluated])) if evaluated else float("nan"),
+        "num_classes_evaluated": len(evaluated),
+        "num_gt": per_class(num_pos),
+        "num_gt_group_of": per_class(np.bincount(gta["cls"][positives & group_of], minlength=num_classes)),
+        "num_det": per_class(np.bincount(det_cls, minlength=num_classes)),
+        "num_tp": kept_counts(entry == 1),
+        "num_fp": kept_counts(is_fp),
+        "num_ignored_unverified": per_class(np.bincount(det_cls[unverified], minlength=num_classes)),
+        "num_ignored_group_of": kept_counts(group_ignored | in_difficult_group),
+        "num_ignored_difficult": kept_counts(ignored_difficult),
+        "num_invalid": per_class(np.bincount(det_cls[~valid], minlength=num_classes)),
+    }
+
+
+def format_oid_table(result: dict) -> str:
+    """Per-class AP table of an ``evaluate_oid`` result and the mean."""
+    names, mids = result["class_names"], result["mids"]
+    width = max([len("class")] + [len(n) for n in names]) + 2
+    mid_width = max([len("mid")] + [len(m) for m in mids]) + 2
+    header = (
+        f"{'class':<{width}}{'mid':<{mid_width}}{'#gt':>7}{'#group':>8}{'#det':>8}{'#tp':>7}{'#fp':>7}"
+        f"{'#unverif':>10}   {'AP':>8}"
+    )
+    lines = [
+        f"Open Images challenge AP (all-point, IoU/IoA >= {result['iou_thresh']:g})",
+        header,
+        "-" * len(header),
+    ]
+    for name, mid in zip(names, mids):
+        ap = result["ap"][name]
+        lines.append(
+            f"{name:<{width}}{mid:<{mid_width}}{result['num_gt'][name]:>7}{result['num_gt_group_of'][name]:>8}"
+            f"{result['num_det'][name]:>8}{result['num_tp'][name]:>7}{result['num_fp'][name]:>7}"
+            f"{result['num_ignored_unverified'][name]:>10}   {'n/a' if np.isnan(ap) else f'{ap:.4f}':>8}"
+        )
+    lines.append("-" * len(header))
+    label = f"mAP ({result['num_classes_evaluated']} classes with ground truth)"
+    lines.append(f"{label:<{len(header) - 11}}   {result['map']:>8.4f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Submission CSV: ImageId,PredictionString with "LabelMID score xmin ymin xmax ymax" (normalised) repeated
+
+
+def oid_image_key(image: dict) -> str:
+    """The Open Images ImageId of a common-format image record (``oid_image_id``, else the file stem)."""
+    return str(image.get("oid_image_id") or os.path.splitext(os.path.basename(image["file_name"]))[0])
+
+
+def _allow_long_csv_fields() -> None:
+    # One row holds all predictions of an image (and more after a merge); the csv module's default field
+    # limit of 128 KiB is too small for that. The limit is module-global, so only ever raise it.
+    limit = min(sys.maxsize, 2**31 - 1)
+    if csv.field_size_limit() < limit:
+        csv.field_size_limit(limit)
+
+
+def write_oid_submission(detections: list[dict], gt_or_image_meta: dict, path: str) -> int:
+    """Write detections as an Open Images challenge submission CSV.
+
+    Args:
+        detections (list[dict]): COCO results (abs px xywh, original category ids).
+        gt_or_image_meta (dict): the ground truth, or any dict with its ``images`` (id, width, height,
+            ``oid_image_id`` or ``file_name``) and ``categories`` (id, mid).
+        path (str): output CSV, written atomically.
+
+    Returns:
+        int: number of image rows. Every image of ``gt_or_image_meta`` gets a row (an empty prediction
+        string when it has no detections), in its order; predictions within a row by descending score.
+        Coordinates are divided by the image size and clipped to [0, 1] (clipped boxes are counted in a
+        warning).
+    """
+    images = gt_or_image_meta["images"]
+    no_mid = [c["id"] for c in gt_or_image_meta["categories"] if not c.get("mid")]
+    if no_mid:
+        raise ValueError(f"write_oid_submission: categories {no_mid[:10]} have no 'mid'")
+    meta = {"images": images, "categories": gt_or_image_meta["categories"], "annotations": []}
+    gta = gt_to_arrays(meta)
+    det = detections_to_arrays(detections)
+    det_img, det_cls = map_detections(gta, det, "write_oid_submission")
+
+    sizes = np.array([[img["width"], img["height"]] for img in images], dtype=np.float64).reshape(-1, 2)
+    norm = det["boxes"] / np.tile(sizes[det_img], 2)
+    outside = ((norm < 0) | (norm > 1)).any(axis=1)
+    if outside.any():
+        logger.warning("write_oid_submission: %d boxes reach outside the image; clipped", int(outside.sum()))
+    norm = np.clip(norm, 0.0, 1.0)
+    mids = [c["mid"] for c in gt_or_image_meta["categories"]]
+
+    order = np.argsort(-det["scores"], kind="mergesort")
+    order = order[np.argsort(det_img[order], kind="mergesort")]
+    bounds = np.searchsorted(det_img[order], np.arange(len(images) + 1))
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(SUBMISSION_HEADER)
+        for i, img in enumerate(images):
+            rows = order[bounds[i] : bounds[i + 1]]
+            preds = " ".join(
+                f"{mids[c]} {s:.6g} {b[0]:.6f} {b[1]:.6f} {b[2]:.6f} {b[3]:.6f}"
+                for c, s, b in zip(det_cls[rows].tolist(), det["scores"][rows].tolist(), norm[rows].tolist())
+            )
+            writer.writerow([oid_image_key(img), preds])
+    os.replace(tmp_path, path)
+    return len(images)
+
+
+def iter_oid_submission(path: str) -> Iterator[tuple[str, str]]:
+    """Stream (ImageId, PredictionString) rows of a submission CSV, checking the header and token counts."""
+    _allow_long_csv_fields()
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header] != SUBMISSION_HEADER:
+            raise ValueError(f"{path}: header must be {','.join(SUBMISSION_HEADER)}, got {header}")
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != 2:
+                raise ValueError(f"{path}:{reader.line_num}: expected 2 fields, got {len(row)}")
+            image_id, preds = row[0].strip(), row[1].strip()
+            if len(preds.split()) % 6:
+                raise ValueError(
+                    f"{path}:{reader.line_num}: prediction string of {image_id} is not a multiple of "
+                    "'LabelMID score xmin ymin xmax ymax'"
+                )
+            yield image_id, preds
+
+
+def read_oid_submission(path: str) -> dict[str, list[tuple[str, float, float, float, float, float]]]:
+    """Read a submission CSV.
+
+    Returns:
+        dict ImageId -> list of (LabelMID, score, xmin, ymin, xmax, ymax) with normalised coordinates, in
+        file order (an image listed twice has its predictions concatenated).
+    """
+    out: dict[str, list[tuple[str, float, float, float, float, float]]] = {}
+    for image_id, preds in iter_oid_submission(path):
+        tokens = preds.split()
+        try:
+            parsed = [
+                (tokens[j], *(float(v) for v in tokens[j + 1 : j + 6]))  # type: ignore[misc]
+                for j in range(0, len(tokens), 6)
+            ]
+        except ValueError as err:
+            raise ValueError(f"{path}: bad number in the predictions of {image_id}: {err}") from err
+        out.setdefault(image_id, []).extend(parsed)
+    return out
+
+
+def oid_submission_to_coco_results(
+    predictions: dict[str, list[tuple[str, float, float, float, float, float]]], gt: dict
+) -> list[dict]:
+    """Convert ``read_oid_submission`` output back to COCO results (abs px xywh, category ids of ``gt``).
+
+    Raises:
+        ValueError: an ImageId or MID that ``gt`` does not have.
+    """
+    image_of_key = {oid_image_key(img): img for img in gt["images"]}
+    cat_of_mid = {c.get("mid"): int(c["id"]) for c in gt["categories"]}
+    unknown_images = [k for k in predictions if k not in image_of_key]
+    if unknown_images:
+        raise ValueError(
+            f"submission: {len(unknown_images)} ImageIds not in the ground truth, e.g. {unknown_images[:5]}"
+        )
+    results = []
+    unknown_mids = set()
+    for key, preds in predictions.items():
+        img = image_of_key[key]
+        w, h = float(img["width"]), float(img["height"])
+        for mid, score, x1, y1, x2, y2 in preds:
+            if mid not in cat_of_mid:
+                unknown_mids.add(mid)
+                continue
+            results.append(
+                {
+                    "image_id": int(img["id"]),
+                    "category_id": cat_of_mid[mid],
+                    "bbox": [x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h],
+                    "score": score,
+                }
+            )
+    if unknown_mids:
+        raise ValueError(
+            f"submission: MIDs not among the ground-truth categories: {sorted(unknown_mids)[:10]}"
+        )
+    return results
+
+
+def merge_oid_submissions(paths: list[str], out_path: str) -> dict[str, Any]:
+    """Merge submission CSVs, e.g. from models that cover different class subsets.
+
+    Predictions of the same ImageId are concatenated (files in the given order); an image that appears in
+    any file is kept, in order of first appearance. Rows are streamed and only prediction strings are held
+    (not parsed), about the size of the input files in memory.
+
+    Returns:
+        dict with num_images, num_predictions, and per_file [{path, num_rows, num_predictions}].
+    """
+    merged: dict[str, list[str]] = {}
+    per_file = []
+    for p in paths:
+        num_rows = num_preds = 0
+        for image_id, preds in iter_oid_submission(p):
+            parts = merged.setdefault(image_id, [])
+            if preds:
+                parts.append(preds)
+                num_preds += len(preds.split()) // 6
+            num_rows += 1
+        per_file.append({"path": p, "num_rows": num_rows, "num_predictions": num_preds})
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp_path = f"{out_path}.tmp{os.getpid()}"
+    with open(tmp_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(SUBMISSION_HEADER)
+        for image_id, parts in merged.items():
+            writer.writerow([image_id, " ".join(parts)])
+    os.replace(tmp_path, out_path)
+    stats = {
+        "num_images": len(merged),
+        "num_predictions": sum(f["num_predictions"] for f in per_file),
+        "per_file": per_file,
+    }
+    logger.info(
+        "merged %d submissions: %d images, %d predictions",
+        len(paths),
+        stats["num_images"],
+        stats["num_predictions"],
+    )
+    return stats
