@@ -1,1 +1,193 @@
+"""Model builders: the only place where command-line options become constructor arguments.
 
+``build_model(args) -> (model, criterion, postprocessor)``, dispatched on ``args.arch``:
+- "fpn_ohem": ResNet backbone (C3..C5) -> FPN (P3..P7) -> shared heads, trained with the OHEM
+  multibox loss (``--loss_type mbox``, softmax, K + 1 score columns) or the focal loss
+  (``--loss_type focal``, sigmoid, K columns).
+- "faster_rcnn_fpn": registered in ``ARCH_BUILDERS`` by its own module (not written yet).
+
+Backbone policy: with loaded weights (``--pretrained imagenet`` or PATH) the stem plus the first
+``--freeze_upto`` stages are frozen and batch norm is frozen unless ``--train_bn``. From scratch
+(``--pretrained none``) nothing is frozen and batch norm trains: freezing random weights would
+keep them random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Callable, Dict, List, Sequence, Tuple
+
+from torch import Tensor, nn
+
+from layers.anchors import DEFAULT_STRIDES, AnchorGenerator, load_anchor_file, predefined_anchor_whs
+from layers.box_coder import BoxCoder
+from layers.losses import FocalLoss, MultiBoxLoss
+from layers.postprocess import PostProcess
+from models.backbone import ResNetBackbone
+from models.detector import FPNDetector
+from models.fpn import FPN
+from models.heads import DetectionHead
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ARCH_BUILDERS",
+    "FPNDetector",
+    "build_model",
+    "build_anchor_whs",
+    "count_parameters",
+    "model_summary",
+]
+
+
+def build_anchor_whs(args: argparse.Namespace, strides: Sequence[int] = DEFAULT_STRIDES) -> List[Tensor]:
+    """Per-level anchor (w, h) sizes from ``--anchor_type`` (predefined scales/ratios or a k-means file)."""
+    if args.anchor_type == "kmeans":
+        if not args.anchor_file:
+            raise ValueError(
+                "--anchor_type kmeans needs --anchor_file (write one with kmeans_for_anchors.py)"
+            )
+        whs, meta = load_anchor_file(args.anchor_file, expected_strides=strides)
+        # Anchors fitted to another input size are misplaced in scale; say so rather than fail.
+        for key in ("resize_mode", "input_dim", "min_size", "max_size"):
+            if key in meta and hasattr(args, key) and meta[key] != getattr(args, key):
+                logger.warning(
+                    "anchor file %s was made for %s=%s, this run uses %s",
+                    args.anchor_file,
+                    key,
+                    meta[key],
+                    getattr(args, key),
+                )
+        return whs
+    if args.anchor_type == "predefined":
+        return predefined_anchor_whs(args.num_scales, args.aspect_ratios)
+    raise ValueError(f"--anchor_type must be 'predefined' or 'kmeans', got {args.anchor_type!r}")
+
+
+def build_fpn_ohem(
+    args: argparse.Namespace,
+    anchor_whs_per_level: Sequence[Tensor] | None = None,
+    load_pretrained: bool = True,
+) -> Tuple[nn.Module, nn.Module, nn.Module]:
+    """The single-stage FPN detector, its loss and its post-processor (see ``build_model``)."""
+    if args.loss_type not in ("mbox", "focal"):
+        raise ValueError(f"--loss_type must be 'mbox' or 'focal', got {args.loss_type!r}")
+    if not args.num_classes or args.num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1 (set from the dataset), got {args.num_classes!r}")
+    focal = args.loss_type == "focal"
+
+    from_scratch = args.pretrained == "none"
+    backbone = ResNetBackbone(
+        args.basenet,
+        pretrained=args.pretrained if load_pretrained else "none",
+        freeze_upto=0 if from_scratch else args.freeze_upto,
+        freeze_bn=False if from_scratch else args.freeze_bn,
+        return_levels=(3, 4, 5),
+    )
+    fpn = FPN(backbone.out_channels, args.fpn_channels, extra_levels="p6p7", p6_from=args.p6_from)
+
+    if anchor_whs_per_level is None:
+        anchor_whs_per_level = build_anchor_whs(args)
+    else:
+        logger.info("anchors from the checkpoint (--anchor_type %s ignored)", args.anchor_type)
+    anchor_generator = AnchorGenerator(anchor_whs_per_level, strides=DEFAULT_STRIDES)
+
+    head = DetectionHead(
+        args.fpn_channels,
+        num_anchors=anchor_generator.num_anchors_per_location,
+        num_classes=args.num_classes if focal else args.num_classes + 1,
+        num_layers=args.num_head_layers,
+        shared_layers=args.shared_heads,
+        score_type="sigmoid" if focal else "softmax",
+    )
+    model = FPNDetector(backbone, fpn, head, anchor_generator)
+
+    box_coder = BoxCoder(variances=tuple(args.box_variances))
+    # Same fallbacks as utils.options.resolve_defaults, for callers that did not run it.
+    negative_threshold = args.negative_threshold
+    if negative_threshold is None:
+        negative_threshold = 0.4 if focal else args.positive_threshold
+    smooth_l1_beta = args.smooth_l1_beta
+    if smooth_l1_beta is None:
+        smooth_l1_beta = 1.0 / 9 if focal else 1.0
+    if focal:
+        criterion = FocalLoss(
+            box_coder,
+            positive_threshold=args.positive_threshold,
+            negative_threshold=negative_threshold,
+            alpha=args.focal_alpha,
+            gamma=args.focal_gamma,
+            smooth_l1_beta=smooth_l1_beta,
+        )
+    else:
+        criterion = MultiBoxLoss(
+            box_coder,
+            positive_threshold=args.positive_threshold,
+            negative_threshold=negative_threshold,
+            neg_pos_ratio=args.neg_pos_ratio,
+            smooth_l1_beta=smooth_l1_beta,
+        )
+    postprocessor = PostProcess(
+        box_coder,
+        score_type="sigmoid" if focal else "softmax",
+        conf_thresh=args.conf_thresh,
+        pre_nms_topk=args.pre_nms_topk,
+        nms_thresh=args.nms_thresh,
+        max_detections=args.topk,
+        class_agnostic=args.class_agnostic_nms,
+    )
+    return model, criterion, postprocessor
+
+
+def _build_faster_rcnn_fpn(args, anchor_whs_per_level=None, load_pretrained=True):
+    raise NotImplementedError(
+        "--arch faster_rcnn_fpn is not implemented yet (its module registers a builder "
+        "in models.ARCH_BUILDERS['faster_rcnn_fpn'])"
+    )
+
+
+# arch name -> builder(args, anchor_whs_per_level, load_pretrained) -> (model, criterion, postprocessor)
+ARCH_BUILDERS: Dict[str, Callable[..., Tuple[nn.Module, nn.Module, nn.Module]]] = {
+    "fpn_ohem": build_fpn_ohem,
+    "faster_rcnn_fpn": _build_faster_rcnn_fpn,
+}
+
+
+def build_model(
+    args: argparse.Namespace,
+    anchor_whs_per_level: Sequence[Tensor] | None = None,
+    load_pretrained: bool = True,
+) -> Tuple[nn.Module, nn.Module, nn.Module]:
+    """Build ``(model, criterion, postprocessor)`` for ``args.arch`` (default "fpn_ohem").
+
+    Args:
+        args: the options of utils/options.py (``num_classes`` = K, without background, set by the script).
+        anchor_whs_per_level (list of Tensor[k, 2], optional): anchor sizes saved with a checkpoint;
+            they override ``--anchor_type`` / ``--anchor_file``.
+        load_pretrained: False when the weights will come from a checkpoint (resuming): the backbone is
+            then frozen exactly as ``--pretrained`` implies, but no weight file is read.
+    """
+    arch = getattr(args, "arch", "fpn_ohem")  # checkpoints written before --arch existed
+    if arch not in ARCH_BUILDERS:
+        raise ValueError(f"unknown --arch {arch!r}; expected one of {sorted(ARCH_BUILDERS)}")
+    model, criterion, postprocessor = ARCH_BUILDERS[arch](args, anchor_whs_per_level, load_pretrained)
+    logger.info("%s", model_summary(model))
+    return model, criterion, postprocessor
+
+
+def count_parameters(module: nn.Module) -> Tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    return trainable, frozen
+
+
+def model_summary(model: nn.Module) -> str:
+    """One line per top-level part: trainable and frozen parameters, in millions."""
+    lines = [f"{type(model).__name__}:"]
+    for name, child in list(model.named_children()) + [("total", model)]:
+        trainable, frozen = count_parameters(child)
+        if trainable or frozen:
+            lines.append(f"  {name:<16} {trainable / 1e6:8.3f} M trainable {frozen / 1e6:8.3f} M frozen")
+    return "\n".join(lines)
