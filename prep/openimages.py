@@ -91,15 +91,18 @@ _FLAG_VALUES = {"0": 0, "1": 1, "-1": -1, "": -1}
 # Hex digits of the ImageID used as the integer image id: 13 * 4 = 52 bits, exact in a float64.
 _ID_HEX_DIGITS = 13
 
-# Images per chunk of the JSON writer (and per validation call).
-_WRITE_CHUNK = 20000
+# Images per chunk of the JSON writer and per validation call (about 35K boxes of OID train: ~50 MB of dicts).
+_WRITE_CHUNK = 4096
 
 EXIF_ORIENTATION_TAG = 0x0112
 
 
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        "Open Images -> common annotation format", add_help=add_help, allow_abbrev=False
+        description="Convert Open Images boxes and verified image-level labels to the common format "
+        "(see the module docstring and prep/README.md).",
+        add_help=add_help,
+        allow_abbrev=False,
     )
     # * Input files
     parser.add_argument("--class_descriptions", required=True, help="CSV 'MID,Name' (the boxable classes)")
@@ -245,8 +248,8 @@ def hierarchy_mids(hierarchy: Any, path: str) -> List[str]:
 # CSV streaming
 
 
-def _open_csv(path: str, required: Sequence[str], optional: Sequence[str] = ()):
-    """Open a CSV, check its header, return (file, line getter of required + optional fields, #columns)."""
+def _open_csv(path: str, required: Sequence[str]):
+    """Open a CSV and check its header -> (file positioned at the first row, header column names)."""
     # utf-8-sig: a byte-order mark would otherwise stick to the first column name.
     f = open(path, encoding="utf-8-sig", newline="")
     header = [name.strip() for name in f.readline().rstrip("\r\n").split(",")]
@@ -254,10 +257,7 @@ def _open_csv(path: str, required: Sequence[str], optional: Sequence[str] = ()):
     if missing:
         f.close()
         raise ValueError(f"{path}: header {header} lacks the column(s) {missing}")
-    # Absent optional columns point at the "" appended to every row.
-    indices = [header.index(name) for name in required]
-    indices += [header.index(name) if name in header else len(header) for name in optional]
-    return f, operator.itemgetter(*indices), len(header)
+    return f, header
 
 
 def _row_error(path: str, line_no: int, line: str, num_columns: int, error: Exception) -> ValueError:
@@ -286,22 +286,30 @@ def stream_boxes(path: str, label_of_mid: Dict[str, int], images: _ImageIndex) -
     ``label_of_mid`` maps every known MID to its label (0..K-1) or -1 (known, not selected).
     Returns dict of numpy columns: image_index int32 [B], label int32 [B], coords float64 [B, 4]
     (XMin, XMax, YMin, YMax normalised), flags int8 [B, 5] (occluded, truncated, group_of, depiction,
-    inside), source_code int16 [B], plus ``sources`` (list of names), ``num_rows``, ``unknown_mid``,
-    ``class_not_selected`` (row counts), ``unknown_mids`` (dict MID -> rows) and ``seconds``.
+    inside: 1 / 0 / -1), source_code int16 [B] (index into ``sources``), plus ``num_rows``,
+    ``unknown_mid``, ``class_not_selected`` (row counts), ``unknown_mids`` (dict MID -> rows) and
+    ``seconds`` / ``cpu_seconds`` of the pass.
     """
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     image_index = array.array("i")
     labels = array.array("i")
     coords = array.array("d")
-    flags = array.array("b")
-    source_codes = array.array("h")
-    codes_of_source: Dict[str, int] = {}
+    # Source and the five flags take few distinct values: one dict lookup codes all six per row.
+    attribute_codes = array.array("h")
+    code_of_attributes: Dict[Tuple[str, ...], int] = {}
     unknown_mids: Dict[str, int] = {}
     num_not_selected = 0
     num_rows = 0
     index_of_image, image_keys = images.index, images.keys
-    flag_values = _FLAG_VALUES
-    f, getter, num_columns = _open_csv(path, BOX_COLUMNS, BOX_OPTIONAL_COLUMNS)
+
+    f, header = _open_csv(path, BOX_COLUMNS)
+    num_columns = len(header)
+    get_box = operator.itemgetter(*[header.index(name) for name in BOX_COLUMNS])
+    # Absent optional columns (the challenge files have fewer) point at a "" appended to each row.
+    pad = any(name not in header for name in BOX_OPTIONAL_COLUMNS)
+    get_attributes = operator.itemgetter(
+        *[header.index(name) if name in header else num_columns for name in BOX_OPTIONAL_COLUMNS]
+    )
     with f:
         line_no = 1
         for line_no, line in enumerate(f, start=2):
@@ -311,10 +319,7 @@ def stream_boxes(path: str, label_of_mid: Dict[str, int], images: _ImageIndex) -
                     if not line.strip():
                         continue
                     raise ValueError("wrong number of fields")
-                fields.append("")
-                key, mid, xmin, xmax, ymin, ymax, source, occluded, truncated, group, depiction, inside = (
-                    getter(fields)
-                )
+                key, mid, xmin, xmax, ymin, ymax = get_box(fields)
                 num_rows += 1
                 label = label_of_mid.get(mid)
                 if label is None:
@@ -324,42 +329,45 @@ def stream_boxes(path: str, label_of_mid: Dict[str, int], images: _ImageIndex) -
                     num_not_selected += 1
                     continue
                 coords.extend((float(xmin), float(xmax), float(ymin), float(ymax)))
-                flags.extend(
-                    (
-                        flag_values[occluded],
-                        flag_values[truncated],
-                        flag_values[group],
-                        flag_values[depiction],
-                        flag_values[inside],
-                    )
-                )
+                if pad:
+                    fields.append("")
+                attributes = get_attributes(fields)
+                code = code_of_attributes.get(attributes)
+                if code is None:
+                    bad = [v for v in attributes[1:] if v not in _FLAG_VALUES]
+                    if bad:
+                        raise ValueError(f"flag values {bad} are not 0, 1 or -1")
+                    code = code_of_attributes[attributes] = len(code_of_attributes)
+                attribute_codes.append(code)
                 index = index_of_image.get(key)
                 if index is None:
                     index = index_of_image[key] = len(image_keys)
                     image_keys.append(key)
                 image_index.append(index)
                 labels.append(label)
-                code = codes_of_source.get(source)
-                if code is None:
-                    code = codes_of_source[source] = len(codes_of_source)
-                source_codes.append(code)
             except (ValueError, KeyError) as e:
                 raise _row_error(path, line_no, line, num_columns, e) from None
+
+    # Decode the attribute codes: one row per distinct (source, flags...) combination.
+    table = list(code_of_attributes)
+    sources = sorted({attributes[0] for attributes in table})
+    source_of_code = np.array([sources.index(a[0]) for a in table], dtype=np.int16).reshape(-1)
+    flags_of_code = np.array([[_FLAG_VALUES[v] for v in a[1:]] for a in table], dtype=np.int8).reshape(-1, 5)
+    codes = np.frombuffer(attribute_codes, dtype=np.int16) if len(attribute_codes) else np.zeros(0, np.int16)
     num_boxes = len(labels)
-    if len(coords) != 4 * num_boxes or len(flags) != 5 * num_boxes:  # a row failed half-way: impossible
-        raise RuntimeError(f"{path}: inconsistent columns after streaming")
     return {
         "image_index": np.frombuffer(image_index, dtype=np.int32) if num_boxes else np.zeros(0, np.int32),
         "label": np.frombuffer(labels, dtype=np.int32) if num_boxes else np.zeros(0, np.int32),
         "coords": (np.frombuffer(coords, dtype=np.float64) if num_boxes else np.zeros(0)).reshape(-1, 4),
-        "flags": (np.frombuffer(flags, dtype=np.int8) if num_boxes else np.zeros(0, np.int8)).reshape(-1, 5),
-        "source_code": np.frombuffer(source_codes, dtype=np.int16) if num_boxes else np.zeros(0, np.int16),
-        "sources": list(codes_of_source),
+        "flags": flags_of_code[codes],
+        "source_code": source_of_code[codes],
+        "sources": sources,
         "num_rows": num_rows,
         "unknown_mid": sum(unknown_mids.values()),
         "unknown_mids": unknown_mids,
         "class_not_selected": num_not_selected,
         "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
     }
 
 
@@ -378,7 +386,9 @@ def stream_image_labels(path: str, label_of_mid: Dict[str, int], images: _ImageI
     num_rows = 0
     index_of_image, image_keys = images.index, images.keys
     confidence_values = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}
-    f, getter, num_columns = _open_csv(path, LABEL_COLUMNS)
+    f, header = _open_csv(path, LABEL_COLUMNS)
+    num_columns = len(header)
+    getter = operator.itemgetter(*[header.index(name) for name in LABEL_COLUMNS])
     with f:
         line_no = 1
         for line_no, line in enumerate(f, start=2):
@@ -451,15 +461,21 @@ def read_image_header(path: str) -> Tuple[int, int, int, int, str]:
     return _OK, width, height, orientation, ""
 
 
+def _read_image_headers_batch(paths: List[str]) -> List[Tuple[int, int, int, int, str]]:
+    return [read_image_header(path) for path in paths]
+
+
 def read_image_headers(image_dir: str, keys: List[str], num_workers: int) -> Dict[str, Any]:
     """Header of ``<image_dir>/<key>.jpg`` for every key -> status/width/height/orientation arrays [M]."""
     paths = [os.path.join(image_dir, f"{key}.jpg") for key in keys]
     if num_workers > 1 and len(paths) > 1:
         # Threads, not processes: the time goes to opening files (I/O), and the results are tiny.
+        # Batches of paths: one future per image costs more than reading its header.
+        batches = [paths[i : i + 1024] for i in range(0, len(paths), 1024)]
         with ThreadPoolExecutor(max_workers=num_workers) as pool:
-            results = list(pool.map(read_image_header, paths, chunksize=256))
+            results = [r for batch in pool.map(_read_image_headers_batch, batches) for r in batch]
     else:
-        results = [read_image_header(p) for p in paths]
+        results = _read_image_headers_batch(paths)
     status = np.array([r[0] for r in results], dtype=np.int8)
     errors = [(paths[i], results[i][4]) for i in np.flatnonzero(status == _UNREADABLE)]
     return {
@@ -517,27 +533,33 @@ def image_ids_from_keys(keys: Sequence[str]) -> np.ndarray:
 
 
 def link_or_copy_images(image_dir: str, target: str, file_names: Sequence[str], copy: bool) -> str:
-    """Make ``target`` hold the images: a symlink to image_dir, or (copy) a folder with copies of them."""
-    if os.path.exists(target) and os.path.samefile(image_dir, target):
-        return "in place"
-    if not copy:
-        if os.path.islink(target):
-            os.remove(target)  # a link from an earlier run: point it at the current image_dir
-        elif os.path.exists(target):
-            raise ValueError(
-                f"{target} exists and is not a symlink; remove it or use --copy to copy images into it"
-            )
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.symlink(os.path.abspath(image_dir), target, target_is_directory=True)
-        return "symlink"
+    """Make ``target`` hold the images: a symlink to image_dir's absolute path, or (copy) a folder with
+    copies of ``file_names`` only (a class subset needs a fraction of the 1.7M train images).
+
+    A symlink left by an earlier run is replaced (by a link to the current image_dir, or by a folder
+    with --copy); an existing real folder is refreshed with --copy and refused without it.
+
+    Returns:
+        str: "linked", "copied" or "already in place" (target is image_dir itself), as prep/common.py.
+    """
+    if os.path.exists(target) and not os.path.islink(target) and os.path.samefile(image_dir, target):
+        return "already in place"
     if os.path.islink(target):
         os.remove(target)
+    elif os.path.exists(target) and not copy:
+        raise ValueError(
+            f"{target} exists and is not a symlink; remove it, or use --copy to copy images into it"
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    if not copy:
+        os.symlink(os.path.abspath(image_dir), target, target_is_directory=True)
+        return "linked"
     os.makedirs(target, exist_ok=True)
     for name in file_names:
         src, dst = os.path.join(image_dir, name), os.path.join(target, name)
         if not (os.path.exists(dst) and os.path.getsize(dst) == os.path.getsize(src)):
             shutil.copyfile(src, dst)
-    return "copy"
+    return "copied"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -607,7 +629,8 @@ def frequency_bins(num_boxes_per_class: np.ndarray, num_bins: int) -> List[np.nd
 # --------------------------------------------------------------------------------------------------
 
 
-def main(args: argparse.Namespace) -> Dict[str, Any]:
+def main(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
+    """Convert one split; returns ``{split: summary}`` like the other converters (see print_summary)."""
     for option in ("class_descriptions", "boxes", "image_labels", "hierarchy"):
         path = getattr(args, option)
         if path is not None and not os.path.isfile(path):
@@ -616,6 +639,14 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError(f"--image_dir: folder not found: {args.image_dir}")
     if args.frequency_bins < 0:
         raise ValueError(f"--frequency_bins must be >= 0, got {args.frequency_bins}")
+    dataset_root = os.path.join(args.data_root, args.dataset)
+    image_target = os.path.join(dataset_root, args.split)
+    # Checked before the long work too (link_or_copy_images checks again at the end).
+    if not args.copy and os.path.exists(image_target) and not os.path.islink(image_target):
+        if not os.path.samefile(image_target, args.image_dir):
+            raise ValueError(
+                f"{image_target} exists and is not a symlink; remove it, or use --copy to copy images into it"
+            )
 
     all_mids, all_names = read_class_descriptions(args.class_descriptions)
     requested = parse_class_list(args.classes) if args.classes is not None else None
@@ -642,6 +673,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
     # 1. Stream the CSVs: only rows of selected classes become (compact) columns.
     images = _ImageIndex()
+    timings = {}
+    start = time.perf_counter()
     boxes = stream_boxes(args.boxes, label_of_mid, images)
     if args.image_labels is not None:
         labels = stream_image_labels(args.image_labels, label_of_mid, images)
@@ -649,7 +682,11 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         labels = stream_image_labels_empty()
 
     # 2. Image headers: size and EXIF orientation, or missing / unreadable.
+    timings["read_csv"] = time.perf_counter() - start
+    start = time.perf_counter()
     headers = read_image_headers(args.image_dir, images.keys, args.num_workers)
+    timings["read_image_headers"] = time.perf_counter() - start
+    start = time.perf_counter()
     status = headers["status"]
 
     # 3. Boxes: drop by image status, orient, clip, denormalise, drop degenerate.
@@ -809,7 +846,6 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             for ann_id, image_id, cat, x, y, w, h, area, crowd, fl, src in columns
         ]
 
-    dataset_root = os.path.join(args.data_root, args.dataset)
     annotation_file = os.path.join(dataset_root, "annotations", f"{args.split}.json")
     categories = [
         {"id": label + 1, "name": name, "mid": mid} for label, (name, mid) in enumerate(zip(names, mids))
@@ -820,14 +856,16 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         "image_labels": os.path.basename(args.image_labels) if args.image_labels else None,
         "class_descriptions": os.path.basename(args.class_descriptions),
     }
+    timings["convert"] = time.perf_counter() - start
+    start = time.perf_counter()
     write_annotations_streaming(
         annotation_file, categories, info, num_images, image_records, annotation_records
     )
 
+    timings["write_json"] = time.perf_counter() - start
+
     # 6. Images folder, hierarchy, class bins.
-    image_mode = link_or_copy_images(
-        args.image_dir, os.path.join(dataset_root, args.split), [f"{k}.jpg" for k in keys], args.copy
-    )
+    image_mode = link_or_copy_images(args.image_dir, image_target, [f"{k}.jpg" for k in keys], args.copy)
     hierarchy_file = None
     if hierarchy is not None:
         hierarchy_file = os.path.join(dataset_root, "hierarchy.json")
@@ -859,29 +897,34 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             )
 
     num_images_with_boxes = int(has_box[kept_images].sum())
+    # Key names shared with the other converters (prep/common.py summarize) come first.
     summary = {
-        "annotation_file": annotation_file,
-        "image_folder": os.path.join(dataset_root, args.split),
-        "image_folder_mode": image_mode,
-        "hierarchy_file": hierarchy_file,
-        "num_classes": num_classes,
-        "num_box_rows": boxes["num_rows"],
-        "num_label_rows": labels["num_rows"],
-        "box_rows_per_s": boxes["num_rows"] / max(boxes["seconds"], 1e-9),
+        "split": args.split,
+        "output": annotation_file,
         "num_images": num_images,
-        "num_images_with_boxes": num_images_with_boxes,
-        "num_images_labels_only": num_images - num_images_with_boxes,
-        "num_images_missing": len(headers["missing"]),
-        "num_images_unreadable": len(headers["unreadable"]),
-        "num_images_no_annotations": num_no_annotations,
-        "num_images_exif_oriented": int((kept_orientation != 1).sum()),
+        "num_images_without_boxes": num_images - num_images_with_boxes,
         "num_boxes": len(bx),
-        "num_group_of": int(biscrowd.sum()),
-        "num_group_of_unknown": int((bflags[:, 2] == -1).sum()),
-        "num_boxes_clipped": num_clipped,
+        "num_difficult": 0,
+        "num_crowd": int(biscrowd.sum()),
         "boxes_per_class": {name: int(n) for name, n in zip(names, boxes_per_class)},
-        "num_classes_without_boxes": int((boxes_per_class == 0).sum()),
+        "clipped_boxes": {"outside the image": num_clipped},
         "dropped_boxes": dropped_boxes,
+        "skipped_images": {
+            "image_missing": len(headers["missing"]),
+            "image_unreadable": len(headers["unreadable"]),
+            "all boxes degenerate": num_no_annotations,
+        },
+        "notes": {
+            "EXIF orientation applied": int((kept_orientation != 1).sum()),
+            "IsGroupOf unknown (iscrowd 0)": int((bflags[:, 2] == -1).sum()),
+        },
+        "examples": {
+            "image_missing": headers["missing"][:5],
+            "image_unreadable": [f"{path}: {error}" for path, error in headers["unreadable"][:5]],
+        },
+        # Open Images only.
+        "num_classes": num_classes,
+        "num_classes_without_boxes": int((boxes_per_class == 0).sum()),
         "num_verified_present": int(label_present.sum()),
         "num_verified_absent": int((~label_present).sum()),
         "dropped_labels": dropped_labels,
@@ -891,12 +934,18 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             )
         ),
         "classes_not_in_hierarchy": not_in_hierarchy,
-        "missing_examples": headers["missing"][:5],
-        "unreadable_examples": headers["unreadable"][:5],
+        "num_box_rows": boxes["num_rows"],
+        "num_label_rows": labels["num_rows"],
+        "box_rows_per_s": boxes["num_rows"] / max(boxes["seconds"], 1e-9),
+        "box_rows_per_cpu_s": boxes["num_rows"] / max(boxes["cpu_seconds"], 1e-9),
+        "seconds": {k: round(v, 3) for k, v in timings.items()},
+        "image_folder": image_target,
+        "image_folder_mode": image_mode,
+        "hierarchy_file": hierarchy_file,
         "class_bins": bins,
     }
     print_summary(summary, args.print_top)
-    return summary
+    return {args.split: summary}
 
 
 def stream_image_labels_empty() -> Dict[str, Any]:
@@ -919,49 +968,50 @@ def _merge_counts(a: Dict[str, int], b: Dict[str, int]) -> Dict[str, int]:
     return merged
 
 
+def _format_counts(counts: Dict[str, int]) -> str:
+    return ", ".join(f"{reason}={n}" for reason, n in counts.items())
+
+
 def print_summary(summary: Dict[str, Any], top: int) -> None:
     s = summary
-    print(f"wrote {s['annotation_file']}; images: {s['image_folder']} ({s['image_folder_mode']})")
+    print(f"{s['split']}: {s['output']}")
+    print(f"  image folder: {s['image_folder']} ({s['image_folder_mode']})")
     if s["hierarchy_file"]:
-        print(f"hierarchy: {s['hierarchy_file']}")
+        print(f"  hierarchy: {s['hierarchy_file']}")
     print(
-        f"box rows: {s['num_box_rows']} ({s['box_rows_per_s']:,.0f} rows/s); "
-        f"label rows: {s['num_label_rows']}"
+        f"  rows read: {s['num_box_rows']} boxes ({s['box_rows_per_s']:,.0f} rows/s, "
+        f"{s['box_rows_per_cpu_s']:,.0f} per CPU second), {s['num_label_rows']} image labels"
     )
+    print("  seconds: " + ", ".join(f"{k}={v:.1f}" for k, v in s["seconds"].items()))
+    print(f"  images: {s['num_images']} ({s['num_images_without_boxes']} with verified labels only)")
     print(
-        f"images: {s['num_images']} kept ({s['num_images_with_boxes']} with boxes, "
-        f"{s['num_images_labels_only']} with verified labels only); "
-        f"missing files: {s['num_images_missing']}, "
-        f"unreadable: {s['num_images_unreadable']}, dropped (all boxes degenerate): "
-        f"{s['num_images_no_annotations']}, EXIF-oriented: {s['num_images_exif_oriented']}"
+        f"  boxes: {s['num_boxes']} (group-of (iscrowd=1) {s['num_crowd']}, "
+        f"clipped to the image {s['clipped_boxes']['outside the image']})"
     )
-    print(
-        f"boxes: {s['num_boxes']} kept, {s['num_group_of']} group-of (iscrowd=1), "
-        f"{s['num_group_of_unknown']} group-of unknown (iscrowd=0), "
-        f"{s['num_boxes_clipped']} clipped to the image"
-    )
-    print("boxes dropped: " + ", ".join(f"{k}={v}" for k, v in s["dropped_boxes"].items()))
-    print(f"verified labels: {s['num_verified_present']} present, {s['num_verified_absent']} absent")
-    print("labels dropped: " + ", ".join(f"{k}={v}" for k, v in s["dropped_labels"].items()))
+    print(f"  dropped boxes: {_format_counts(s['dropped_boxes'])}")
+    print(f"  skipped images: {_format_counts(s['skipped_images'])}")
+    for reason, examples in s["examples"].items():
+        for example in examples:
+            print(f"    {reason}: {example}")
+    print(f"  notes: {_format_counts(s['notes'])}")
+    print(f"  verified labels: {s['num_verified_present']} present, {s['num_verified_absent']} absent")
+    print(f"  dropped labels: {_format_counts(s['dropped_labels'])}")
     if s["unknown_mids"]:
         listed = list(s["unknown_mids"].items())[:10]
-        print(f"unknown MIDs ({len(s['unknown_mids'])}, rows): " + ", ".join(f"{m}={n}" for m, n in listed))
+        print(f"  unknown MIDs ({len(s['unknown_mids'])}; rows): {_format_counts(dict(listed))}")
     if s["classes_not_in_hierarchy"]:
-        print(f"classes not in the hierarchy: {s['classes_not_in_hierarchy']}")
-    for path in s["missing_examples"]:
-        print(f"  missing: {path}")
-    for path, error in s["unreadable_examples"]:
-        print(f"  unreadable: {path}: {error}")
+        print(f"  classes not in the hierarchy: {s['classes_not_in_hierarchy']}")
     ranked = sorted(s["boxes_per_class"].items(), key=lambda kv: -kv[1])
     print(
-        f"{s['num_classes']} classes ({s['num_classes_without_boxes']} without boxes); "
+        f"  {s['num_classes']} classes ({s['num_classes_without_boxes']} without boxes); "
         f"top {min(top, len(ranked))} by boxes:"
     )
+    width = max((len(name) for name, _ in ranked[:top]), default=0)
     for name, n in ranked[:top]:
-        print(f"  {n:>9d}  {name}")
+        print(f"    {name:<{width}} {n}")
     for i, b in enumerate(s["class_bins"]):
         print(
-            f"bin {i}: {len(b['mids'])} classes, {b['min_boxes']}..{b['max_boxes']} boxes per class, "
+            f"  bin {i}: {len(b['mids'])} classes, {b['min_boxes']}..{b['max_boxes']} boxes per class, "
             f"{b['num_boxes']} boxes -> {b['file']}"
         )
 

@@ -118,8 +118,10 @@ def run(oid, *extra):
         *extra,
     ]
     args = openimages.get_args_parser(add_help=True).parse_args(argv)
-    summary = openimages.main(args)
-    coco = load_annotations(summary["annotation_file"])
+    result = openimages.main(args)
+    assert list(result) == ["validation"]
+    summary = result["validation"]
+    coco = load_annotations(summary["output"])
     return summary, coco
 
 
@@ -134,7 +136,7 @@ def boxes_by_image(coco):
 def test_all_classes_counts_boxes_flags_labels(oid, capsys):
     summary, coco = run(oid)
     root = os.path.join(oid["data_root"], "openimages")
-    assert summary["annotation_file"] == os.path.join(root, "annotations", "validation.json")
+    assert summary["output"] == os.path.join(root, "annotations", "validation.json")
 
     assert coco["categories"] == [
         {"id": 1, "name": "Cat", "mid": "/m/01"},
@@ -183,15 +185,17 @@ def test_all_classes_counts_boxes_flags_labels(oid, capsys):
     ]
 
     assert summary["num_images"] == 5
-    assert summary["num_images_with_boxes"] == 4
-    assert summary["num_images_labels_only"] == 1
-    assert summary["num_images_missing"] == 1
-    assert summary["num_images_unreadable"] == 1
-    assert summary["num_images_no_annotations"] == 1  # E: its only box was degenerate
-    assert summary["num_images_exif_oriented"] == 1
+    assert summary["num_images_without_boxes"] == 1  # C: verified labels only
+    assert summary["skipped_images"] == {
+        "image_missing": 1,
+        "image_unreadable": 1,
+        "all boxes degenerate": 1,  # E
+    }
+    assert summary["examples"]["image_missing"] == [os.path.join(oid["image_dir"], f"{D}.jpg")]
+    assert summary["notes"] == {"EXIF orientation applied": 1, "IsGroupOf unknown (iscrowd 0)": 0}
     assert summary["num_boxes"] == 8
-    assert summary["num_group_of"] == 2
-    assert summary["num_boxes_clipped"] == 1
+    assert summary["num_crowd"] == 2
+    assert summary["clipped_boxes"] == {"outside the image": 1}
     assert summary["boxes_per_class"] == {"Cat": 2, "Dog": 1, "Ball, toy": 1, "Person": 3, "Animal": 1}
     assert summary["dropped_boxes"] == {
         "unknown_mid": 1,
@@ -215,11 +219,12 @@ def test_all_classes_counts_boxes_flags_labels(oid, capsys):
     assert summary["unknown_mids"] == {"/m/99": 2}
     assert summary["classes_not_in_hierarchy"] == []
     printed = capsys.readouterr().out
-    assert "boxes dropped: unknown_mid=1, class_not_selected=0, image_missing=1" in printed
-    assert "8 kept, 2 group-of (iscrowd=1)" in printed
+    assert "dropped boxes: unknown_mid=1, class_not_selected=0, image_missing=1" in printed
+    assert "boxes: 8 (group-of (iscrowd=1) 2, clipped to the image 1)" in printed
+    assert "    Person    3\n    Cat       2\n" in printed  # top classes by boxes
 
     # The dataset folder stands alone: the symlinked images, the hierarchy.
-    assert os.path.islink(os.path.join(root, "validation"))
+    assert os.path.islink(os.path.join(root, "validation")) and summary["image_folder_mode"] == "linked"
     for im in coco["images"]:
         assert os.path.isfile(os.path.join(root, im["file_name"]))
     with open(os.path.join(root, "hierarchy.json")) as f:
@@ -300,8 +305,8 @@ def test_classes_subset(oid, tmp_path, how):
         R: [(2, [30, 0, 10, 30])],
     }
     assert summary["boxes_per_class"] == {"Cat": 2, "Person": 3}
-    assert summary["num_group_of"] == 1
-    assert summary["num_images_no_annotations"] == 0
+    assert summary["num_crowd"] == 1
+    assert summary["skipped_images"]["all boxes degenerate"] == 0
     assert summary["dropped_boxes"] == SUBSET_COUNTS["dropped_boxes"]
     assert summary["dropped_labels"] == SUBSET_COUNTS["dropped_labels"]
     assert summary["num_verified_present"] == 3 and summary["num_verified_absent"] == 2
@@ -339,10 +344,18 @@ def test_frequency_bins(oid, capsys):
 
 
 def test_copy_keeps_only_kept_images(oid):
-    summary, coco = run(oid, "--copy")
     folder = os.path.join(oid["data_root"], "openimages", "validation")
-    assert not os.path.islink(folder) and summary["image_folder_mode"] == "copy"
+    summary, _ = run(oid)
+    assert os.path.islink(folder)
+    # --copy after a linked run replaces the link by a folder holding the kept images only.
+    summary, _ = run(oid, "--copy")
+    assert not os.path.islink(folder) and summary["image_folder_mode"] == "copied"
     assert sorted(os.listdir(folder)) == sorted(f"{k}.jpg" for k in (A, B, C, F, R))
+    # Without --copy a real folder is refused, before any work (no annotation file is written).
+    os.remove(summary["output"])
+    with pytest.raises(ValueError, match="exists and is not a symlink"):
+        run(oid)
+    assert not os.path.exists(summary["output"])
 
 
 def test_challenge_style_columns_read_as_unknown(oid):
