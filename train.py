@@ -189,8 +189,9 @@ def resolve_device(requested: str | None) -> torch.device:
 def anchors_of(model: torch.nn.Module) -> List[List[List[float]]] | None:
     """The (w, h) anchors per level, for the checkpoint (None for architectures without our anchors)."""
     generator = getattr(model, "anchor_generator", None)
-    whs = getattr(generator, "anchor_whs_per_level", None)
-    return None if whs is None else [w.tolist() for w in whs]
+    if generator is None or not hasattr(generator, "anchor_whs_per_level"):
+        return None
+    return [w.tolist() for w in generator.anchor_whs_per_level()]
 
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
@@ -325,6 +326,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     meters = MetricLogger(window_size=args.log_step)
     progress = Progress(args.max_iter, start_iter, args.log_step, enabled=is_main)
     num_skipped, num_cropped_out, last_val = 0, 0, {}
+    images_per_class = torch.zeros(args.num_classes, dtype=torch.int64)
     last_time = time.time()
     iteration = start_iter
     try:
@@ -335,6 +337,10 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             if len(targets) == 0:
                 continue
             num_cropped_out += sum(int(t.get("num_cropped_out", 0)) for t in targets)
+            # What the sampler actually delivered, per class (images containing the class), for the log.
+            for t in targets:
+                present = t["labels"][t["labels"] >= 0].unique()
+                images_per_class[present] += 1
             images = images.to(device, non_blocking=True)
             targets = targets_to_device(targets, device)
             terms = train_one_iter(
@@ -391,6 +397,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         num_cropped_out,
         run_dir,
     )
+    delivered = dict(zip(train_set.class_names, images_per_class.tolist()))
+    logger.info("images per class delivered by the %s sampler (this rank): %s", args.sampler, delivered)
     dist_utils.cleanup()
     return {
         "run_dir": run_dir,
@@ -398,6 +406,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         "skipped_images": num_skipped,
         **last_val,
         "final_loss": meters.averages().get("loss"),
+        "images_per_class": delivered,
     }
 
 

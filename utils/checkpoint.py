@@ -115,10 +115,9 @@ def args_from_checkpoint(
     to the command line's defaults for options the checkpoint predates. Weights come from the
     checkpoint, so ``pretrained`` is always "none".
     """
-    defaults = vars(parser.parse_args([]))
     merged = dict(vars(cli_args))
     for key, value in checkpoint["args"].items():
-        explicit = key in merged and merged[key] != defaults.get(key)
+        explicit = key in merged and merged[key] != parser.get_default(key)
         if key in STRUCTURAL_OPTIONS or not explicit:
             merged[key] = value
     for key, value in vars(cli_args).items():  # script-only options (e.g. --checkpoint) stay as given

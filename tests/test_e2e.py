@@ -1,0 +1,320 @@
+"""End-to-end: train on a tiny shapes set, checkpoint, resume, evaluate, demo and extract features."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import demo
+import evaluate
+import extract_features
+import train
+from prep import shapes
+from utils.checkpoint import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MODEL_OPTS = [
+    "--dataset",
+    "shapes",
+    "--basenet",
+    "resnet18",
+    "--pretrained",
+    "none",
+    "--fpn_channels",
+    "16",
+    "--num_head_layers",
+    "1",
+    "--input_dim",
+    "64",
+    "--num_scales",
+    "1",
+    "--device",
+    "cpu",
+    "-j",
+    "0",
+    "--eval_batch_size",
+    "4",
+]
+TRAIN_OPTS = [
+    "--batch_size",
+    "4",
+    "--lr",
+    "0.01",
+    "--max_iter",
+    "12",
+    "--step_values",
+    "8",
+    "--warmup_iters",
+    "2",
+    "--save_step",
+    "6",
+    "--keep_checkpoints",
+    "0",
+    "--val_step",
+    "0",
+    "--log_step",
+    "3",
+]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    args = shapes.get_args_parser().parse_args(
+        [
+            "--data_root",
+            str(root),
+            "--num_train",
+            "16",
+            "--num_val",
+            "6",
+            "--image_size",
+            "64",
+            "--min_size",
+            "10",
+            "--num_workers",
+            "0",
+        ]
+    )
+    shapes.main(args)
+    return str(root)
+
+
+def run_train(data_root, save_root, *extra):
+    argv = (
+        MODEL_OPTS
+        + TRAIN_OPTS
+        + ["--data_root", data_root, "--save_root", str(save_root), "--run_name", "r", *extra]
+    )
+    return train.main(train.get_args_parser().parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_root, tmp_path_factory):
+    save_root = tmp_path_factory.mktemp("runs")
+    summary = run_train(data_root, save_root)
+    return summary, os.path.join(str(save_root), "r")
+
+
+def test_training_writes_checkpoints_logs_and_validates(trained_run):
+    summary, run_dir = trained_run
+    assert summary["iteration"] == 12
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "model_*.pth"))) == [
+        "model_000006.pth",
+        "model_000012.pth",
+    ]
+    state = load_checkpoint(os.path.join(run_dir, "model_000012.pth"))
+    assert state["iteration"] == 12 and state["class_names"] == ["circle", "square", "triangle"]
+    assert state["args"]["basenet"] == "resnet18" and len(state["anchors"]) == 5
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    loss_records = [r for r in records if "loss" in r]
+    assert [r["iteration"] for r in loss_records] == [3, 6, 9, 12]
+    assert all(np.isfinite(r["loss_cls"]) and np.isfinite(r["loss_box"]) for r in loss_records)
+    assert "val_map50_area" in records[-1] and 0.0 <= records[-1]["val_map50_area"] <= 1.0
+    with open(os.path.join(run_dir, "args.json")) as f:
+        assert json.load(f)["max_iter"] == 12
+
+
+def test_resume_reaches_the_same_weights(trained_run, data_root, tmp_path):
+    _, run_dir = trained_run
+    resumed_dir = tmp_path / "r"
+    resumed_dir.mkdir()
+    shutil.copy(os.path.join(run_dir, "model_000006.pth"), resumed_dir)
+    summary = run_train(data_root, tmp_path, "--resume", "auto")
+    assert summary["iteration"] == 12
+    uninterrupted = load_checkpoint(os.path.join(run_dir, "model_000012.pth"))["model"]
+    resumed = load_checkpoint(str(resumed_dir / "model_000012.pth"))["model"]
+    assert uninterrupted.keys() == resumed.keys()
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_evaluate_voc_and_coco_paths(trained_run, data_root, tmp_path):
+    _, run_dir = trained_run
+    argv = [
+        "--checkpoint",
+        os.path.join(run_dir, "model_000012.pth"),
+        "--data_root",
+        data_root,
+        "--metric",
+        "all",
+        "--save_path",
+        str(tmp_path),
+    ]
+    summary = evaluate.main(evaluate.get_args_parser().parse_args(argv))
+    headline = next(iter(summary.values()))
+    assert {"voc_map_07_11pt", "voc_map_area", "coco_AP", "coco_AP50"} <= headline.keys()
+    results_file = glob.glob(str(tmp_path / "detections_*.json"))[0]
+    results = json.load(open(results_file))
+    assert results and {r["category_id"] for r in results} <= {1, 2, 3}
+    # Scoring the written results file again, without the model, gives the same numbers.
+    again = evaluate.main(
+        evaluate.get_args_parser().parse_args(
+            ["--detections", results_file, "--data_root", data_root, "--val_sets", "val", "--metric", "all"]
+        )
+    )
+    assert again["detections"]["voc_map_area"] == pytest.approx(headline["voc_map_area"])
+    assert again["detections"]["coco_AP"] == pytest.approx(headline["coco_AP"])
+
+
+def test_evaluate_several_iterations_of_a_run(trained_run, data_root, tmp_path):
+    _, run_dir = trained_run
+    argv = [
+        "--run_dir",
+        run_dir,
+        "--eval_iters",
+        "6,12",
+        "--data_root",
+        data_root,
+        "--save_path",
+        str(tmp_path),
+    ]
+    summary = evaluate.main(evaluate.get_args_parser().parse_args(argv))
+    assert [os.path.basename(p) for p in summary] == ["model_000006.pth", "model_000012.pth"]
+
+
+def test_demo_draws_boxes(trained_run, data_root, tmp_path):
+    _, run_dir = trained_run
+    images = sorted(glob.glob(os.path.join(data_root, "shapes", "images", "val", "*.png")))[:2]
+    argv = [
+        "--checkpoint",
+        os.path.join(run_dir, "model_000012.pth"),
+        "--images",
+        *images,
+        "--save_path",
+        str(tmp_path),
+        "--score_thresh",
+        "0.0",
+        "--topk",
+        "5",
+    ]
+    records = demo.main(demo.get_args_parser().parse_args(argv))
+    assert len(records) == 2
+    for record, image_path in zip(records, images):
+        drawn = cv2.imread(record["output"])
+        original = cv2.imread(image_path)
+        assert drawn.shape == original.shape
+        assert 1 <= len(record["detections"]) <= 5
+        # Boxes were drawn: the output differs from the input image.
+        assert np.abs(drawn.astype(int) - original.astype(int)).sum() > 0
+
+
+def test_extract_features_shapes_and_layout(trained_run, data_root, tmp_path):
+    _, run_dir = trained_run
+    argv = [
+        "--checkpoint",
+        os.path.join(run_dir, "model_000012.pth"),
+        "--data_root",
+        data_root,
+        "--save_path",
+        str(tmp_path),
+        "--num_nodes",
+        "10",
+        "--conf_thresh",
+        "0.0",
+    ]
+    summary = extract_features.main(extract_features.get_args_parser().parse_args(argv))
+    assert summary["num_images"] == 6
+    num_classes_with_bg, channels = 4, 16
+    files = sorted(glob.glob(str(tmp_path / "*.pth")))
+    assert len(files) == 6
+    table = torch.load(files[0], weights_only=True)
+    assert table.shape == (10, 1 + 4 + num_classes_with_bg + 9 * channels)
+    live = table[table[:, 0] > 0]
+    assert len(live) > 0
+    probs = live[:, 5 : 5 + num_classes_with_bg]
+    torch.testing.assert_close(probs.sum(1), torch.ones(len(live)))  # softmax over K+1
+    torch.testing.assert_close(live[:, 0], 1 - probs[:, 0])  # objectness = 1 - P(background)
+    boxes = live[:, 1:5]
+    assert (boxes >= 0).all() and (boxes <= 1).all() and (boxes[:, 2:] >= boxes[:, :2]).all()
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_root, tmp_path, monkeypatch):
+    real_build = train.build_model
+
+    def build_with_nan_at_iteration_8(args, anchor_whs_per_level=None):
+        model, criterion, post = real_build(args, anchor_whs_per_level)
+        calls = {"n": 0}
+
+        class NanAfter(torch.nn.Module):
+            def forward(self, outputs, targets):
+                calls["n"] += 1
+                losses = criterion(outputs, targets)
+                if calls["n"] >= 8:
+                    losses["loss_box"] = losses["loss_box"] * float("nan")
+                return losses
+
+        return model, NanAfter(), post
+
+    monkeypatch.setattr(train, "build_model", build_with_nan_at_iteration_8)
+    with pytest.raises(SystemExit, match=r"non-finite loss at iteration 7: .*loss_box=nan"):
+        run_train(data_root, tmp_path)
+    run_dir = tmp_path / "r"
+    assert [os.path.basename(p) for p in sorted(glob.glob(str(run_dir / "model_*.pth")))] == [
+        "model_000006.pth"
+    ]
+    state = load_checkpoint(str(run_dir / "model_000006.pth"))
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(data_root, tmp_path):
+    """2 gloo processes with batch 2 each see the same samples as 1 process with batch 4."""
+    common = MODEL_OPTS + [
+        "--data_root",
+        data_root,
+        "--batch_size",
+        "{bs}",
+        "--lr",
+        "0.01",
+        "--max_iter",
+        "2",
+        "--step_values",
+        "",
+        "--warmup_iters",
+        "0",
+        "--save_step",
+        "2",
+        "--log_step",
+        "1",
+        "--no_val",
+        "--save_root",
+        str(tmp_path),
+    ]
+
+    def argv(bs, name):
+        return [a.replace("{bs}", str(bs)) for a in common] + ["--run_name", name]
+
+    train.main(train.get_args_parser().parse_args(argv(4, "single")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29531",
+            os.path.join(ROOT, "train.py"),
+            *argv(2, "ddp"),
+        ],
+        check=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    single = [json.loads(line) for line in open(tmp_path / "single" / "metrics.jsonl")]
+    ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
+    # The loss is normalised by the positives of each process's half batch, so the mean over ranks is
+    # close to, not exactly, the one-process value.
+    assert ddp[0]["loss"] == pytest.approx(single[0]["loss"], rel=0.1)
+    assert ddp[0]["loss_cls"] == pytest.approx(single[0]["loss_cls"], rel=0.1)
