@@ -104,7 +104,7 @@ def load_boxes(
         (ndarray[S]), num_images, annotation_files.
     """
     heights, widths, boxes, image_idxs, difficult, crowd = [], [], [], [], [], []
-    num_images = 0
+    num_images = 0  # images of the previous files: offsets this file's image rows
     for path in annotation_files:
         coco = load_annotations(path)
         ids = np.array([im["id"] for im in coco["images"]], dtype=np.int64)
@@ -122,27 +122,60 @@ def load_boxes(
         difficult.append(np.array([bool(a.get("difficult", 0)) for a in anns], dtype=bool))
         crowd.append(np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool))
         num_images += len(ids)
-    heights, widths = np.concatenate(heights), np.concatenate(widths)
-    image_idxs = np.concatenate(image_idxs).astype(np.int64)
-    xywh = np.concatenate(boxes)
+    return resize_boxes(
+        np.concatenate(heights),
+        np.concatenate(widths),
+        np.concatenate(boxes),
+        np.concatenate(image_idxs).astype(np.int64),
+        np.concatenate(difficult),
+        np.concatenate(crowd),
+        resize_mode,
+        input_dim,
+        min_size,
+        max_size,
+        annotation_files=annotation_files,
+    )
+
+
+def resize_boxes(
+    heights: np.ndarray,
+    widths: np.ndarray,
+    gt_boxes_xywh: np.ndarray,
+    gt_image_idxs: np.ndarray,
+    difficult: np.ndarray,
+    crowd: np.ndarray,
+    resize_mode: str,
+    input_dim: int,
+    min_size: int,
+    max_size: int,
+    annotation_files: Sequence[str] = (),
+) -> Dict:
+    """The box set of :func:`load_boxes` from arrays (vectorised over all images and boxes).
+
+    Args:
+        heights, widths (ndarray[M]): original image sizes.
+        gt_boxes_xywh (ndarray[G, 4]): [x, y, w, h] original pixels. gt_image_idxs (ndarray[G]): row of
+            each box's image in heights / widths. difficult, crowd (ndarray[G] bool).
+    """
     new_h, new_w, sx, sy = compute_resize(heights, widths, resize_mode, input_dim, min_size, max_size)
     divisibility = KEEP_ASPECT_SIZE_DIVISIBILITY if resize_mode == "keep_aspect" else 1
-    padded = np.stack([new_h, new_w], axis=1).astype(np.int64)
-    padded = -(-padded // divisibility) * divisibility  # round up
+    padded = np.stack([np.broadcast_to(new_h, heights.shape), np.broadcast_to(new_w, widths.shape)], axis=1)
+    padded = -(-padded.astype(np.int64) // divisibility) * divisibility  # round up
     input_sizes, image_size_idxs, num_images_per_size = np.unique(
         padded.reshape(-1, 2), axis=0, return_inverse=True, return_counts=True
     )
-    scale = np.stack([sx, sy, sx, sy], axis=1)[image_idxs]  # [G, 4]
+    scale = np.stack(np.broadcast_arrays(sx, sy, sx, sy), axis=1)[gt_image_idxs]  # [G, 4]
+    xywh = np.asarray(gt_boxes_xywh, dtype=np.float64).reshape(-1, 4)
     gt_boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1) * scale
     return {
         "gt_boxes": gt_boxes,
-        "difficult": np.concatenate(difficult),
-        "crowd": np.concatenate(crowd),
+        "difficult": np.asarray(difficult, dtype=bool),
+        "crowd": np.asarray(crowd, dtype=bool),
         "degenerate": (gt_boxes[:, 2] <= gt_boxes[:, 0]) | (gt_boxes[:, 3] <= gt_boxes[:, 1]),
-        "gt_input_size_idxs": image_size_idxs.reshape(-1)[image_idxs],
+        "gt_input_size_idxs": image_size_idxs.reshape(-1)[gt_image_idxs],
         "input_sizes": input_sizes,
         "num_images_per_size": num_images_per_size,
-        "num_images": num_images,
+        "num_images": int(heights.shape[0]),
         "annotation_files": list(annotation_files),
     }
 
