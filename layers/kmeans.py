@@ -374,7 +374,7 @@ def best_anchor_iou(
     anchor_generator: AnchorGenerator,
     input_h: int,
     input_w: int,
-    chunk_size: int = 65536,
+    chunk_size: int = 16384,
 ) -> Tensor:
     """Best IoU of each gt box with any anchor of the grid for an input of input_h x input_w.
 
