@@ -26,6 +26,7 @@ from layers.losses import FocalLoss, MultiBoxLoss
 from layers.postprocess import PostProcess
 from models.backbone import ResNetBackbone
 from models.detector import FPNDetector
+from models.faster_rcnn import build_faster_rcnn
 from models.fpn import FPN
 from models.heads import DetectionHead
 
@@ -150,7 +151,7 @@ def _build_faster_rcnn_fpn(args, anchor_whs_per_level=None, load_pretrained=True
 # arch name -> builder(args, anchor_whs_per_level, load_pretrained) -> (model, criterion, postprocessor)
 ARCH_BUILDERS: Dict[str, Callable[..., Tuple[nn.Module, nn.Module, nn.Module]]] = {
     "fpn_ohem": build_fpn_ohem,
-    "faster_rcnn_fpn": _build_faster_rcnn_fpn,
+    "faster_rcnn_fpn": build_faster_rcnn,
 }
 
 
