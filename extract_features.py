@@ -151,7 +151,9 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     for targets, detections, outputs in predict(model, postprocessor, loader, device, return_features=True):
         for i, (target, det) in enumerate(zip(targets, detections)):
             if "roi_features" in det:  # two-stage models hand back their own per-detection features
-                table = det["roi_features"][: args.num_nodes]
+                rows = det["roi_features"][: args.num_nodes]
+                table = rows.new_zeros(args.num_nodes, rows.shape[1])  # zero rows past the detections
+                table[: len(rows)] = rows
             else:
                 table = detection_rows(outputs, det, i, target["orig_size"], score_type, args.num_nodes)
             stem = os.path.splitext(os.path.basename(str(target["file_name"])))[0]
