@@ -51,7 +51,9 @@ def build_anchor_whs(args: argparse.Namespace, strides: Sequence[int] = DEFAULT_
             )
         whs, meta = load_anchor_file(args.anchor_file, expected_strides=strides)
         # Anchors fitted to another input size are misplaced in scale; say so rather than fail.
-        for key in ("resize_mode", "input_dim", "min_size", "max_size"):
+        mode = getattr(args, "resize_mode", None)
+        keys = ("resize_mode",) + (("input_dim",) if mode == "square" else ("min_size", "max_size"))
+        for key in keys:
             if key in meta and hasattr(args, key) and meta[key] != getattr(args, key):
                 logger.warning(
                     "anchor file %s was made for %s=%s, this run uses %s",

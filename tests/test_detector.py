@@ -1,4 +1,5 @@
 import argparse
+import logging
 import math
 
 import pytest
@@ -162,7 +163,7 @@ def test_loss_type_selects_criterion_postprocess_and_columns():
     assert torch.allclose(model.head.cls_pred.bias, torch.full_like(model.head.cls_pred.bias, -math.log(99)))
 
 
-def test_anchor_sources(tmp_path):
+def test_anchor_sources(tmp_path, caplog):
     model, _, _ = build_model(_args(num_scales=2, aspect_ratios=[1.0]))
     assert model.anchor_generator.num_anchors_per_location == 2
     assert model.head.cls_pred.out_channels == 2 * 4
@@ -176,6 +177,11 @@ def test_anchor_sources(tmp_path):
     model, _, _ = build_model(_args(anchor_type="kmeans", anchor_file=path))
     assert model.anchor_generator.num_anchors_per_location == 4
     torch.testing.assert_close(model.anchor_generator.anchor_whs, torch.stack(whs))
+
+    # Anchors fitted at another input size still load, with a warning naming the option.
+    with caplog.at_level(logging.WARNING, logger="models"):
+        build_model(_args(anchor_type="kmeans", anchor_file=path, resize_mode="square", input_dim=512))
+    assert "input_dim=600" in caplog.text and "512" in caplog.text
 
     # A checkpoint's anchors win over the options.
     from_checkpoint = predefined_anchor_whs(1, [1.0, 2.0])
