@@ -153,11 +153,15 @@ def compute_metrics(
     metric: str = "voc",
     iou_thresh: float = 0.5,
     hierarchy: Any = None,
+    all_classes_gt: Dict[str, Any] | None = None,
 ) -> Dict[str, Any]:
     """Score COCO-format results against a common-format ground truth dict.
 
     metric: "voc" (VOC07 11-point and area AP at ``iou_thresh``), "coco" (pycocotools' 12 numbers),
     "oid" (Open Images challenge metric; needs the class hierarchy) or "all" (voc + coco).
+    all_classes_gt: for "oid" when ``gt`` holds a class subset, the ground truth of every class
+    (``dataset.coco_gt(all_classes=True)``): the hierarchy is expanded over all classes and then
+    ``gt``'s categories are kept, so a parent class in the subset also gets its children's boxes.
     Returns {"voc": {...}, "coco": {...}, "oid": {...}} for the metrics run, each with a "table" string.
     """
     out: Dict[str, Any] = {}
@@ -170,7 +174,12 @@ def compute_metrics(
     if metric == "oid":
         from utils.oid_eval import evaluate_oid, format_oid_table
 
-        oid = evaluate_oid(gt, results, hierarchy=hierarchy)
+        oid = evaluate_oid(
+            gt if all_classes_gt is None else all_classes_gt,
+            results,
+            hierarchy=hierarchy,
+            category_ids=[int(c["id"]) for c in gt["categories"]],
+        )
         oid["table"] = format_oid_table(oid)
         out["oid"] = oid
     return out
@@ -202,6 +211,11 @@ def evaluate(
         num_images / max(seconds, 1e-9),
     )
     metrics = compute_metrics(
-        dataset.coco_gt(), results, metric, iou_thresh, hierarchy=getattr(dataset, "hierarchy", None)
+        dataset.coco_gt(),
+        results,
+        metric,
+        iou_thresh,
+        hierarchy=getattr(dataset, "hierarchy", None),
+        all_classes_gt=dataset.coco_gt(all_classes=True) if metric == "oid" else None,
     )
     return metrics, results

@@ -115,7 +115,10 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         dataset = build_dataset(args, args.val_sets, train=False)
         with open(args.detections) as f:
             results = json.load(f)
-        metrics = compute_metrics(dataset.coco_gt(), results, args.metric, args.iou_thresh, hierarchy)
+        full_gt = dataset.coco_gt(all_classes=True) if args.metric == "oid" else None
+        metrics = compute_metrics(
+            dataset.coco_gt(), results, args.metric, args.iou_thresh, hierarchy, full_gt
+        )
         return {"detections": report(metrics, os.path.basename(args.detections)), "metrics": metrics}
 
     paths = checkpoints_to_evaluate(args)

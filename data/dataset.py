@@ -96,7 +96,7 @@ class DetectionDataset(Dataset):
         self.transforms = transforms
         self.skip_bad_images = skip_bad_images
         self.annotation_files = [os.path.join(dataset_root, "annotations", f"{s}.json") for s in self.splits]
-        self._coco_gt: Dict[str, Any] | None = None
+        self._coco_gt: Dict[bool, Dict[str, Any]] = {}  # all_classes -> ground truth
 
         cocos = [load_annotations(path) for path in self.annotation_files]
         self.categories = cocos[0]["categories"]
@@ -260,27 +260,33 @@ class DetectionDataset(Dataset):
             return image, target
         return self.transforms(image, target)
 
-    def coco_gt(self) -> Dict[str, Any]:
+    def coco_gt(self, all_classes: bool = False) -> Dict[str, Any]:
         """Ground truth of all splits as one common-format dict, for the evaluators.
 
         Only the (subset) classes, in label order, and their annotations; annotation ids are renumbered
         from 1 when the splits' ids collide (pycocotools indexes by id and treats id 0 as unmatched).
-        Built on first call by re-reading the files (training sets never keep it), then cached: do not
-        modify it.
+        ``all_classes``: every category of the files and all annotations, whatever the subset (the Open
+        Images metric expands the class hierarchy over every class before it keeps the subset's).
+        Image records (with any verified labels) are as in the files. Built on first call by re-reading
+        the files (training sets never keep it), then cached: do not modify it.
         """
-        if self._coco_gt is None:
+        # Without a subset (or with one listing every class in file order) both are the same dict.
+        all_classes = all_classes or self._subset_positions == list(range(len(self.categories)))
+        if all_classes not in self._coco_gt:
+            positions = range(len(self.categories)) if all_classes else self._subset_positions
+            categories = [self.categories[i] for i in positions]
+            keep_ids = {int(c["id"]) for c in categories}
             cocos = [load_annotations(path) for path in self.annotation_files]
-            keep_ids = set(self.category_ids)
             annotations = [a for coco in cocos for a in coco["annotations"] if a["category_id"] in keep_ids]
             ids = [a["id"] for a in annotations]
             if len(set(ids)) != len(ids) or 0 in ids:
                 annotations = [{**a, "id": i + 1} for i, a in enumerate(annotations)]
-            self._coco_gt = {
+            self._coco_gt[all_classes] = {
                 "images": [im for coco in cocos for im in coco["images"]],
                 "annotations": annotations,
-                "categories": [self.categories[i] for i in self._subset_positions],
+                "categories": categories,
             }
-        return self._coco_gt
+        return self._coco_gt[all_classes]
 
     def __repr__(self) -> str:
         return (

@@ -323,8 +323,48 @@ def _evaluatable_keys(gt: dict, gta: dict) -> np.ndarray:
     return np.unique(np.concatenate([label_keys, box_keys]))
 
 
+def select_categories(gt: dict, category_ids: Iterable[int]) -> dict:
+    """The ground truth of some categories only (e.g. the class subset a model was trained on).
+
+    Args:
+        gt (dict): common-format OID ground truth (already expanded, when the hierarchy is to count).
+        category_ids (Iterable[int]): categories to keep, in the order the result lists them.
+
+    Returns:
+        dict: a copy with those categories, their annotations, and the images' ``verified_present`` /
+        ``verified_absent`` restricted to them (every image is kept: its absent labels are negatives).
+
+    Raises:
+        ValueError: a category id that ``gt`` does not have.
+    """
+    category_ids = [int(c) for c in category_ids]
+    by_id = {int(c["id"]): c for c in gt["categories"]}
+    unknown = [c for c in category_ids if c not in by_id]
+    if unknown:
+        raise ValueError(f"select_categories: category ids {unknown[:10]} are not in the ground truth")
+    keep = set(category_ids)
+    images = [
+        {
+            **img,
+            "verified_present": [c for c in img.get("verified_present", ()) if int(c) in keep],
+            "verified_absent": [c for c in img.get("verified_absent", ()) if int(c) in keep],
+        }
+        for img in gt["images"]
+    ]
+    return {
+        **gt,
+        "images": images,
+        "annotations": [a for a in gt["annotations"] if int(a["category_id"]) in keep],
+        "categories": [by_id[c] for c in category_ids],
+    }
+
+
 def evaluate_oid(
-    gt: dict, detections: list[dict], hierarchy: str | dict | None = None, iou_thresh: float = 0.5
+    gt: dict,
+    detections: list[dict],
+    hierarchy: str | dict | None = None,
+    iou_thresh: float = 0.5,
+    category_ids: Iterable[int] | None = None,
 ) -> dict:
     """Open Images detection challenge AP per class and mAP (see the module docstring for the rules).
 
@@ -336,6 +376,9 @@ def evaluate_oid(
         hierarchy (str | dict | None): anything ``load_hierarchy`` accepts; when given, ``gt`` is expanded
             first (it must not be expanded already). None: no expansion.
         iou_thresh (float): in (0, 1]; IoU for ordinary boxes and IoA for group-of boxes.
+        category_ids (Iterable[int] | None): evaluate only these categories of ``gt`` (a model trained on a
+            class subset), kept after the expansion, so a parent class gets the boxes and labels of children
+            outside the subset; detections must be of these categories. None: every category of ``gt``.
 
     Returns:
         dict with ap {class name: AP, NaN without ground truth}, map, num_classes_evaluated, class_names,
@@ -351,6 +394,8 @@ def evaluate_oid(
         if not all(mids):
             raise ValueError("evaluate_oid: a hierarchy needs a 'mid' for every category")
         gt = expand_ground_truth(gt, load_hierarchy(hierarchy, mids))
+    if category_ids is not None:
+        gt = select_categories(gt, category_ids)
 
     gta = gt_to_arrays(gt)
     det = detections_to_arrays(detections)
