@@ -5,6 +5,7 @@
     python evaluate.py --detections results.json --dataset coco --val_sets val2017 --metric coco
     python evaluate.py --checkpoint CKPT --dataset openimages --val_sets validation --metric oid \
         --submission submission.csv
+    python evaluate.py --detections submission.csv --dataset openimages --val_sets validation --metric oid
 
 Metrics: ``voc`` prints per-class AP at --iou_thresh, both VOC07 11-point and area under the curve;
 ``coco`` the 12 pycocotools numbers; ``oid`` the Open Images challenge metric (needs the class
@@ -42,7 +43,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--run_dir", default=None, help="a run folder; with --eval_iters, several of its checkpoints"
     )
     g.add_argument("--eval_iters", type=int_list, default=[], help="iterations to evaluate, e.g. 10000,20000")
-    g.add_argument("--detections", default=None, help="score an existing COCO results JSON, no model needed")
+    g.add_argument(
+        "--detections",
+        default=None,
+        help="score an existing COCO results JSON or Open Images submission CSV (.csv), no model needed",
+    )
     g = parser.add_argument_group("metrics and outputs")
     g.add_argument("--metric", default="voc", choices=("voc", "coco", "oid", "all"))
     g.add_argument("--iou_thresh", type=float, default=0.5, help="VOC IoU threshold")
@@ -113,8 +118,13 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
     if args.detections:
         dataset = build_dataset(args, args.val_sets, train=False)
-        with open(args.detections) as f:
-            results = json.load(f)
+        if args.detections.endswith(".csv"):  # an Open Images submission (normalised boxes, MIDs)
+            from utils.oid_eval import oid_submission_to_coco_results, read_oid_submission
+
+            results = oid_submission_to_coco_results(read_oid_submission(args.detections), dataset.coco_gt())
+        else:
+            with open(args.detections) as f:
+                results = json.load(f)
         full_gt = dataset.coco_gt(all_classes=True) if args.metric == "oid" else None
         metrics = compute_metrics(
             dataset.coco_gt(), results, args.metric, args.iou_thresh, hierarchy, full_gt
