@@ -224,9 +224,10 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     resume_path = latest_checkpoint(run_dir) if args.resume == "auto" else args.resume
     checkpoint = load_checkpoint(resume_path) if resume_path else None
     anchor_whs = anchors_from_checkpoint(checkpoint) if checkpoint is not None else None
-    if checkpoint is not None:
-        args.pretrained = "none"  # the checkpoint holds every weight
-    model, criterion, postprocessor = build_model(args, anchor_whs_per_level=anchor_whs)
+    # The checkpoint holds every weight: build frozen as --pretrained implies, but read no weight file.
+    model, criterion, postprocessor = build_model(
+        args, anchor_whs_per_level=anchor_whs, load_pretrained=checkpoint is None
+    )
     model.to(device)
     criterion.to(device)
     postprocessor.to(device)

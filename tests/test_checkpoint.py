@@ -14,6 +14,10 @@ from utils.checkpoint import (
 )
 
 
+class PicklablePayload:
+    pass
+
+
 def test_save_is_atomic_and_loads_weights_only(tmp_path):
     path = str(tmp_path / "run" / "model_000010.pth")
     state = {"model": {"w": torch.ones(2)}, "args": {"lr": 0.1}, "iteration": 10}
@@ -26,10 +30,8 @@ def test_save_is_atomic_and_loads_weights_only(tmp_path):
 def test_load_refuses_pickled_code(tmp_path):
     path = str(tmp_path / "evil.pth")
 
-    class Payload:  # any non-tensor object needs full unpickling, which weights_only refuses
-        pass
-
-    torch.save({"model": Payload(), "args": {}}, path)
+    # Any object beyond tensors and plain containers needs full unpickling, which weights_only refuses.
+    torch.save({"model": PicklablePayload(), "args": {}}, path)
     with pytest.raises(ValueError, match="weights_only"):
         load_checkpoint(path)
 
@@ -62,4 +64,6 @@ def test_args_merge_keeps_structure_and_takes_explicit_cli_values():
     assert merged.basenet == "resnet18"  # structural: the weights only fit the trained network
     assert merged.nms_thresh == 0.3  # explicit on the command line
     assert merged.conf_thresh == 0.2 and merged.input_dim == 320  # not given: the run's own values
-    assert merged.checkpoint == "x.pth" and merged.pretrained == "none"
+    assert merged.checkpoint == "x.pth"
+    # freezing follows the trained run (weights themselves come from the checkpoint, not this option)
+    assert merged.pretrained == "imagenet" and merged.freeze_upto == 1

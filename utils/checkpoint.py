@@ -102,6 +102,10 @@ STRUCTURAL_OPTIONS = (
     "focal_alpha",
     "focal_gamma",
     "neg_pos_ratio",
+    # how the backbone was frozen: rebuilding with other values would change which weights train on resume
+    "pretrained",
+    "freeze_upto",
+    "freeze_bn",
 )
 
 
@@ -113,7 +117,7 @@ def args_from_checkpoint(
     Structural options come from the checkpoint. Any other option given explicitly on the command line
     (its value differs from the parser default) wins; the rest keep the checkpoint's values, falling back
     to the command line's defaults for options the checkpoint predates. Weights come from the
-    checkpoint, so ``pretrained`` is always "none".
+    checkpoint: callers build with ``load_pretrained=False`` so no ImageNet file is read.
     """
     merged = dict(vars(cli_args))
     for key, value in checkpoint["args"].items():
@@ -122,7 +126,6 @@ def args_from_checkpoint(
             merged[key] = value
     for key, value in vars(cli_args).items():  # script-only options (e.g. --checkpoint) stay as given
         merged.setdefault(key, value)
-    merged["pretrained"] = "none"
     if checkpoint["args"].get("classes") and checkpoint.get("class_names"):
         # A model trained on a class subset evaluates on the same subset; the names are stored because the
         # --classes file the run used may not exist where the checkpoint is evaluated.
@@ -151,7 +154,7 @@ def build_model_from_checkpoint(
     checkpoint = load_checkpoint(path)
     args = args_from_checkpoint(checkpoint, cli_args, parser)
     model, _criterion, postprocessor = build_model(
-        args, anchor_whs_per_level=anchors_from_checkpoint(checkpoint)
+        args, anchor_whs_per_level=anchors_from_checkpoint(checkpoint), load_pretrained=False
     )
     missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
     if missing or unexpected:
