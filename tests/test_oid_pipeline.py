@@ -251,7 +251,7 @@ TRAIN_OPTS = [
 def run_train(oid, sampler: str, *extra):
     argv = MODEL_OPTS + TRAIN_OPTS + [
         "--data_root", oid["data_root"], "--save_root", str(oid["tmp"] / "runs"), "--run_name", sampler,
-        "--classes", oid["bin_0"], "--sampler", sampler, "--num_bins", "1", *extra,
+        "--classes", oid["bin_0"], "--sampler", sampler, "--num_bins", "1", "--no_val", *extra,
     ]  # fmt: skip
     return train.main(train.get_args_parser().parse_args(argv))
 
