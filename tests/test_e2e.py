@@ -240,8 +240,8 @@ def test_extract_features_shapes_and_layout(trained_run, data_root, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_root, tmp_path, monkeypatch):
     real_build = train.build_model
 
-    def build_with_nan_at_iteration_8(args, anchor_whs_per_level=None):
-        model, criterion, post = real_build(args, anchor_whs_per_level)
+    def build_with_nan_at_iteration_8(*args, **kwargs):
+        model, criterion, post = real_build(*args, **kwargs)
         calls = {"n": 0}
 
         class NanAfter(torch.nn.Module):
