@@ -100,7 +100,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--val_step", type=int, default=5000, help="validate every N iterations (0: only at the end)"
     )
     g.add_argument(
-        "--val_metric", default="voc", choices=("voc", "coco", "all"), help="metric for validation"
+        "--val_metric", default="voc", choices=("voc", "coco", "oid", "all"), help="metric for validation"
     )
     g.add_argument("--no_val", action="store_true", help="skip validation entirely")
     g.add_argument("--log_step", type=int, default=20, help="log every N iterations")
@@ -220,6 +220,14 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         args.num_classes,
     )
     val_set = None if args.no_val else build_dataset(args, args.val_sets, train=False)
+    if val_set is not None and args.val_metric == "oid":
+        hierarchy_path = os.path.join(args.data_root, args.dataset, "hierarchy.json")
+        if not os.path.isfile(hierarchy_path):
+            raise SystemExit(
+                f"--val_metric oid needs the class hierarchy {hierarchy_path!r} (prep/openimages.py)"
+            )
+        with open(hierarchy_path) as f:
+            val_set.hierarchy = json.load(f)
 
     resume_path = latest_checkpoint(run_dir) if args.resume == "auto" else args.resume
     checkpoint = load_checkpoint(resume_path) if resume_path else None
@@ -322,6 +330,11 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             logger.info("iteration %d validation:\n%s", iteration, metrics["voc"]["table"])
         if "coco" in metrics:
             summary["val_coco_ap"] = metrics["coco"]["AP"]
+        if "oid" in metrics:
+            summary["val_oid_map"] = metrics["oid"]["map"]
+            logger.info(
+                "iteration %d validation (Open Images metric):\n%s", iteration, metrics["oid"]["table"]
+            )
         return summary
 
     meters = MetricLogger(window_size=args.log_step)
