@@ -81,6 +81,11 @@ def build_fpn_ohem(
     focal = args.loss_type == "focal"
 
     from_scratch = args.pretrained == "none"
+    if from_scratch and load_pretrained and (args.freeze_upto or args.freeze_bn):
+        logger.info(
+            "--pretrained none: training the whole backbone, batch norm included "
+            "(--freeze_upto / --freeze_bn apply to loaded weights only)"
+        )
     backbone = ResNetBackbone(
         args.basenet,
         pretrained=args.pretrained if load_pretrained else "none",
