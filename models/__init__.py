@@ -4,7 +4,7 @@
 - "fpn_ohem": ResNet backbone (C3..C5) -> FPN (P3..P7) -> shared heads, trained with the OHEM
   multibox loss (``--loss_type mbox``, softmax, K + 1 score columns) or the focal loss
   (``--loss_type focal``, sigmoid, K columns).
-- "faster_rcnn_fpn": registered in ``ARCH_BUILDERS`` by its own module (not written yet).
+- "faster_rcnn_fpn": ``models.faster_rcnn.build_faster_rcnn`` (two-stage, same backbone and FPN).
 
 Backbone policy: with loaded weights (``--pretrained imagenet`` or PATH) the stem plus the first
 ``--freeze_upto`` stages are frozen and batch norm is frozen unless ``--train_bn``. From scratch
@@ -146,13 +146,6 @@ def build_fpn_ohem(
         class_agnostic=args.class_agnostic_nms,
     )
     return model, criterion, postprocessor
-
-
-def _build_faster_rcnn_fpn(args, anchor_whs_per_level=None, load_pretrained=True):
-    raise NotImplementedError(
-        "--arch faster_rcnn_fpn is not implemented yet (its module registers a builder "
-        "in models.ARCH_BUILDERS['faster_rcnn_fpn'])"
-    )
 
 
 # arch name -> builder(args, anchor_whs_per_level, load_pretrained) -> (model, criterion, postprocessor)

@@ -10,7 +10,7 @@ from torch import nn
 from layers.anchors import AnchorGenerator, predefined_anchor_whs, save_anchor_file
 from layers.losses import FocalLoss, MultiBoxLoss
 from layers.postprocess import PostProcess
-from models import build_model, count_parameters, model_summary
+from models import ARCH_BUILDERS, build_fpn_ohem, build_model, count_parameters, model_summary
 from models.detector import FPNDetector
 
 
@@ -241,8 +241,7 @@ def test_losses_and_detections_end_to_end():
 
 
 def test_arch_dispatch_and_summary(mbox_model):
-    with pytest.raises(NotImplementedError, match="faster_rcnn_fpn"):
-        build_model(_args(arch="faster_rcnn_fpn"))
+    assert ARCH_BUILDERS["fpn_ohem"] is build_fpn_ohem and "faster_rcnn_fpn" in ARCH_BUILDERS
     with pytest.raises(ValueError, match="--arch"):
         build_model(_args(arch="yolo"))
     model = mbox_model
