@@ -16,8 +16,13 @@ class RecordingDataset(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, index):
-        target = {"image_id": index, "draw": float(np.random.rand()), "size": torch.tensor([4, 4]),
-                  "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+        target = {
+            "image_id": index,
+            "draw": float(np.random.rand()),
+            "size": torch.tensor([4, 4]),
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.int64),
+        }
         return torch.zeros(3, 4, 4), target
 
 
@@ -30,7 +35,9 @@ def stream(loader, start_iter, count):
 
 
 def test_resumed_stream_equals_uninterrupted_stream():
-    loader = build_train_loader(RecordingDataset(10), batch_size=3, num_workers=0, size_divisibility=1, seed=7)
+    loader = build_train_loader(
+        RecordingDataset(10), batch_size=3, num_workers=0, size_divisibility=1, seed=7
+    )
     full = stream(loader, 0, 8)  # 3 batches per epoch: crosses two epoch boundaries
     assert stream(loader, 5, 3) == full[5:]
     # every epoch reshuffles: the first two epochs do not repeat the same order
@@ -40,7 +47,9 @@ def test_resumed_stream_equals_uninterrupted_stream():
 def test_two_ranks_see_the_same_augmented_samples_as_one_process():
     dataset = RecordingDataset(16)
     single = stream(build_train_loader(dataset, 4, 0, 1, seed=3), 0, 4)
-    ranks = [stream(build_train_loader(dataset, 2, 0, 1, seed=3, num_replicas=2, rank=r), 0, 4) for r in (0, 1)]
+    ranks = [
+        stream(build_train_loader(dataset, 2, 0, 1, seed=3, num_replicas=2, rank=r), 0, 4) for r in (0, 1)
+    ]
     for b in range(4):
         assert sorted(single[b]) == sorted(ranks[0][b] + ranks[1][b])
 
