@@ -181,6 +181,42 @@ def sigmoid_focal_loss_sum(logits: Tensor, targets: Tensor, alpha: float, gamma:
     return loss.sum()
 
 
+# Rows per chunk: [rows, K] temporaries stay a few MB, so they are served from the allocator's free
+# memory instead of fresh pages (on CPU, first-touch page faults cost more than the arithmetic).
+_CHUNK_ROWS = 8192
+
+
+class _NegativeFocalSum(torch.autograd.Function):
+    """sum over rows r with weight w_r of sum_k p^gamma * softplus(x)  (p = sigmoid(x)), chunked.
+
+    Every (anchor, class) pair scored as a negative: -log(1 - p) = softplus(x). The gradient is
+    d/dx = p^gamma * (gamma * (1 - p) * softplus(x) + p), recomputed chunk by chunk in backward from the
+    logits (nothing of size [M, K] is saved but the input itself).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, row_weight, gamma):  # logits [M, K] float32, row_weight [M] float32
+        total = logits.new_zeros(())
+        for x, w in zip(logits.split(_CHUNK_ROWS), row_weight.split(_CHUNK_ROWS)):
+            p = torch.sigmoid(x)
+            total += (p.pow(gamma).mul_(F.softplus(x))).sum(dim=1).dot(w)
+        ctx.save_for_backward(logits, row_weight)
+        ctx.gamma = gamma
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, row_weight = ctx.saved_tensors
+        gamma = ctx.gamma
+        grad = torch.empty_like(logits)
+        for x, w, g in zip(logits.split(_CHUNK_ROWS), row_weight.split(_CHUNK_ROWS), grad.split(_CHUNK_ROWS)):
+            p = torch.sigmoid(x)
+            # p^gamma * (gamma * (1 - p) * softplus(x) + p) * w * grad_output
+            torch.mul(p.pow(gamma), (1 - p).mul_(F.softplus(x)).mul_(gamma).add_(p), out=g)
+            g.mul_((w * grad_output)[:, None])
+        return grad, None, None
+
+
 class FocalLoss(_AnchorLoss):
     """Sigmoid focal loss over K classes (RetinaNet), plus smooth L1 boxes.
 
@@ -216,14 +252,28 @@ class FocalLoss(_AnchorLoss):
         positive = matched_idxs >= 0
         valid = matched_idxs >= BACKGROUND  # positives and negatives, not IGNORE
         normaliser = positive.sum().clamp(min=1).float()
+        w_pos, w_neg = (self.alpha, 1.0 - self.alpha) if self.alpha >= 0 else (1.0, 1.0)
 
         with torch.autocast(device_type=pred_logits.device.type, enabled=False):
-            logits = pred_logits[valid].float()  # [M, K]
-            gt_labels = labelled["gt_labels_per_anchor"][valid]  # [M], -1 for negatives
-            cls_targets = torch.zeros_like(logits)
-            is_pos = gt_labels >= 0
-            cls_targets[is_pos, gt_labels[is_pos]] = 1.0
-            loss_cls = sigmoid_focal_loss_sum(logits, cls_targets, self.alpha, self.gamma) / normaliser
+            logits = pred_logits.float()  # [N, A, K]
+            num_columns = logits.shape[-1]
+            # Every non-ignored (anchor, class) pair as a negative first ...
+            loss_cls = w_neg * _NegativeFocalSum.apply(
+                logits.reshape(-1, num_columns), valid.reshape(-1).float(), self.gamma
+            )
+            # ... then, for each positive's own class, swap the negative term for the positive one.
+            pos_image, pos_anchor = positive.nonzero(as_tuple=True)
+            pos_label = labelled["gt_labels_per_anchor"][pos_image, pos_anchor]
+            x = logits[pos_image, pos_anchor, pos_label]
+            p = torch.sigmoid(x)
+            loss_cls = (
+                loss_cls
+                + (
+                    w_pos * (1 - p).pow(self.gamma) * F.softplus(-x)
+                    - w_neg * p.pow(self.gamma) * F.softplus(x)
+                ).sum()
+            )
+            loss_cls = loss_cls / normaliser
             loss_box = (
                 self.box_loss(outputs["pred_box_deltas"], anchors, labelled["gt_boxes_per_anchor"], positive)
                 / normaliser

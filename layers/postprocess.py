@@ -5,7 +5,7 @@ from typing import Dict, List
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 from layers.box_coder import BoxCoder
 
@@ -69,12 +69,6 @@ class PostProcess(nn.Module):
             f"max_detections={self.max_detections}, class_agnostic={self.class_agnostic}"
         )
 
-    def _scores(self, logits: Tensor) -> Tensor:
-        logits = logits.float()
-        if self.score_type == "softmax":
-            return torch.softmax(logits, dim=-1)[..., 1:]
-        return torch.sigmoid(logits)
-
     @torch.no_grad()
     def forward(self, outputs: Dict[str, Tensor], targets: List[Dict]) -> List[Dict[str, Tensor]]:
         pred_logits, pred_box_deltas, anchors = (
@@ -82,29 +76,48 @@ class PostProcess(nn.Module):
             outputs["pred_box_deltas"],
             outputs["anchors"],
         )
-        num_images, num_anchors, _ = pred_logits.shape
+        num_images, num_anchors, num_columns = pred_logits.shape
         device = pred_logits.device
         if len(targets) != num_images:
             raise ValueError(f"{len(targets)} targets for {num_images} images")
         num_anchors_per_level = outputs.get("num_anchors_per_level") or [num_anchors]
+        if sum(num_anchors_per_level) != num_anchors:
+            raise ValueError(
+                f"num_anchors_per_level sums to {sum(num_anchors_per_level)}, "
+                f"pred_logits has {num_anchors} anchors"
+            )
+        softmax = self.score_type == "softmax"
+        num_classes = num_columns - 1 if softmax else num_columns
 
-        # 1. Per level: threshold, then top-k (anchor, class) pairs per image, batched over images.
+        # 1. Per level, the pre_nms_topk best (anchor, class) pairs above conf_thresh, per image.
+        # They lie within the pre_nms_topk anchors of highest best-class score (each better anchor has a
+        # pair at least as good), so only those anchors' K scores are computed: one max-reduction over
+        # the level instead of scores, a mask and a top-k over all A_l * K pairs.
         cand_scores, cand_anchor_idxs, cand_labels = [], [], []
         start = 0
         for num_level in num_anchors_per_level:
-            scores = self._scores(pred_logits[:, start : start + num_level])  # [N, A_l, K]
-            num_classes = scores.shape[-1]
-            scores = scores.reshape(num_images, -1)  # [N, A_l * K], anchor-major
-            scores = scores.masked_fill(scores <= self.conf_thresh, float("-inf"))
+            logits = pred_logits[:, start : start + num_level]  # [N, A_l, C]
+            if softmax:
+                log_norm = torch.logsumexp(logits.float(), dim=2)  # [N, A_l]
+                best = logits[..., 1:].amax(dim=2).float() - log_norm  # log of the best class probability
+            else:
+                best = logits.amax(dim=2)  # sigmoid is monotonic: rank by logit
+            k = min(self.pre_nms_topk, num_level)
+            top_anchors = best.topk(k, dim=1).indices  # [N, k]
+            sel = logits.gather(1, top_anchors[..., None].expand(-1, -1, num_columns)).float()  # [N, k, C]
+            if softmax:
+                scores = (sel[..., 1:] - log_norm.gather(1, top_anchors)[..., None]).exp()
+            else:
+                scores = sel.sigmoid()
+            scores = scores.reshape(num_images, -1)  # [N, k * K], anchor-major
+            scores = scores.masked_fill(scores <= self.conf_thresh, -1.0)
             top_scores, top_idxs = scores.topk(min(self.pre_nms_topk, scores.shape[1]), dim=1)
             cand_scores.append(top_scores)
-            cand_anchor_idxs.append(top_idxs // num_classes + start)
+            cand_anchor_idxs.append(top_anchors.gather(1, top_idxs // num_classes) + start)
             cand_labels.append(top_idxs % num_classes)
             start += num_level
-        if start != num_anchors:
-            raise ValueError(f"num_anchors_per_level sums to {start}, pred_logits has {num_anchors} anchors")
         scores = torch.cat(cand_scores, dim=1)  # [N, M]
-        keep = torch.isfinite(scores)  # -inf: below threshold (or fewer entries than top-k wanted)
+        keep = scores > self.conf_thresh  # -1: below threshold
         image_idxs = torch.arange(num_images, device=device)[:, None].expand_as(scores)[keep]
         scores = scores[keep]
         anchor_idxs = torch.cat(cand_anchor_idxs, dim=1)[keep]
@@ -115,13 +128,30 @@ class PostProcess(nn.Module):
         boxes = self.box_coder.decode(pred_box_deltas[image_idxs, anchor_idxs], anchors[anchor_idxs])
         boxes = _clip_xyxy(boxes, sizes[image_idxs].float())
 
-        # 3. One NMS call for the batch: boxes of different images (and classes) never suppress each other.
-        # float64: batched_nms offsets boxes by idx * (max coordinate + 1), which is > 1e6 px for big
-        # batches with many classes, where float32 has sub-pixel steps no longer.
+        # 3. NMS per image and class (or per image). On CPU: one nms() per group on contiguous slices
+        # after one sort (batched_nms would scan all boxes once per group); on GPU: one batched_nms.
         nms_groups = image_idxs if self.class_agnostic else image_idxs * num_classes + labels
-        keep = batched_nms(
-            boxes.double(), scores.double(), nms_groups, self.nms_thresh
-        )  # by decreasing score
+        if device.type == "cpu":
+            # Sort once by group, then score: every group is a contiguous, already sorted slice (views).
+            order = torch.argsort(scores, descending=True, stable=True)
+            order = order[torch.argsort(nms_groups[order], stable=True)]
+            sorted_boxes, sorted_scores = boxes[order], scores[order]
+            group_sizes = torch.unique_consecutive(nms_groups[order], return_counts=True)[1].tolist()
+            keep, start = [], 0
+            for size in group_sizes:
+                keep.append(
+                    nms(
+                        sorted_boxes[start : start + size],
+                        sorted_scores[start : start + size],
+                        self.nms_thresh,
+                    )
+                    + start
+                )
+                start += size
+            keep = order[torch.cat(keep)] if keep else order
+            keep = keep[torch.argsort(scores[keep], descending=True, stable=True)]
+        else:
+            keep = batched_nms(boxes.double(), scores.double(), nms_groups, self.nms_thresh)
 
         # 4. The max_detections best per image: stable sort by image keeps the score order within each.
         keep = keep[torch.sort(image_idxs[keep], stable=True).indices]
@@ -137,17 +167,16 @@ class PostProcess(nn.Module):
         image_idxs = image_idxs[keep]
         boxes = boxes[keep] / scales.to(device)[image_idxs].repeat(1, 2)
         boxes = _clip_xyxy(boxes, orig_sizes.to(device)[image_idxs].float())
-
-        results = []
         split = counts.tolist()
-        for b, s, lab, a in zip(
-            boxes.split(split),
-            scores[keep].split(split),
-            labels[keep].split(split),
-            anchor_idxs[keep].split(split),
-        ):
-            results.append({"boxes": b, "scores": s, "labels": lab, "anchor_idxs": a})
-        return results
+        return [
+            {"boxes": b, "scores": s, "labels": lab, "anchor_idxs": a}
+            for b, s, lab, a in zip(
+                boxes.split(split),
+                scores[keep].split(split),
+                labels[keep].split(split),
+                anchor_idxs[keep].split(split),
+            )
+        ]
 
 
 def _clip_xyxy(boxes: Tensor, sizes_hw: Tensor) -> Tensor:

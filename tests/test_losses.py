@@ -173,6 +173,27 @@ def test_focal_equals_torchvision():
     assert losses["loss_box"].item() == pytest.approx(expected_box / max(num_pos, 1), rel=1e-5)
 
 
+def test_focal_gradient_equals_torchvision_autograd():
+    """The chunked negative term has a hand-written backward: its gradient must equal autograd's
+    through torchvision's sigmoid_focal_loss, for the logits of positives, negatives and ignored anchors."""
+    g = torch.Generator().manual_seed(6)
+    anchors, targets, outputs = _random_batch(g)
+    logits = outputs["pred_logits"].clone().requires_grad_(True)
+    FocalLoss(BoxCoder(), 0.5, 0.4)({**outputs, "pred_logits": logits}, targets)["loss_cls"].backward()
+
+    reference_logits = outputs["pred_logits"].clone().requires_grad_(True)
+    gt_boxes, gt_labels, gt_valid, gt_ignore = pad_targets(targets, torch.device("cpu"))
+    matched = match_anchors(anchors, gt_boxes, gt_valid, gt_ignore, 0.5, 0.4)
+    onehot = torch.zeros_like(reference_logits)
+    pos_image, pos_anchor = (matched >= 0).nonzero(as_tuple=True)
+    onehot[pos_image, pos_anchor, gt_labels[pos_image, matched[pos_image, pos_anchor]]] = 1.0
+    keep = matched != IGNORE
+    reference = sigmoid_focal_loss(reference_logits[keep], onehot[keep], 0.25, 2.0, reduction="sum")
+    (reference / max(len(pos_image), 1)).backward()
+    assert (reference_logits.grad[~keep] == 0).all() and (logits.grad[~keep] == 0).all()
+    torch.testing.assert_close(logits.grad, reference_logits.grad, rtol=1e-5, atol=1e-8)
+
+
 def test_multibox_random_against_reference():
     g = torch.Generator().manual_seed(4)
     anchors, targets, outputs = _random_batch(g, columns=5)
