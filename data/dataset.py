@@ -328,8 +328,8 @@ def build_dataset(args: argparse.Namespace, split: str | Sequence[str], train: b
     """The dataset for ``split`` (a comma list such as args.train_sets / args.val_sets, or a list).
 
     Reads args.data_root, args.dataset, args.classes, args.skip_bad_images and, for the transforms,
-    args.resize_mode, args.input_dim, args.min_size, args.max_size (augmentation when ``train``, unless
-    args.no_augment is set).
+    args.resize_mode, args.input_dim, args.min_size, args.max_size and args.augment (applied when
+    ``train``).
     """
     transforms = build_transforms(
         train,
@@ -337,7 +337,7 @@ def build_dataset(args: argparse.Namespace, split: str | Sequence[str], train: b
         input_dim=args.input_dim,
         min_size=args.min_size,
         max_size=args.max_size,
-        augment=not getattr(args, "no_augment", False),
+        augment=getattr(args, "augment", "ssd"),
     )
     return DetectionDataset(
         os.path.join(args.data_root, args.dataset),

@@ -385,23 +385,34 @@ class ToTensorNormalize:
         return f"ToTensorNormalize(mean={self.mean}, std={self.std})"
 
 
+AUGMENTATIONS = ("ssd", "flip", "none")
+
+
 def build_transforms(
     train: bool,
     resize_mode: str = "square",
     input_dim: int = 600,
     min_size: int = 600,
     max_size: int = 1000,
-    augment: bool = True,
+    augment: bool | str = True,
 ) -> Compose:
     """The pipeline ``(image np.uint8[H, W, 3] RGB, target of numpy arrays) -> (Tensor[3, h, w], target)``.
 
-    train and augment: PhotometricDistort, Expand, RandomSampleCrop, RandomHorizontalFlip, Resize,
-    ToTensorNormalize. Otherwise (evaluation, or training without augmentation): Resize, ToTensorNormalize.
+    ``augment`` applies to training only: "ssd" (or True) is PhotometricDistort, Expand,
+    RandomSampleCrop, RandomHorizontalFlip; "flip" is RandomHorizontalFlip alone (short schedules on
+    small sets, where zoom-out and crops cost more iterations than they give back); "none" (or False)
+    adds nothing. Every pipeline ends with Resize, ToTensorNormalize, as evaluation does.
     """
     if resize_mode not in RESIZE_MODES:
         raise ValueError(f"unknown resize_mode {resize_mode!r} (expected one of {RESIZE_MODES})")
+    if isinstance(augment, bool):
+        augment = "ssd" if augment else "none"
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augment {augment!r} (expected one of {AUGMENTATIONS})")
     steps: List[Any] = []
-    if train and augment:
+    if train and augment == "ssd":
         steps += [PhotometricDistort(), Expand(MEAN_PIXEL), RandomSampleCrop(), RandomHorizontalFlip()]
+    elif train and augment == "flip":
+        steps += [RandomHorizontalFlip()]
     steps += [Resize(resize_mode, input_dim, min_size, max_size), ToTensorNormalize()]
     return Compose(steps)

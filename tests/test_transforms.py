@@ -340,3 +340,33 @@ def test_train_without_augment_equals_eval_and_transforms_pickle():
     assert len(restored.transforms) == 6
     with pytest.raises(ValueError, match="resize_mode"):
         build_transforms(True, "stretch")
+
+
+def test_flip_only_augmentation_is_the_eval_result_or_its_mirror():
+    image = np.random.default_rng(4).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    target = make_target([[5, 5, 20, 30], [30, 10, 49, 39]])
+    plain = build_transforms(False, "square", input_dim=32)(image, target)
+    flip = build_transforms(True, "square", input_dim=32, augment="flip")
+    assert [type(t) for t in flip.transforms] == [RandomHorizontalFlip, Resize, ToTensorNormalize]
+    seen_flipped = seen_plain = False
+    for seed in range(20):
+        np.random.seed(seed)
+        tensor, out = flip(image, target)
+        if torch.equal(tensor, plain[0]):
+            seen_plain = True
+            torch.testing.assert_close(out["boxes"], plain[1]["boxes"])
+        else:
+            seen_flipped = True
+            torch.testing.assert_close(tensor, plain[0].flip(-1))
+            # x1' = W - x2, x2' = W - x1 on the 32-wide output
+            expected = plain[1]["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1, -1, 1])
+            expected[:, [0, 2]] += 32
+            torch.testing.assert_close(out["boxes"], expected)
+        assert out.get("num_cropped_out", 0) == 0 and len(out["boxes"]) == 2
+    assert seen_flipped and seen_plain
+    assert [type(t) for t in build_transforms(True, "square", augment="none").transforms] == [
+        Resize,
+        ToTensorNormalize,
+    ]
+    with pytest.raises(ValueError, match="unknown augment"):
+        build_transforms(True, "square", augment="mosaic")
