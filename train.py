@@ -119,7 +119,9 @@ def run_name(args: argparse.Namespace) -> str:
     else:
         anchors = f"pre{args.num_scales}x{len(args.aspect_ratios)}"
     size = f"sq{args.input_dim}" if args.resize_mode == "square" else f"ka{args.min_size}-{args.max_size}"
-    heads = f"sh{args.shared_heads}" if args.arch == "fpn_ohem" else ""
+    heads = ""
+    if args.arch == "fpn_ohem":
+        heads = f"sh{args.shared_heads}" + ("gn" if args.head_norm == "gn" else "")
     parts = [
         args.dataset,
         args.arch,

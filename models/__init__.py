@@ -108,6 +108,7 @@ def build_fpn_ohem(
         num_layers=args.num_head_layers,
         shared_layers=args.shared_heads,
         score_type="sigmoid" if focal else "softmax",
+        norm=getattr(args, "head_norm", "none"),
     )
     model = FPNDetector(backbone, fpn, head, anchor_generator)
 

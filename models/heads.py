@@ -6,6 +6,11 @@ location, C score columns). ``shared_layers = k`` makes the first k tower layers
 heads (0: two separate towers, ``num_layers``: one fully shared tower, the original "SH" variant);
 the remaining ``num_layers - k`` layers are separate.
 
+``norm="gn"`` puts a GroupNorm (32 groups) after every tower conv, as FCOS/ATSS do. GroupNorm
+normalises each image and level on its own, so the towers stay shared across levels. (On the shapes
+demo, from scratch at 192 px, it did not speed up training: VOC mAP 0.488 with it, 0.504 without,
+after 330 iterations.)
+
 Initialisation (RetinaNet paper): conv weights N(0, 0.01), biases 0, except the classification bias:
 - ``score_type="sigmoid"`` (focal loss): every class bias is -log((1 - pi) / pi), pi = ``prior_prob``
   (0.01), so each class starts at probability pi and the many easy negatives do not swamp the first
@@ -28,14 +33,18 @@ from typing import Dict, List
 import torch
 from torch import Tensor, nn
 
+HEAD_NORMS = ("none", "gn")
+GN_GROUPS = 32
 
-def _tower(in_channels: int, channels: int, num_layers: int) -> nn.Sequential:
+
+def _tower(in_channels: int, channels: int, num_layers: int, norm: str = "none") -> nn.Sequential:
+    """num_layers x (3x3 conv [+ GroupNorm(32)] + ReLU)."""
     layers: List[nn.Module] = []
     for i in range(num_layers):
-        layers += [
-            nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1),
-            nn.ReLU(inplace=True),
-        ]
+        layers.append(nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1))
+        if norm == "gn":
+            layers.append(nn.GroupNorm(GN_GROUPS, channels))
+        layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
 
@@ -56,6 +65,7 @@ class DetectionHead(nn.Module):
         shared_layers: leading tower layers shared by both heads, 0..num_layers.
         score_type: "sigmoid" or "softmax", selects the classification bias initialisation.
         prior_prob: initial foreground probability pi.
+        norm: "none" (RetinaNet) or "gn" (GroupNorm with 32 groups after each tower conv).
 
     ``forward(features list[Tensor[N, in_channels, H_l, W_l]])`` returns a dict:
         pred_logits (Tensor[N, sum_l H_l*W_l*A, C]), pred_box_deltas (Tensor[N, sum_l H_l*W_l*A, 4]),
@@ -72,8 +82,13 @@ class DetectionHead(nn.Module):
         shared_layers: int = 0,
         score_type: str = "sigmoid",
         prior_prob: float = 0.01,
+        norm: str = "none",
     ):
         super().__init__()
+        if norm not in HEAD_NORMS:
+            raise ValueError(f"norm must be one of {HEAD_NORMS}, got {norm!r}")
+        if norm == "gn" and num_layers > 0 and in_channels % GN_GROUPS:
+            raise ValueError(f"GroupNorm heads need channels divisible by {GN_GROUPS}, got {in_channels}")
         if not 0 <= shared_layers <= num_layers:
             raise ValueError(f"shared_layers must be in 0..num_layers ({num_layers}), got {shared_layers}")
         if score_type not in ("sigmoid", "softmax"):
@@ -87,9 +102,10 @@ class DetectionHead(nn.Module):
         self.num_layers = num_layers
         self.shared_layers = shared_layers
         self.score_type = score_type
-        self.shared_tower = _tower(in_channels, in_channels, shared_layers)
-        self.cls_tower = _tower(in_channels, in_channels, num_layers - shared_layers)
-        self.box_tower = _tower(in_channels, in_channels, num_layers - shared_layers)
+        self.norm = norm
+        self.shared_tower = _tower(in_channels, in_channels, shared_layers, norm)
+        self.cls_tower = _tower(in_channels, in_channels, num_layers - shared_layers, norm)
+        self.box_tower = _tower(in_channels, in_channels, num_layers - shared_layers, norm)
         self.cls_pred = nn.Conv2d(in_channels, num_anchors * num_classes, 3, padding=1)
         self.box_pred = nn.Conv2d(in_channels, num_anchors * 4, 3, padding=1)
 

@@ -87,3 +87,26 @@ def test_bad_options():
         DetectionHead(8, 1, 2, num_layers=2, shared_layers=3)
     with pytest.raises(ValueError, match="score_type"):
         DetectionHead(8, 1, 2, score_type="softmax2")
+
+
+def test_group_norm_towers_normalise_each_image_and_level():
+    torch.manual_seed(0)
+    head = DetectionHead(64, 2, 3, num_layers=2, shared_layers=1, norm="gn")
+    # shared: conv, gn, relu; cls and box: conv, gn, relu each
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 3 and all(m.num_groups == 32 and m.num_channels == 64 for m in norms)
+    # Two levels of very different scale: after the first conv + GroupNorm, every (image, group) of
+    # every level has mean 0 and variance 1 (affine weights start at 1, biases at 0). The small level
+    # is kept well above GroupNorm's eps (1e-5) after the N(0, 0.01) conv, which would otherwise
+    # shrink the normalised variance.
+    features = [torch.randn(2, 64, 8, 8) * 50 + 3, torch.randn(2, 64, 4, 4) * 2 - 1]
+    for x in features:
+        pre_relu = head.shared_tower[1](head.shared_tower[0](x)).view(2, 32, -1)
+        torch.testing.assert_close(pre_relu.mean(-1), torch.zeros(2, 32), atol=1e-4, rtol=0)
+        torch.testing.assert_close(pre_relu.var(-1, unbiased=False), torch.ones(2, 32), atol=2e-3, rtol=0)
+    out = head(features)
+    assert out["pred_logits"].shape == (2, (64 + 16) * 2, 3)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        DetectionHead(48, 1, 2, num_layers=1, norm="gn")
+    with pytest.raises(ValueError, match="norm must be"):
+        DetectionHead(64, 1, 2, norm="bn")

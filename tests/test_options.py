@@ -36,6 +36,8 @@ def test_unknown_backbone_fails_at_parse(capsys):
         (["--shared_heads", "5"], "--shared_heads must be in 0..--num_head_layers"),
         (["--pretrained", "missing.pth"], "neither 'imagenet', 'none' nor an existing file"),
         (["--positive_threshold", "0.4", "--negative_threshold", "0.5"], "must not exceed"),
+        (["--head_norm", "gn", "--fpn_channels", "48"], "divisible by 32, got 48"),
+        (["--head_norm", "gn", "--arch", "faster_rcnn_fpn"], "--head_norm gn applies to --arch fpn_ohem"),
     ],
 )
 def test_bad_common_options_fail_at_start(argv, message):
@@ -83,3 +85,5 @@ def test_run_name_is_derived_from_options():
         )
     )
     assert train.run_name(args) == "voc_fpn_ohem_resnet50_pre1x3_mbox_sh0_sq600_bs24_lr0.0005"
+    args.head_norm = "gn"
+    assert train.run_name(args) == "voc_fpn_ohem_resnet50_pre1x3_mbox_sh0gn_sq600_bs24_lr0.0005"

@@ -88,6 +88,7 @@ STRUCTURAL_OPTIONS = (
     "fpn_channels",
     "p6_from",
     "num_head_layers",
+    "head_norm",
     "shared_heads",
     "anchor_type",
     "anchor_file",

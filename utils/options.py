@@ -11,6 +11,8 @@ import argparse
 import os
 from typing import List
 
+from data.transforms import AUGMENTATIONS
+
 BASENETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 ARCHS = ("fpn_ohem", "faster_rcnn_fpn")
 
@@ -60,6 +62,12 @@ def get_common_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip missing/corrupt images with a warning (counted, reported at the end) instead of failing",
     )
+    g.add_argument(
+        "--augment",
+        default="ssd",
+        choices=AUGMENTATIONS,
+        help="training augmentation: ssd (photometric, zoom out, IoU crop, flip), flip, or none",
+    )
     g.add_argument("-j", "--num_workers", type=int, default=2, help="data loading worker processes")
 
     # * Input size
@@ -105,6 +113,12 @@ def get_common_parser() -> argparse.ArgumentParser:
     g.add_argument("--fpn_channels", type=int, default=256, help="FPN and head channels")
     g.add_argument("--p6_from", default="c5", choices=("c5", "p5"), help="input of the stride-2 P6 conv")
     g.add_argument("--num_head_layers", type=int, default=4, help="3x3 conv layers per head tower")
+    g.add_argument(
+        "--head_norm",
+        default="none",
+        choices=("none", "gn"),
+        help="none (RetinaNet heads) or gn: GroupNorm(32) after each head conv (FCOS/ATSS heads)",
+    )
     g.add_argument(
         "--shared_heads",
         type=int,
@@ -211,6 +225,11 @@ def check_common_args(args: argparse.Namespace) -> None:
         )
     if args.arch == "faster_rcnn_fpn" and args.loss_type == "focal":
         errors.append("--loss_type focal applies to --arch fpn_ohem only")
+    if args.head_norm == "gn":
+        if args.arch != "fpn_ohem":
+            errors.append("--head_norm gn applies to --arch fpn_ohem only")
+        if args.fpn_channels % 32:
+            errors.append(f"--head_norm gn needs --fpn_channels divisible by 32, got {args.fpn_channels}")
     if errors:
         raise SystemExit("Bad options:\n  " + "\n  ".join(errors))
 
