@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -265,7 +266,12 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_root, tmp_path, mo
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-@pytest.mark.slow
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_torchrun_two_processes_match_one_process(data_root, tmp_path):
     """2 gloo processes with batch 2 each see the same samples as 1 process with batch 4."""
     common = MODEL_OPTS + [
@@ -303,7 +309,7 @@ def test_torchrun_two_processes_match_one_process(data_root, tmp_path):
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29531",
+            str(free_port()),
             os.path.join(ROOT, "train.py"),
             *argv(2, "ddp"),
         ],
