@@ -74,7 +74,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--warmup_iters", type=int, default=500, help="linear warm-up from --warmup_factor * lr")
     g.add_argument("--warmup_factor", type=float, default=1.0 / 3)
     g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm (0: off)")
-    g.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+    g.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision: bf16 or fp16 on CUDA, bf16 on CPU (fast where the CPU has AMX)",
+    )
     g.add_argument("--amp_dtype", default="bf16", choices=("bf16", "fp16"), help="fp16 uses a grad scaler")
     g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm under DDP (for trainable BN)")
 
@@ -152,8 +156,17 @@ def check_train_args(args: argparse.Namespace) -> None:
         errors.append("--warmup_iters/--val_step must be >= 0 and --save_step/--log_step > 0")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         errors.append(f"--resume {args.resume!r} does not exist (give a checkpoint path or 'auto')")
-    if args.amp_dtype == "fp16" and args.amp and (args.device or "").startswith("cpu"):
+    on_cpu = (args.device or "").startswith("cpu") or (args.device is None and not torch.cuda.is_available())
+    if args.amp_dtype == "fp16" and args.amp and on_cpu:
         errors.append("--amp --amp_dtype fp16 needs CUDA; use bf16 on the CPU")
+    smallest_side = args.input_dim if args.resize_mode == "square" else args.min_size
+    if args.amp and on_cpu and smallest_side <= 64:
+        # oneDNN's bf16 weight gradient of a stride-2 3x3 conv over a 1x1 map (P7's conv when P6 is 1x1)
+        # is garbage: NaN or ~1e37 in about half the calls, measured with torch 2.15 on a Xeon with AMX.
+        errors.append(
+            f"--amp on the CPU needs inputs larger than 64 px (got {smallest_side}): oneDNN's bf16 "
+            "gradient of the P7 conv is wrong when P6 is 1x1; train in fp32 or at a larger size"
+        )
     if errors:
         raise SystemExit("Bad options:\n  " + "\n  ".join(errors))
 
@@ -239,6 +252,9 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         args, anchor_whs_per_level=anchor_whs, load_pretrained=checkpoint is None
     )
     model.to(device)
+    if args.channels_last:
+        # Converting the weights is enough: convolutions propagate the weight's layout to their outputs.
+        model.to(memory_format=torch.channels_last)
     criterion.to(device)
     postprocessor.to(device)
     if args.sync_bn and world_size > 1:

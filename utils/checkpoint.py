@@ -166,6 +166,8 @@ def build_model_from_checkpoint(
     args.class_names = checkpoint.get("class_names")
     args.category_ids = checkpoint.get("category_ids")
     model.to(device).eval()
+    if getattr(args, "channels_last", False):
+        model.to(memory_format=torch.channels_last)
     postprocessor.to(device)
     logger.info("loaded %s (iteration %s, %s %s)", path, checkpoint.get("iteration"), args.arch, args.basenet)
     return model, postprocessor, args, checkpoint
