@@ -68,9 +68,11 @@ def draw_detections(
         caption = f"{class_names[int(label)]} {score:.2f}"
         (tw, th), baseline = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
         ty = max(y1, th + baseline)
-        cv2.rectangle(canvas, (x1, ty - th - baseline), (x1 + tw, ty), colour, -1)
+        # Keep the caption inside the image: boxes at the right edge get it shifted left.
+        tx = max(0, min(x1, canvas.shape[1] - tw))
+        cv2.rectangle(canvas, (tx, ty - th - baseline), (tx + tw, ty), colour, -1)
         cv2.putText(
-            canvas, caption, (x1, ty - baseline), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA
+            canvas, caption, (tx, ty - baseline), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA
         )
     return canvas
 
