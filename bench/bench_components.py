@@ -2,6 +2,7 @@
 
     python bench/bench_components.py --threads 2 --repeats 5                 # CPU (2 cores), ~3 minutes
     python bench/bench_components.py --device cuda --repeats 20 --full_step_batch_size 8
+    python bench/bench_components.py --threads 2 --skip_components --amp --channels_last   # CPU with AMX
 
 Both sides get the same seeded tensors: a batch of ``--batch_size`` (8) images at 600x600, 81 score
 columns, 2 to 20 ground-truth boxes per image, the 67,995 anchors of P3..P7 (9 per location).
@@ -17,7 +18,9 @@ columns, 2 to 20 ground-truth boxes per image, the 67,995 anchors of P3..P7 (9 p
   num_classes=81, min_size=600, max_size=600)`` (the same: trainable_backbone_layers 5, BatchNorm2d),
   fed the same 600x600 batch (a list of images for torchvision, whose transform normalises and batches
   them; ours gets the batch tensor, normalised by the data loader in training). The default batch is 2,
-  since batch 8 takes tens of seconds per step on 2 CPU cores.
+  since batch 8 takes tens of seconds per step on 2 CPU cores. ``--amp`` (bf16 autocast) and
+  ``--channels_last`` apply to both sides alike; with either, ours is also timed in plain fp32 NCHW
+  (``full_step_ours_mbox_ohem_fp32``), so the speed-up they give is measured in the same run.
 Each figure is the median of ``--repeats`` runs after one warm-up. The last line printed is one JSON
 object with every median (seconds) and the ratio ours / torchvision of each comparison.
 """
@@ -59,6 +62,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--full_step_batch_size", type=int, default=2)
     parser.add_argument("--full_step_repeats", type=int, default=5)
     parser.add_argument("--skip_full_step", action="store_true")
+    parser.add_argument("--skip_components", action="store_true", help="time the full step only")
+    parser.add_argument("--amp", action="store_true", help="full step under bf16 autocast, both sides")
+    parser.add_argument("--channels_last", action="store_true", help="full step in NHWC, both sides")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -195,7 +201,11 @@ def bench_full_step(args, device, tv_model) -> Dict[str, float]:
     tv_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
     tv_images = list(images.unbind(0))
 
-    def ours(loss_type: str):
+    fast_mode = args.amp or args.channels_last
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    def ours(loss_type: str, fast: bool = True):
         model_args = argparse.Namespace(
             arch="fpn_ohem",
             basenet="resnet50",
@@ -228,25 +238,32 @@ def bench_full_step(args, device, tv_model) -> Dict[str, float]:
         torch.manual_seed(args.seed)
         model, criterion, _ = build_model(model_args)
         model.to(device).train()
+        if fast:
+            model.to(memory_format=memory_format)
 
         def step():
             model.zero_grad(set_to_none=True)
-            losses = criterion(model(images), targets)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and fast):
+                losses = criterion(model(images), targets)
             sum(losses.values()).backward()
 
         return step
 
     def torchvision_step():
         tv_model.zero_grad(set_to_none=True)
-        losses = tv_model(tv_images, tv_targets)
+        with autocast:
+            losses = tv_model(tv_images, tv_targets)
         sum(losses.values()).backward()
 
     tv_model.train()
+    tv_model.to(memory_format=memory_format)
     steps = {
         "full_step_ours_mbox_ohem": ours("mbox"),
         "full_step_ours_focal": ours("focal"),
         "full_step_torchvision": torchvision_step,
     }
+    if fast_mode:
+        steps["full_step_ours_mbox_ohem_fp32"] = ours("mbox", fast=False)
     return timed(steps, args.full_step_repeats, device)
 
 
@@ -271,7 +288,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     )
     tv_model.to(device).eval()
 
-    results = bench_loss_and_postprocess(args, device, tv_model)
+    results = {} if args.skip_components else bench_loss_and_postprocess(args, device, tv_model)
     if not args.skip_full_step:
         results.update(bench_full_step(args, device, tv_model))
 
@@ -286,6 +303,11 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     ]:
         if ours in results and theirs in results:
             report[f"ratio_{ours}"] = round(results[ours] / results[theirs], 3)
+    if "full_step_ours_mbox_ohem_fp32" in results and "full_step_ours_mbox_ohem" in results:
+        # ours with --amp/--channels_last over ours in fp32 NCHW
+        report["ratio_full_step_ours_mbox_ohem_vs_fp32"] = round(
+            results["full_step_ours_mbox_ohem"] / results["full_step_ours_mbox_ohem_fp32"], 3
+        )
     for key, value in report.items():
         print(f"{key:<36} {value:.4f}" + (" s" if not key.startswith("ratio") else ""))
     report.update(
@@ -295,6 +317,8 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
         full_step_batch_size=args.full_step_batch_size,
         repeats=args.repeats,
         full_step_repeats=args.full_step_repeats,
+        amp=args.amp,
+        channels_last=args.channels_last,
     )
     print(json.dumps(report))
     return report
