@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterable, List, Tuple
 import torch
 from torch import Tensor
 
+from utils import distributed as dist_utils
 from utils.coco_eval import detections_to_coco_results, evaluate_coco
 from utils.voc_eval import evaluate_voc, format_voc_table
 
@@ -54,9 +55,10 @@ def train_one_iter(
 ) -> Dict[str, float]:
     """One forward/backward/step. Returns the loss terms (and ``loss``, their sum) as floats.
 
-    images (Tensor[N, 3, H, W]) and targets must already be on the model's device. Raises
-    NonFiniteLossError before the optimizer step when any term is not finite, so the weights (and the
-    last checkpoint) are left as they were.
+    images (Tensor[N, 3, H, W]) and targets must already be on the model's device. ``iteration`` counts
+    from 0 (the message names it from 1, as the logs and checkpoints do). Raises NonFiniteLossError
+    before the backward pass when any term is not finite, on every process of a distributed run when
+    any one of them sees it, so the weights (and the last checkpoint) are left as they were.
     """
     model.train()
     with autocast_context(images.device, amp_dtype):
@@ -65,9 +67,14 @@ def train_one_iter(
     loss = sum(loss_dict.values())
     # note: .item() is a host-device sync; we need it anyway for the finite check and the log line.
     terms = {name: value.detach().float().item() for name, value in loss_dict.items()}
-    if not all(math.isfinite(v) for v in terms.values()):
+    finite = all(math.isfinite(v) for v in terms.values())
+    if dist_utils.is_distributed():
+        # Every process must stop together: one that raised alone would leave the others waiting
+        # forever in DDP's gradient all-reduce.
+        finite = dist_utils.all_true(finite, loss.device)
+    if not finite:
         raise NonFiniteLossError(
-            f"non-finite loss at iteration {iteration}: "
+            f"non-finite loss at iteration {iteration + 1} (on this process or another): "
             + ", ".join(f"{k}={v}" for k, v in terms.items())
             + ". Stopping; the last saved checkpoint is untouched. "
             "Try a lower --lr, --clip_grad or --warmup_iters."

@@ -47,15 +47,13 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.logger import JsonLinesWriter, MetricLogger, Progress, ScalarSinks, setup_logging
-from utils.options import check_common_args, get_common_parser, int_list, resolve_defaults
+from utils.options import OptionParser, check_common_args, get_common_parser, int_list, resolve_defaults
 
 logger = logging.getLogger("train")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        "Train an FPN detector", add_help=add_help, parents=[get_common_parser()]
-    )
+    parser = OptionParser("Train an FPN detector", add_help=add_help, parents=[get_common_parser()])
 
     # * Schedule and optimisation
     g = parser.add_argument_group("schedule")
@@ -357,7 +355,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
     meters = MetricLogger(window_size=args.log_step)
     progress = Progress(args.max_iter, start_iter, args.log_step, enabled=is_main)
-    num_skipped, num_cropped_out, last_val = 0, 0, {}
+    num_skipped, num_cropped_out, num_dropped_for_sync, last_val = 0, 0, 0, {}
     images_per_class = torch.zeros(args.num_classes, dtype=torch.int64)
     last_time = time.time()
     iteration = start_iter
@@ -366,6 +364,12 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             if iteration >= args.max_iter:
                 break
             num_skipped += len(skipped)
+            if world_size > 1 and args.skip_bad_images:
+                # A process whose whole batch was unreadable cannot take the step; the others must skip
+                # it too, or they would wait for its gradients forever. Their images are counted.
+                if not dist_utils.all_true(len(targets) > 0, device):
+                    num_dropped_for_sync += len(targets)
+                    continue
             if len(targets) == 0:
                 continue
             num_cropped_out += sum(int(t.get("num_cropped_out", 0)) for t in targets)
@@ -423,6 +427,11 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         sinks.close()
     if num_skipped:
         logger.warning("%d unreadable images were skipped during training (--skip_bad_images)", num_skipped)
+    if num_dropped_for_sync:
+        logger.warning(
+            "%d readable images were not trained on because another process's batch was all unreadable",
+            num_dropped_for_sync,
+        )
     logger.info(
         "done: %d iterations, %d boxes removed by random crops; run folder %s",
         iteration,
@@ -436,6 +445,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         "run_dir": run_dir,
         "iteration": iteration,
         "skipped_images": num_skipped,
+        "dropped_for_sync_images": num_dropped_for_sync,
         **last_val,
         "final_loss": meters.averages().get("loss"),
         "images_per_class": delivered,

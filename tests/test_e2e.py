@@ -296,7 +296,9 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_root, tmp_path, mo
         return model, NanAfter(), post
 
     monkeypatch.setattr(train, "build_model", build_with_nan_at_iteration_8)
-    with pytest.raises(SystemExit, match=r"non-finite loss at iteration 7: .*loss_box=nan"):
+    with pytest.raises(
+        SystemExit, match=r"non-finite loss at iteration 8 \(on this process or another\): .*loss_box=nan"
+    ):
         run_train(data_root, tmp_path)
     run_dir = tmp_path / "r"
     assert [os.path.basename(p) for p in sorted(glob.glob(str(run_dir / "model_*.pth")))] == [
@@ -362,5 +364,74 @@ def test_torchrun_two_processes_match_one_process(data_root, tmp_path):
     ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
     # The loss is normalised by the positives of each process's half batch, so the mean over ranks is
     # close to, not exactly, the one-process value.
-    assert ddp[0]["loss"] == pytest.approx(single[0]["loss"], rel=0.1)
-    assert ddp[0]["loss_cls"] == pytest.approx(single[0]["loss_cls"], rel=0.1)
+    # Iteration 1 checks how the samples are split; iteration 2 runs on weights after one synchronised
+    # step, so it also checks that the gradients were averaged over the processes.
+    for it in (0, 1):
+        assert ddp[it]["iteration"] == single[it]["iteration"] == it + 1
+        assert ddp[it]["loss"] == pytest.approx(single[it]["loss"], rel=0.1)
+        assert ddp[it]["loss_cls"] == pytest.approx(single[it]["loss_cls"], rel=0.1)
+    assert ddp[1]["loss"] != pytest.approx(ddp[0]["loss"], rel=1e-3)  # the step changed the weights
+
+
+NAN_ON_RANK_1 = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch
+import train
+
+real_build = train.build_model
+
+
+def build(*args, **kwargs):
+    model, criterion, post = real_build(*args, **kwargs)
+    calls = [0]
+
+    class NanOnRank1(torch.nn.Module):
+        def forward(self, outputs, targets):
+            calls[0] += 1
+            losses = criterion(outputs, targets)
+            if os.environ["RANK"] == "1" and calls[0] >= 3:
+                losses["loss_box"] = losses["loss_box"] * float("nan")
+            return losses
+
+    return model, NanOnRank1(), post
+
+
+train.build_model = build
+try:
+    train.main(train.get_args_parser().parse_args(sys.argv[1:]))
+except BaseException as e:  # what stopped this rank, for the test to read
+    with open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".txt"), "w") as f:
+        f.write(type(e).__name__ + ": " + str(e))
+    raise
+"""
+
+
+def test_torchrun_non_finite_loss_on_one_process_stops_all(data_root, tmp_path):
+    """Rank 1 alone sees a NaN at iteration 3: both processes stop with the message (no DDP hang)."""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1.format(root=ROOT, out=str(tmp_path)))
+    argv = (
+        MODEL_OPTS + TRAIN_OPTS + ["--data_root", data_root, "--save_root", str(tmp_path), "--run_name", "r"]
+    )
+    argv += ["--batch_size", "2", "--save_step", "2", "--no_val"]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+        + [str(free_port()), str(script), *argv],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    # Rank 0's loss is finite; it stops with the same message because rank 1's is not.
+    for rank in (0, 1):
+        stopped = (tmp_path / f"rank{rank}.txt").read_text()
+        assert stopped.startswith("SystemExit: training stopped: non-finite loss at iteration 3"), output[
+            -3000:
+        ]
+    assert [os.path.basename(p) for p in glob.glob(str(tmp_path / "r" / "model_*.pth"))] == [
+        "model_000002.pth"
+    ]

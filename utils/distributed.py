@@ -63,6 +63,15 @@ def reduce_dict(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return dict(zip(names, stacked))
 
 
+def all_true(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is True on every rank (a collective: every rank must call it)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item() == 1.0)
+
+
 def all_gather_object(obj):
     """Gather any picklable object from every rank into a list (rank order)."""
     if not is_distributed():
