@@ -30,13 +30,13 @@ from engine import compute_metrics, evaluate
 from utils.checkpoint import build_model_from_checkpoint, checkpoint_iteration, list_checkpoints
 from utils.coco_eval import write_coco_results
 from utils.logger import setup_logging
-from utils.options import check_common_args, get_common_parser, int_list, resolve_defaults
+from utils.options import OptionParser, check_common_args, get_common_parser, int_list, resolve_defaults
 
 logger = logging.getLogger("evaluate")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Evaluate a detector", add_help=add_help, parents=[get_common_parser()])
+    parser = OptionParser("Evaluate a detector", add_help=add_help, parents=[get_common_parser()])
     g = parser.add_argument_group("what to evaluate")
     g.add_argument("--checkpoint", default=None, help="a checkpoint written by train.py")
     g.add_argument(

@@ -39,15 +39,13 @@ from data.transforms import build_transforms
 from engine import predict
 from utils.checkpoint import build_model_from_checkpoint
 from utils.logger import setup_logging
-from utils.options import get_common_parser
+from utils.options import OptionParser, get_common_parser
 
 logger = logging.getLogger("extract_features")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        "Extract detection features", add_help=add_help, parents=[get_common_parser()]
-    )
+    parser = OptionParser("Extract detection features", add_help=add_help, parents=[get_common_parser()])
     g = parser.add_argument_group("extraction")
     g.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
     g.add_argument(

@@ -67,3 +67,26 @@ def test_args_merge_keeps_structure_and_takes_explicit_cli_values():
     assert merged.checkpoint == "x.pth"
     # freezing follows the trained run (weights themselves come from the checkpoint, not this option)
     assert merged.pretrained == "imagenet" and merged.freeze_upto == 1
+
+
+def test_typed_options_override_the_checkpoint_even_at_their_default(caplog):
+    """A value typed on the command line wins even when it equals the parser default (evaluating on
+    another machine with the default data folder); untyped options keep the run's values."""
+    parser = evaluate.get_args_parser()
+    trained = parser.parse_args(
+        ["--data_root", "/scratch/data", "--conf_thresh", "0.01", "--basenet", "resnet18"]
+    )
+    assert trained.explicit_options == ["basenet", "conf_thresh", "data_root"]
+    ckpt = {"args": args_to_dict(trained)}
+    assert "explicit_options" not in ckpt["args"]  # how a command was typed is not an option of the run
+    cli = parser.parse_args(
+        ["--data_root", "datasets/", "-j", "0", "--basenet", "resnet50", "--checkpoint", "x.pth"]
+    )
+    assert cli.data_root == parser.get_default("data_root") == "datasets/"
+    assert cli.explicit_options == ["basenet", "checkpoint", "data_root", "num_workers"]
+    with caplog.at_level("WARNING"):
+        merged = args_from_checkpoint(ckpt, cli, parser)
+    assert merged.data_root == "datasets/" and merged.num_workers == 0
+    assert merged.conf_thresh == 0.01  # not typed: the run's value
+    assert merged.basenet == "resnet18"  # structural, and the typed value is reported as ignored
+    assert "--basenet resnet50 ignored" in caplog.text

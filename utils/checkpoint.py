@@ -27,6 +27,8 @@ def args_to_dict(args: argparse.Namespace) -> Dict[str, Any]:
     """Options as plain Python values (weights_only loading accepts only those)."""
     out = {}
     for key, value in vars(args).items():
+        if key == "explicit_options":  # how this command line was typed, not an option of the run
+            continue
         if value is None or isinstance(value, (bool, int, float, str)):
             out[key] = value
         elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
@@ -115,15 +117,27 @@ def args_from_checkpoint(
 ) -> argparse.Namespace:
     """Options for rebuilding a trained model: the checkpoint's, with the command line's on top.
 
-    Structural options come from the checkpoint. Any other option given explicitly on the command line
-    (its value differs from the parser default) wins; the rest keep the checkpoint's values, falling back
-    to the command line's defaults for options the checkpoint predates. Weights come from the
-    checkpoint: callers build with ``load_pretrained=False`` so no ImageNet file is read.
+    Structural options come from the checkpoint (a different value typed for one is logged as ignored).
+    Any other option given on the command line wins: typed, as recorded by ``OptionParser`` in
+    ``cli_args.explicit_options``, or, for a namespace without that record, differing from the parser
+    default. The rest keep the checkpoint's values, falling back to the command line's defaults for
+    options the checkpoint predates. Weights come from the checkpoint: callers build with
+    ``load_pretrained=False`` so no ImageNet file is read.
     """
     merged = dict(vars(cli_args))
+    typed = getattr(cli_args, "explicit_options", None)
+
+    def explicit(key: str) -> bool:
+        if key not in merged:
+            return False
+        return key in typed if typed is not None else merged[key] != parser.get_default(key)
+
     for key, value in checkpoint["args"].items():
-        explicit = key in merged and merged[key] != parser.get_default(key)
-        if key in STRUCTURAL_OPTIONS or not explicit:
+        if key in STRUCTURAL_OPTIONS and explicit(key) and merged[key] != value:
+            logger.warning(
+                "--%s %s ignored: the checkpoint's model was built with %s", key, merged[key], value
+            )
+        if key in STRUCTURAL_OPTIONS or not explicit(key):
             merged[key] = value
     for key, value in vars(cli_args).items():  # script-only options (e.g. --checkpoint) stay as given
         merged.setdefault(key, value)

@@ -1,7 +1,8 @@
 """The one option parser every script shares, and the checks that make bad values fail at start.
 
-Scripts build their parser as ``argparse.ArgumentParser(parents=[get_common_parser()])`` and add
-only what is theirs. Option names follow the original codebase (``--basenet``, ``--shared_heads``,
+Scripts build their parser as ``OptionParser(parents=[get_common_parser()])`` and add only what is
+theirs (OptionParser records which options were typed, for merging with a checkpoint's). Option names
+follow the original codebase (``--basenet``, ``--shared_heads``,
 ``--anchor_type``, ``--loss_type``, ``--max_iter``, ``--step_values``, ``--val_step``).
 """
 
@@ -39,6 +40,38 @@ def str2bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "n", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+class OptionParser(argparse.ArgumentParser):
+    """ArgumentParser that also records which options were given on the command line.
+
+    ``parse_args`` sets ``args.explicit_options`` (sorted dests), so that a checkpoint's options can be
+    overridden by a value typed on the command line even when it equals the parser default (e.g.
+    ``--data_root datasets/`` for a checkpoint trained with ``/scratch/data``).
+    """
+
+    _probing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        if not self._probing:
+            parsed.explicit_options = sorted(self._given_dests(args))
+        return parsed, extras
+
+    def _given_dests(self, args) -> set:
+        # Parse again with every default suppressed: only what was given ends up in the namespace.
+        defaults = [(action, action.default) for action in self._actions]
+        parser_defaults = self._defaults  # from set_defaults(), applied whatever was typed
+        self._probing, self._defaults = True, {}
+        try:
+            for action, _ in defaults:
+                action.default = argparse.SUPPRESS
+            probe, _ = super().parse_known_args(args, argparse.Namespace())
+        finally:
+            for action, default in defaults:
+                action.default = default
+            self._probing, self._defaults = False, parser_defaults
+        return set(vars(probe))
 
 
 def get_common_parser() -> argparse.ArgumentParser:
