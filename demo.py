@@ -27,7 +27,7 @@ from data.transforms import build_transforms
 from engine import predict
 from utils.checkpoint import build_model_from_checkpoint
 from utils.logger import setup_logging
-from utils.options import OptionParser, get_common_parser
+from utils.options import OptionParser, check_common_args, get_common_parser, resolve_defaults
 
 logger = logging.getLogger("demo")
 
@@ -77,6 +77,10 @@ def draw_detections(
 
 def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
     setup_logging()
+    resolve_defaults(args)
+    check_common_args(args)
+    if not 0 <= args.score_thresh <= 1:
+        raise SystemExit(f"--score_thresh must be in [0, 1], got {args.score_thresh}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, postprocessor, run_args, _ = build_model_from_checkpoint(
         args.checkpoint, args, get_args_parser(), device
@@ -90,7 +94,7 @@ def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
     loader = build_eval_loader(
         ImageListDataset(files, transforms),
         run_args.eval_batch_size,
-        0,
+        run_args.num_workers,
         size_divisibility=32 if run_args.resize_mode == "keep_aspect" else 1,
     )
     os.makedirs(args.save_path, exist_ok=True)

@@ -1,7 +1,7 @@
 """Evaluate a trained detector, or a results file made elsewhere.
 
     python evaluate.py --checkpoint runs/RUN/model_050000.pth --dataset voc --val_sets test2007 --metric voc
-    python evaluate.py --run_dir runs/RUN --eval_iters 30000,50000 --metric all
+    python evaluate.py --run_dir runs/RUN --eval_iters 30000,50000 --metric all  # needs --keep_checkpoints 0
     python evaluate.py --detections results.json --dataset coco --val_sets val2017 --metric coco
     python evaluate.py --checkpoint CKPT --dataset openimages --val_sets validation --metric oid \
         --submission submission.csv
@@ -113,6 +113,12 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     setup_logging()
     resolve_defaults(args)
     check_common_args(args)
+    if not 0 < args.iou_thresh <= 1:
+        raise SystemExit(f"--iou_thresh must be in (0, 1], got {args.iou_thresh}")
+    if args.checkpoint and (args.run_dir or args.eval_iters):
+        raise SystemExit("give --checkpoint (one checkpoint) or --run_dir with --eval_iters, not both")
+    if args.eval_iters and not args.run_dir:
+        raise SystemExit("--eval_iters picks checkpoints of a --run_dir: give --run_dir")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hierarchy = load_hierarchy(args) if args.metric == "oid" else None
 

@@ -39,7 +39,7 @@ from data.transforms import build_transforms
 from engine import predict
 from utils.checkpoint import build_model_from_checkpoint
 from utils.logger import setup_logging
-from utils.options import OptionParser, get_common_parser
+from utils.options import OptionParser, check_common_args, get_common_parser, resolve_defaults
 
 logger = logging.getLogger("extract_features")
 
@@ -123,10 +123,16 @@ def detection_rows(
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     setup_logging()
+    resolve_defaults(args)
+    check_common_args(args)
+    if args.num_nodes < 1:
+        raise SystemExit(f"--num_nodes must be >= 1, got {args.num_nodes}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # The original keeps the top detections after class-agnostic NMS.
     args.class_agnostic_nms = True
     args.topk = args.num_nodes
+    if getattr(args, "explicit_options", None) is not None:  # these two win over the checkpoint's values
+        args.explicit_options = sorted(set(args.explicit_options) | {"class_agnostic_nms", "topk"})
     model, postprocessor, run_args, _ = build_model_from_checkpoint(
         args.checkpoint, args, get_args_parser(), device
     )

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 
 import train
@@ -38,6 +40,9 @@ def test_unknown_backbone_fails_at_parse(capsys):
         (["--positive_threshold", "0.4", "--negative_threshold", "0.5"], "must not exceed"),
         (["--head_norm", "gn", "--fpn_channels", "48"], "divisible by 32, got 48"),
         (["--head_norm", "gn", "--arch", "faster_rcnn_fpn"], "--head_norm gn applies to --arch fpn_ohem"),
+        (["--conf_thresh", "1.5"], r"--conf_thresh must be in \[0, 1\), got 1.5"),
+        (["--topk", "0"], "--topk, --pre_nms_topk and --eval_batch_size must be >= 1, got 0"),
+        (["-j", "-1"], "-j/--num_workers must be >= 0, got -1"),
     ],
 )
 def test_bad_common_options_fail_at_start(argv, message):
@@ -87,3 +92,22 @@ def test_run_name_is_derived_from_options():
     assert train.run_name(args) == "voc_fpn_ohem_resnet50_pre1x3_mbox_sh0_sq600_bs24_lr0.0005"
     args.head_norm = "gn"
     assert train.run_name(args) == "voc_fpn_ohem_resnet50_pre1x3_mbox_sh0gn_sq600_bs24_lr0.0005"
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("evaluate", ["--checkpoint", "c.pth", "--eval_iters", "10,20"], "not both"),
+        ("evaluate", ["--eval_iters", "10,20"], "--eval_iters picks checkpoints of a --run_dir"),
+        ("evaluate", ["--checkpoint", "c.pth", "--iou_thresh", "0"], r"--iou_thresh must be in \(0, 1\]"),
+        ("demo", ["--checkpoint", "c.pth", "--score_thresh", "2"], r"--score_thresh must be in \[0, 1\]"),
+        ("demo", ["--checkpoint", "c.pth", "--nms_thresh", "0"], "--nms_thresh must be in"),
+        ("extract_features", ["--checkpoint", "c.pth", "--num_nodes", "0"], "--num_nodes must be >= 1"),
+        ("extract_features", ["--checkpoint", "c.pth", "--conf_thresh", "-1"], "--conf_thresh must be in"),
+    ],
+)
+def test_bad_script_options_fail_before_loading_anything(script, argv, message):
+    """Each script rejects its bad options at start (c.pth does not exist: nothing is loaded first)."""
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit, match=message):
+        module.main(module.get_args_parser().parse_args(argv))

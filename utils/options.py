@@ -257,6 +257,15 @@ def check_common_args(args: argparse.Namespace) -> None:
         )
     if not 0 < args.nms_thresh <= 1:
         errors.append(f"--nms_thresh must be in (0, 1], got {args.nms_thresh}")
+    if not 0 <= args.conf_thresh < 1:
+        errors.append(f"--conf_thresh must be in [0, 1), got {args.conf_thresh}")
+    if args.topk < 1 or args.pre_nms_topk < 1 or args.eval_batch_size < 1:
+        errors.append(
+            f"--topk, --pre_nms_topk and --eval_batch_size must be >= 1, got {args.topk}, "
+            f"{args.pre_nms_topk} and {args.eval_batch_size}"
+        )
+    if args.num_workers < 0:
+        errors.append(f"-j/--num_workers must be >= 0, got {args.num_workers}")
     if args.input_dim < 32 or args.min_size < 32 or args.max_size < args.min_size:
         errors.append(
             f"input sizes too small or inconsistent: --input_dim {args.input_dim}, "
