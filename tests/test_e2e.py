@@ -12,6 +12,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 import demo
 import evaluate
@@ -164,6 +166,16 @@ def test_evaluate_voc_and_coco_paths(trained_run, data_root, tmp_path):
     )
     assert again["detections"]["voc_map_area"] == pytest.approx(headline["voc_map_area"])
     assert again["detections"]["coco_AP"] == pytest.approx(headline["coco_AP"])
+    # ... and equal to pycocotools run directly on the split's annotation file and the results file.
+    gt = COCO(os.path.join(data_root, "shapes", "annotations", "val.json"))
+    direct = COCOeval(gt, gt.loadRes(results_file), "bbox")
+    direct.evaluate()
+    direct.accumulate()
+    direct.summarize()
+    assert 0 < direct.stats[1]  # the trained model finds something, so the comparison is not 0 == 0
+    assert again["detections"]["coco_AP"] == pytest.approx(direct.stats[0], abs=1e-9)
+    assert again["detections"]["coco_AP50"] == pytest.approx(direct.stats[1], abs=1e-9)
+    assert again["detections"]["coco_AP75"] == pytest.approx(direct.stats[2], abs=1e-9)
 
 
 def test_evaluate_several_iterations_of_a_run(trained_run, data_root, tmp_path):
