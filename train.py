@@ -18,7 +18,9 @@ original settings are lr 0.0005 at a total batch of 24 (scale linearly, with --w
 large batches).
 
 Resume: ``--resume auto`` continues from the newest checkpoint of the run folder (or give a path);
-the schedule, optimizer, scaler, data order and augmentation continue exactly where they stopped.
+the schedule, optimizer, scaler, data order and augmentation continue exactly where they stopped
+(bit for bit with --arch fpn_ohem; Faster R-CNN's RPN and RoI sampling draw from torch's global
+generator, which is re-seeded from --man_seed on resume, not restored).
 """
 
 from __future__ import annotations
@@ -257,6 +259,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     postprocessor.to(device)
     if args.sync_bn and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.sync_bn:
+        logger.warning("--sync_bn has no effect in a single process (launch with torchrun to use it)")
     optimizer = build_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
