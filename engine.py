@@ -68,13 +68,15 @@ def train_one_iter(
     # note: .item() is a host-device sync; we need it anyway for the finite check and the log line.
     terms = {name: value.detach().float().item() for name, value in loss_dict.items()}
     finite = all(math.isfinite(v) for v in terms.values())
+    where = ""
     if dist_utils.is_distributed():
         # Every process must stop together: one that raised alone would leave the others waiting
         # forever in DDP's gradient all-reduce.
         finite = dist_utils.all_true(finite, loss.device)
+        where = " (on this process or another)"
     if not finite:
         raise NonFiniteLossError(
-            f"non-finite loss at iteration {iteration + 1} (on this process or another): "
+            f"non-finite loss at iteration {iteration + 1}{where}: "
             + ", ".join(f"{k}={v}" for k, v in terms.items())
             + ". Stopping; the last saved checkpoint is untouched. "
             "Try a lower --lr, --clip_grad or --warmup_iters."
