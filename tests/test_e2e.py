@@ -308,9 +308,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_root, tmp_path, mo
         return model, NanAfter(), post
 
     monkeypatch.setattr(train, "build_model", build_with_nan_at_iteration_8)
-    with pytest.raises(
-        SystemExit, match=r"non-finite loss at iteration 8: .*loss_box=nan"
-    ):
+    with pytest.raises(SystemExit, match=r"non-finite loss at iteration 8: .*loss_box=nan"):
         run_train(data_root, tmp_path)
     run_dir = tmp_path / "r"
     assert [os.path.basename(p) for p in sorted(glob.glob(str(run_dir / "model_*.pth")))] == [
