@@ -195,6 +195,22 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
 
 
+def check_images_exist(datasets: List[Any], skip_bad_images: bool) -> None:
+    """Fail at start, naming the files, when annotated images are missing (a missing val image would
+    otherwise stop the run at its first validation); with --skip_bad_images, warn with the count."""
+    for dataset in datasets:
+        missing = dataset.missing_images()
+        if not missing:
+            continue
+        name = f"{os.path.basename(dataset.dataset_root)}/{','.join(dataset.splits)}"
+        message = f"{len(missing)} of {len(dataset)} images of {name} do not exist, e.g. " + ", ".join(
+            missing[:3]
+        )
+        if not skip_bad_images:
+            raise SystemExit(message + " (fix the paths, or pass --skip_bad_images to skip and count them)")
+        logger.warning("%s; they will be skipped and counted (--skip_bad_images)", message)
+
+
 def resolve_device(requested: str | None) -> torch.device:
     if requested:
         return torch.device(requested)
@@ -235,6 +251,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         args.num_classes,
     )
     val_set = None if args.no_val else build_dataset(args, args.val_sets, train=False)
+    check_images_exist([train_set] if val_set is None else [train_set, val_set], args.skip_bad_images)
     if val_set is not None and args.val_metric == "oid":
         hierarchy_path = os.path.join(args.data_root, args.dataset, "hierarchy.json")
         if not os.path.isfile(hierarchy_path):

@@ -216,6 +216,18 @@ class DetectionDataset(Dataset):
     def image_path(self, index: int) -> str:
         return os.path.join(self.dataset_root, self.file_names[index])
 
+    def missing_images(self) -> List[str]:
+        """Paths of the annotated images that do not exist, in dataset order.
+
+        One directory listing per image folder instead of one stat per image: a few seconds for the
+        1.7M images of Open Images, so scripts can check before an hour of training, not at the image.
+        """
+        paths = [self.image_path(i) for i in range(len(self))]
+        listings: Dict[str, set] = {}
+        for folder in {os.path.dirname(p) for p in paths}:
+            listings[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        return [p for p in paths if os.path.basename(p) not in listings[os.path.dirname(p)]]
+
     def raw_target(self, index: int) -> Dict[str, Any]:
         """Target of image ``index`` from the annotations (numpy arrays, original pixels); reads no image."""
         start, end = self._offsets[index], self._offsets[index + 1]

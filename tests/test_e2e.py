@@ -126,6 +126,25 @@ def test_training_writes_checkpoints_logs_and_validates(trained_run):
         assert json.load(f)["max_iter"] == 12
 
 
+def test_missing_images_fail_at_start_or_are_counted(data_root, tmp_path):
+    """A missing val image stops training before the first iteration, not at the first validation."""
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    missing = sorted(glob.glob(str(root / "shapes" / "images" / "val" / "*.png")))[2]
+    os.remove(missing)
+    with pytest.raises(
+        SystemExit, match=r"1 of 6 images of shapes/val do not exist, e\.g\. .*" + os.path.basename(missing)
+    ):
+        run_train(str(root), tmp_path / "runs")
+    assert not os.path.exists(tmp_path / "runs" / "r" / "metrics.jsonl")  # no iteration ran
+    summary = run_train(
+        str(root), tmp_path / "runs", "--skip_bad_images", "--max_iter", "2", "--step_values", "1"
+    )
+    assert summary["iteration"] == 2
+    with open(tmp_path / "runs" / "r" / "train.log") as f:
+        assert "1 of 6 images of shapes/val do not exist" in f.read()
+
+
 def test_resume_reaches_the_same_weights(trained_run, data_root, tmp_path):
     _, run_dir = trained_run
     resumed_dir = tmp_path / "r"
