@@ -243,3 +243,15 @@ def test_parse_classes(tmp_path):
     assert parse_classes(str(path)) == ["/m/01", "/m/02"]
     with pytest.raises(ValueError, match="--classes"):
         parse_classes(" , ")
+
+
+def test_missing_images_lists_absent_files_in_order(toy):
+    dataset = DetectionDataset(toy, ["train", "val"], eval_transforms())
+    assert dataset.missing_images() == []
+    os.remove(os.path.join(toy, "images", "b.png"))
+    os.remove(os.path.join(toy, "images", "a.png"))
+    corrupt_image(toy, "c.png")  # present but unreadable: found when read, not here
+    assert dataset.missing_images() == [
+        os.path.join(toy, "images", "a.png"),
+        os.path.join(toy, "images", "b.png"),
+    ]
