@@ -44,6 +44,7 @@ from data.annotations import load_annotations
 from data.transforms import compute_resize
 from layers.anchors import DEFAULT_STRIDES, load_anchor_file, predefined_anchor_whs, save_anchor_file
 from layers.kmeans import INIT_MODES, anchor_quality, cluster_anchor_whs, kmeans_aspect_ratios
+from utils.options import split_names
 
 logger = logging.getLogger("kmeans_for_anchors")
 
@@ -82,10 +83,6 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="anchor file to write (default anchors/<dataset>.json)")
     g.add_argument("--json", action="store_true", help="print the report as one JSON object (last line)")
     return parser
-
-
-def split_names(text: str | None) -> List[str]:
-    return [s.strip() for s in (text or "").split(",") if s.strip()]
 
 
 def load_boxes(
