@@ -27,7 +27,7 @@ from data.transforms import build_transforms
 from engine import predict
 from utils.checkpoint import build_model_from_checkpoint
 from utils.logger import setup_logging
-from utils.options import OptionParser, check_common_args, get_common_parser, resolve_defaults
+from utils.options import OptionParser, amp_dtype_of, check_common_args, get_common_parser, resolve_defaults
 
 logger = logging.getLogger("demo")
 
@@ -99,7 +99,8 @@ def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
     )
     os.makedirs(args.save_path, exist_ok=True)
     written = []
-    for targets, detections, _ in predict(model, postprocessor, loader, device):
+    amp_dtype = amp_dtype_of(args, device.type)
+    for targets, detections, _ in predict(model, postprocessor, loader, device, amp_dtype):
         for target, det in zip(targets, detections):
             keep = det["scores"] >= args.score_thresh
             boxes, scores, labels = (

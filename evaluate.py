@@ -2,6 +2,7 @@
 
     python evaluate.py --checkpoint runs/RUN/model_050000.pth --dataset voc --val_sets test2007 --metric voc
     python evaluate.py --run_dir runs/RUN --eval_iters 30000,50000 --metric all  # needs --keep_checkpoints 0
+    python evaluate.py <train.py's options> --eval_iters 30000,50000  # the run folder train.py derived
     python evaluate.py --detections results.json --dataset coco --val_sets val2017 --metric coco
     python evaluate.py --checkpoint CKPT --dataset openimages --val_sets validation --metric oid \
         --submission submission.csv
@@ -30,7 +31,15 @@ from engine import compute_metrics, evaluate
 from utils.checkpoint import build_model_from_checkpoint, checkpoint_iteration, list_checkpoints
 from utils.coco_eval import write_coco_results
 from utils.logger import setup_logging
-from utils.options import OptionParser, check_common_args, get_common_parser, int_list, resolve_defaults
+from utils.options import (
+    OptionParser,
+    amp_dtype_of,
+    check_common_args,
+    get_common_parser,
+    int_list,
+    resolve_defaults,
+    run_folder,
+)
 
 logger = logging.getLogger("evaluate")
 
@@ -42,7 +51,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument(
         "--run_dir", default=None, help="a run folder; with --eval_iters, several of its checkpoints"
     )
-    g.add_argument("--eval_iters", type=int_list, default=[], help="iterations to evaluate, e.g. 10000,20000")
+    g.add_argument(
+        "--eval_iters",
+        type=int_list,
+        default=[],
+        help="iterations to evaluate, e.g. 10000,20000, of --run_dir or, without it, of the run folder "
+        "train.py derives from the same options (default: the newest checkpoint)",
+    )
     g.add_argument(
         "--detections",
         default=None,
@@ -60,25 +75,34 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument(
         "--submission", default=None, help="also write an Open Images challenge submission CSV here"
     )
-    g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     return parser
 
 
 def checkpoints_to_evaluate(args: argparse.Namespace) -> List[str]:
+    """--checkpoint; else --eval_iters (default: the newest) of --run_dir or of the run folder that
+    train.py derives from the same options, as the original's evaluation did."""
     if args.checkpoint:
         return [args.checkpoint]
-    if not args.run_dir:
-        return []
-    available = list_checkpoints(args.run_dir)
+    run_dir = args.run_dir
+    if not run_dir:
+        run_dir = run_folder(args)
+        if not os.path.isdir(run_dir):
+            raise SystemExit(
+                f"no --checkpoint or --run_dir given, and the run folder derived from the options, "
+                f"{run_dir!r}, does not exist (for a torchrun run, --batch_size is the total batch here): "
+                "give --checkpoint, --run_dir (with optional --eval_iters) or --detections"
+            )
+        logger.info("evaluating the run folder derived from the options: %s", run_dir)
+    available = list_checkpoints(run_dir)
     if not args.eval_iters:
         if not available:
-            raise SystemExit(f"no checkpoints in --run_dir {args.run_dir!r}")
+            raise SystemExit(f"no checkpoints in the run folder {run_dir!r}")
         return [available[-1]]
     by_iter = {checkpoint_iteration(p): p for p in available}
     missing = [i for i in args.eval_iters if i not in by_iter]
     if missing:
         raise SystemExit(
-            f"--eval_iters {missing} have no checkpoint in {args.run_dir!r} (available: {sorted(by_iter)})"
+            f"--eval_iters {missing} have no checkpoint in {run_dir!r} (available: {sorted(by_iter)})"
         )
     return [by_iter[i] for i in args.eval_iters]
 
@@ -117,9 +141,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         raise SystemExit(f"--iou_thresh must be in (0, 1], got {args.iou_thresh}")
     if args.checkpoint and (args.run_dir or args.eval_iters):
         raise SystemExit("give --checkpoint (one checkpoint) or --run_dir with --eval_iters, not both")
-    if args.eval_iters and not args.run_dir:
-        raise SystemExit("--eval_iters picks checkpoints of a --run_dir: give --run_dir")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp_dtype = amp_dtype_of(args, device.type)
     hierarchy = load_hierarchy(args) if args.metric == "oid" else None
 
     if args.detections:
@@ -138,8 +161,6 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         return {"detections": report(metrics, os.path.basename(args.detections)), "metrics": metrics}
 
     paths = checkpoints_to_evaluate(args)
-    if not paths:
-        raise SystemExit("give --checkpoint, --run_dir (with optional --eval_iters) or --detections")
     parser = get_args_parser()
     summary: Dict[str, Any] = {}
     for path in paths:
@@ -153,7 +174,6 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             run_args.num_workers,
             size_divisibility=32 if run_args.resize_mode == "keep_aspect" else 1,
         )
-        amp_dtype = torch.bfloat16 if args.amp and device.type == "cuda" else None
         metrics, results = evaluate(
             model,
             postprocessor,

@@ -39,7 +39,7 @@ from data.transforms import build_transforms
 from engine import predict
 from utils.checkpoint import build_model_from_checkpoint
 from utils.logger import setup_logging
-from utils.options import OptionParser, check_common_args, get_common_parser, resolve_defaults
+from utils.options import OptionParser, amp_dtype_of, check_common_args, get_common_parser, resolve_defaults
 
 logger = logging.getLogger("extract_features")
 
@@ -152,10 +152,12 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     os.makedirs(args.save_path, exist_ok=True)
     score_type = "sigmoid" if run_args.loss_type == "focal" and run_args.arch == "fpn_ohem" else "softmax"
     num_written, shape = 0, None
-    for targets, detections, outputs in predict(model, postprocessor, loader, device, return_features=True):
+    amp_dtype = amp_dtype_of(args, device.type)
+    batches = predict(model, postprocessor, loader, device, amp_dtype, return_features=True)
+    for targets, detections, outputs in batches:
         for i, (target, det) in enumerate(zip(targets, detections)):
             if "roi_features" in det:  # two-stage models hand back their own per-detection features
-                rows = det["roi_features"][: args.num_nodes]
+                rows = det["roi_features"][: args.num_nodes].float()
                 table = rows.new_zeros(args.num_nodes, rows.shape[1])  # zero rows past the detections
                 table[: len(rows)] = rows
             else:

@@ -49,95 +49,28 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.logger import JsonLinesWriter, MetricLogger, Progress, ScalarSinks, setup_logging
-from utils.options import OptionParser, check_common_args, get_common_parser, int_list, resolve_defaults
+from utils.options import (
+    OptionParser,
+    amp_dtype_of,
+    check_common_args,
+    get_common_parser,
+    resolve_defaults,
+    run_folder,
+)
 
 logger = logging.getLogger("train")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    # Schedule, logging and run options are in the common parser (utils/options.py); only the sampling
+    # options are train.py's own.
     parser = OptionParser("Train an FPN detector", add_help=add_help, parents=[get_common_parser()])
-
-    # * Schedule and optimisation
-    g = parser.add_argument_group("schedule")
-    g.add_argument("--batch_size", type=int, default=24, help="images per process and iteration")
-    g.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
-    g.add_argument(
-        "--lr", type=float, default=0.0005, help="base learning rate (see the lr rule in the docstring)"
-    )
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight_decay", type=float, default=1e-4, help="not applied to norm layers and biases")
-    g.add_argument("--max_iter", type=int, default=50000)
-    g.add_argument(
-        "--step_values", type=int_list, default=[30000, 40000], help="iterations where lr *= --gamma"
-    )
-    g.add_argument("--gamma", type=float, default=0.1)
-    g.add_argument("--warmup_iters", type=int, default=500, help="linear warm-up from --warmup_factor * lr")
-    g.add_argument("--warmup_factor", type=float, default=1.0 / 3)
-    g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm (0: off)")
-    g.add_argument(
-        "--amp",
-        action="store_true",
-        help="mixed precision: bf16 or fp16 on CUDA, bf16 on CPU (fast where the CPU has AMX)",
-    )
-    g.add_argument("--amp_dtype", default="bf16", choices=("bf16", "fp16"), help="fp16 uses a grad scaler")
-    g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm under DDP (for trainable BN)")
-
-    # * Sampling
     g = parser.add_argument_group("sampling")
     g.add_argument("--sampler", default="random", choices=("random", "class_balanced", "repeat_factor"))
     g.add_argument("--num_bins", type=int, default=1, help="class_balanced: frequency bins")
     g.add_argument("--repeat_threshold", type=float, default=0.001, help="repeat_factor: LVIS threshold t")
     g.add_argument("--aspect_ratio_group", action="store_true", help="batch images of similar aspect ratio")
-
-    # * Checkpoints, validation and logging
-    g = parser.add_argument_group("runs and logging")
-    g.add_argument("--save_root", default="runs/", help="parent of the run folders")
-    g.add_argument("--run_name", default=None, help="run folder name (default: derived from the options)")
-    g.add_argument(
-        "--save_step", type=int, default=5000, help="checkpoint every N iterations (and at the end)"
-    )
-    g.add_argument("--keep_checkpoints", type=int, default=3, help="keep the last N checkpoints (0: all)")
-    g.add_argument(
-        "--resume", default=None, help="checkpoint path, or 'auto' for the newest in the run folder"
-    )
-    g.add_argument(
-        "--val_step", type=int, default=5000, help="validate every N iterations (0: only at the end)"
-    )
-    g.add_argument(
-        "--val_metric", default="voc", choices=("voc", "coco", "oid", "all"), help="metric for validation"
-    )
-    g.add_argument("--no_val", action="store_true", help="skip validation entirely")
-    g.add_argument("--log_step", type=int, default=20, help="log every N iterations")
-    g.add_argument("--tensorboard", action="store_true")
-    g.add_argument("--visdom", action="store_true")
-    g.add_argument("--vis_port", type=int, default=8097)
     return parser
-
-
-def run_name(args: argparse.Namespace) -> str:
-    """Run folder name from the options, as in the original (backbone, anchors, loss, input, batch, lr)."""
-    if args.arch == "faster_rcnn_fpn":
-        anchors = "rpn"
-    elif args.anchor_type == "kmeans":
-        anchors = f"kmeans-{os.path.splitext(os.path.basename(args.anchor_file))[0]}"
-    else:
-        anchors = f"pre{args.num_scales}x{len(args.aspect_ratios)}"
-    size = f"sq{args.input_dim}" if args.resize_mode == "square" else f"ka{args.min_size}-{args.max_size}"
-    heads = ""
-    if args.arch == "fpn_ohem":
-        heads = f"sh{args.shared_heads}" + ("gn" if args.head_norm == "gn" else "")
-    parts = [
-        args.dataset,
-        args.arch,
-        args.basenet,
-        anchors,
-        args.loss_type if args.arch == "fpn_ohem" else "",
-        heads,
-        size,
-        f"bs{args.batch_size * dist_utils.get_world_size()}",
-        f"lr{args.lr:g}",
-    ]
-    return "_".join(p for p in parts if p)
 
 
 def check_train_args(args: argparse.Namespace) -> None:
@@ -236,7 +169,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         device = torch.device("cuda", dist_info["local_rank"])
     torch.manual_seed(args.man_seed + rank)
 
-    run_dir = os.path.join(args.save_root, args.run_name or run_name(args))
+    run_dir = run_folder(args, dist_utils.get_world_size())
     setup_logging(rank, os.path.join(run_dir, "train.log"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -283,9 +216,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         optimizer,
         lambda it: lr_factor(it, args.warmup_iters, args.warmup_factor, args.step_values, args.gamma),
     )
-    amp_dtype = None
-    if args.amp:
-        amp_dtype = torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16
+    amp_dtype = amp_dtype_of(args, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start_iter = 0

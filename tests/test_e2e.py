@@ -21,6 +21,7 @@ import extract_features
 import train
 from prep import shapes
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
+from utils.options import run_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -211,6 +212,71 @@ def test_evaluate_several_iterations_of_a_run(trained_run, data_root, tmp_path):
     ]
     summary = evaluate.main(evaluate.get_args_parser().parse_args(argv))
     assert [os.path.basename(p) for p in summary] == ["model_000006.pth", "model_000012.pth"]
+
+
+def test_evaluate_finds_the_run_folder_from_the_training_options(trained_run, data_root, tmp_path):
+    """As in the original: evaluate.py with train.py's command line (no --checkpoint, no --run_dir)
+    evaluates --eval_iters of the run folder train.py derives from those options."""
+    _, run_dir = trained_run
+    save_root = tmp_path / "runs"
+    train_argv = MODEL_OPTS + TRAIN_OPTS + ["--data_root", data_root, "--save_root", str(save_root)]
+    derived = os.path.join(str(save_root), run_name(train.get_args_parser().parse_args(train_argv)))
+    assert os.path.basename(derived) == "shapes_fpn_ohem_resnet18_pre1x3_mbox_sh0_sq64_bs4_lr0.01"
+    with pytest.raises(SystemExit, match="the run folder derived from the options, .*does not exist"):
+        evaluate.main(evaluate.get_args_parser().parse_args(train_argv + ["--eval_iters", "12"]))
+    shutil.copytree(run_dir, derived)
+    argv = train_argv + ["--eval_iters", "6,12", "--save_path", str(tmp_path)]
+    summary = evaluate.main(evaluate.get_args_parser().parse_args(argv))
+    assert [os.path.basename(p) for p in summary] == ["model_000006.pth", "model_000012.pth"]
+    by_checkpoint = evaluate.main(
+        evaluate.get_args_parser().parse_args(
+            ["--checkpoint", os.path.join(run_dir, "model_000012.pth"), "--data_root", data_root]
+            + ["--save_path", str(tmp_path / "direct")]
+        )
+    )
+    assert list(summary.values())[1] == next(iter(by_checkpoint.values()))
+    # Without --eval_iters: the newest checkpoint.
+    newest = evaluate.main(evaluate.get_args_parser().parse_args(train_argv + ["--save_path", str(tmp_path)]))
+    assert [os.path.basename(p) for p in newest] == ["model_000012.pth"]
+
+
+@pytest.mark.parametrize("script", ["evaluate", "demo", "extract_features"])
+def test_inference_scripts_run_in_bf16_with_amp(script, trained_run, data_root, tmp_path, monkeypatch):
+    """--amp makes each inference script run the model under bf16 autocast on the CPU, and the results
+    stay close to fp32's."""
+    import engine
+
+    entered = []
+    original = engine.autocast_context
+
+    def spy(device, amp_dtype):
+        entered.append((device.type, amp_dtype))
+        return original(device, amp_dtype)
+
+    monkeypatch.setattr(engine, "autocast_context", spy)
+    _, run_dir = trained_run
+    module = {"evaluate": evaluate, "demo": demo, "extract_features": extract_features}[script]
+    argv = ["--checkpoint", os.path.join(run_dir, "model_000012.pth"), "--data_root", data_root]
+    if script == "demo":
+        argv += ["--images", os.path.join(data_root, "shapes", "images", "val"), "--score_thresh", "0"]
+
+    def run(*extra, out):
+        return module.main(module.get_args_parser().parse_args(argv + ["--save_path", str(out), *extra]))
+
+    fp32, bf16 = run(out=tmp_path / "fp32"), run("--amp", out=tmp_path / "bf16")
+    assert entered and set(entered[: len(entered) // 2]) == {("cpu", None)}
+    assert set(entered[len(entered) // 2 :]) == {("cpu", torch.bfloat16)}
+    if script == "evaluate":
+        (fp32,), (bf16,) = fp32.values(), bf16.values()
+        assert bf16["voc_map_area"] == pytest.approx(fp32["voc_map_area"], abs=0.05)
+    elif script == "demo":
+        top = lambda records: [max(d["score"] for d in r["detections"]) for r in records]
+        assert top(bf16) == pytest.approx(top(fp32), abs=0.02)
+    else:
+        for name in os.listdir(tmp_path / "fp32"):
+            a, b = (torch.load(tmp_path / d / name, weights_only=True) for d in ("fp32", "bf16"))
+            assert b.dtype == torch.float32 and b.shape == a.shape
+            assert b[0, 0] == pytest.approx(float(a[0, 0]), abs=0.02)  # top objectness
 
 
 def test_demo_draws_boxes(trained_run, data_root, tmp_path):

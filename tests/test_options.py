@@ -1,9 +1,18 @@
 import importlib
 
 import pytest
+import torch
 
 import train
-from utils.options import check_common_args, float_list, int_list, resolve_defaults
+from utils.options import (
+    amp_dtype_of,
+    check_common_args,
+    float_list,
+    int_list,
+    resolve_defaults,
+    run_folder,
+    run_name,
+)
 
 
 def parse(*argv):
@@ -89,16 +98,52 @@ def test_run_name_is_derived_from_options():
             "0.0005",
         )
     )
-    assert train.run_name(args) == "voc_fpn_ohem_resnet50_pre1x3_mbox_sh0_sq600_bs24_lr0.0005"
+    assert run_name(args) == "voc_fpn_ohem_resnet50_pre1x3_mbox_sh0_sq600_bs24_lr0.0005"
+    assert run_name(args, world_size=4) == "voc_fpn_ohem_resnet50_pre1x3_mbox_sh0_sq600_bs96_lr0.0005"
+    assert run_folder(args) == "runs/voc_fpn_ohem_resnet50_pre1x3_mbox_sh0_sq600_bs24_lr0.0005"
     args.head_norm = "gn"
-    assert train.run_name(args) == "voc_fpn_ohem_resnet50_pre1x3_mbox_sh0gn_sq600_bs24_lr0.0005"
+    assert run_name(args) == "voc_fpn_ohem_resnet50_pre1x3_mbox_sh0gn_sq600_bs24_lr0.0005"
+    args.run_name = "mine"
+    assert run_folder(args) == "runs/mine"
+
+
+def test_every_script_accepts_a_training_command_line():
+    """One parent parser: a train.py command line parses unchanged in the other scripts, to the same
+    values (kmeans_for_anchors.py has its own parser: its --max_iter counts k-means iterations)."""
+    argv = ["--basenet", "resnet18", "--batch_size", "8", "--lr", "0.001", "--max_iter", "100"]
+    argv += [
+        "--step_values",
+        "60,80",
+        "--save_root",
+        "elsewhere/",
+        "--amp",
+        "--tensorboard",
+        "--gamma",
+        "0.5",
+    ]
+    expected = vars(parse(*argv))
+    for script in ("evaluate", "demo", "extract_features"):
+        parser = importlib.import_module(script).get_args_parser()
+        parsed = vars(parser.parse_args(argv + ["--checkpoint", "c.pth"]))
+        shared = [k for k in expected if k in parsed and k != "explicit_options"]
+        assert {k: parsed[k] for k in shared} == {k: expected[k] for k in shared}
+        common = set(expected) - {"sampler", "num_bins", "repeat_threshold", "aspect_ratio_group"}
+        assert common <= set(parsed), f"{script} lacks {sorted(common - set(parsed))}"
+
+
+def test_amp_dtype():
+    assert amp_dtype_of(parse(), "cpu") is None
+    assert amp_dtype_of(parse("--amp"), "cpu") is torch.bfloat16
+    assert amp_dtype_of(parse("--amp", "--amp_dtype", "fp16"), "cuda") is torch.float16
+    with pytest.raises(SystemExit, match="--amp_dtype fp16 needs CUDA"):
+        amp_dtype_of(parse("--amp", "--amp_dtype", "fp16"), "cpu")
 
 
 @pytest.mark.parametrize(
     "script, argv, message",
     [
         ("evaluate", ["--checkpoint", "c.pth", "--eval_iters", "10,20"], "not both"),
-        ("evaluate", ["--eval_iters", "10,20"], "--eval_iters picks checkpoints of a --run_dir"),
+        ("evaluate", ["--save_root", "no_such_root/", "--eval_iters", "10,20"], "derived from the options"),
         ("evaluate", ["--checkpoint", "c.pth", "--iou_thresh", "0"], r"--iou_thresh must be in \(0, 1\]"),
         ("demo", ["--checkpoint", "c.pth", "--score_thresh", "2"], r"--score_thresh must be in \[0, 1\]"),
         ("demo", ["--checkpoint", "c.pth", "--nms_thresh", "0"], "--nms_thresh must be in"),

@@ -1,8 +1,10 @@
 """The one option parser every script shares, and the checks that make bad values fail at start.
 
 Scripts build their parser as ``OptionParser(parents=[get_common_parser()])`` and add only what is
-theirs (OptionParser records which options were typed, for merging with a checkpoint's). Option names
-follow the original codebase (``--basenet``, ``--shared_heads``,
+theirs (OptionParser records which options were typed, for merging with a checkpoint's). Groups: data,
+input, model, anchors, loss, evaluation, schedule, logging and runtime. Every script accepts every group,
+so a training command line works unchanged with evaluate.py (which finds the run folder from it), as in
+the original. Option names follow the original codebase (``--basenet``, ``--shared_heads``,
 ``--anchor_type``, ``--loss_type``, ``--max_iter``, ``--step_values``, ``--val_step``).
 """
 
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 from typing import List
+
+import torch
 
 from data.transforms import AUGMENTATIONS
 
@@ -75,7 +79,11 @@ class OptionParser(argparse.ArgumentParser):
 
 
 def get_common_parser() -> argparse.ArgumentParser:
-    """Options shared by train.py, evaluate.py, demo.py, extract_features.py and kmeans_for_anchors.py."""
+    """Options shared by train.py, evaluate.py, demo.py and extract_features.py.
+
+    (kmeans_for_anchors.py has its own parser with the same data and input names: its --max_iter is
+    k-means iterations.)
+    """
     parser = argparse.ArgumentParser(add_help=False)
 
     # * Data
@@ -203,10 +211,67 @@ def get_common_parser() -> argparse.ArgumentParser:
     g.add_argument("--class_agnostic_nms", action="store_true")
     g.add_argument("--eval_batch_size", type=int, default=8)
 
+    # * Schedule and optimisation (train.py; the other scripts accept them so that a training command
+    # line can be reused as it is, e.g. by evaluate.py to find the run folder)
+    g = parser.add_argument_group("schedule")
+    g.add_argument("--batch_size", type=int, default=24, help="images per process and iteration")
+    g.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=0.0005,
+        help="base learning rate (see the lr rule in train.py's docstring)",
+    )
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight_decay", type=float, default=1e-4, help="not applied to norm layers and biases")
+    g.add_argument("--max_iter", type=int, default=50000)
+    g.add_argument(
+        "--step_values", type=int_list, default=[30000, 40000], help="iterations where lr *= --gamma"
+    )
+    g.add_argument("--gamma", type=float, default=0.1)
+    g.add_argument("--warmup_iters", type=int, default=500, help="linear warm-up from --warmup_factor * lr")
+    g.add_argument("--warmup_factor", type=float, default=1.0 / 3)
+    g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm (0: off)")
+    g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm under DDP (for trainable BN)")
+
+    # * Runs, validation and logging
+    g = parser.add_argument_group("logging")
+    g.add_argument("--save_root", default="runs/", help="parent of the run folders")
+    g.add_argument("--run_name", default=None, help="run folder name (default: derived from the options)")
+    g.add_argument(
+        "--save_step", type=int, default=5000, help="checkpoint every N iterations (and at the end)"
+    )
+    g.add_argument("--keep_checkpoints", type=int, default=3, help="keep the last N checkpoints (0: all)")
+    g.add_argument(
+        "--resume", default=None, help="checkpoint path, or 'auto' for the newest in the run folder"
+    )
+    g.add_argument(
+        "--val_step", type=int, default=5000, help="validate every N iterations (0: only at the end)"
+    )
+    g.add_argument(
+        "--val_metric", default="voc", choices=("voc", "coco", "oid", "all"), help="metric for validation"
+    )
+    g.add_argument("--no_val", action="store_true", help="skip validation entirely")
+    g.add_argument("--log_step", type=int, default=20, help="log every N iterations")
+    g.add_argument("--tensorboard", action="store_true")
+    g.add_argument("--visdom", action="store_true")
+    g.add_argument("--vis_port", type=int, default=8097)
+
     # * Runtime
     g = parser.add_argument_group("runtime")
     g.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda when available)")
     g.add_argument("--man_seed", type=int, default=123, help="random seed (offset by rank)")
+    g.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision: bf16 or fp16 on CUDA, bf16 on CPU (fast where the CPU has AMX)",
+    )
+    g.add_argument(
+        "--amp_dtype",
+        default="bf16",
+        choices=("bf16", "fp16"),
+        help="fp16 (CUDA only) trains with a grad scaler",
+    )
     g.add_argument(
         "--channels_last",
         action="store_true",
@@ -214,6 +279,49 @@ def get_common_parser() -> argparse.ArgumentParser:
         "--amp bf16 on CPUs with AMX) and with tensor cores on GPU; results are unchanged",
     )
     return parser
+
+
+def run_name(args: argparse.Namespace, world_size: int = 1) -> str:
+    """Run folder name from the options, as in the original (backbone, anchors, loss, input, batch, lr).
+
+    The batch in the name is the total over ``world_size`` processes.
+    """
+    if args.arch == "faster_rcnn_fpn":
+        anchors = "rpn"
+    elif args.anchor_type == "kmeans":
+        anchors = f"kmeans-{os.path.splitext(os.path.basename(args.anchor_file))[0]}"
+    else:
+        anchors = f"pre{args.num_scales}x{len(args.aspect_ratios)}"
+    size = f"sq{args.input_dim}" if args.resize_mode == "square" else f"ka{args.min_size}-{args.max_size}"
+    heads = ""
+    if args.arch == "fpn_ohem":
+        heads = f"sh{args.shared_heads}" + ("gn" if args.head_norm == "gn" else "")
+    parts = [
+        args.dataset,
+        args.arch,
+        args.basenet,
+        anchors,
+        args.loss_type if args.arch == "fpn_ohem" else "",
+        heads,
+        size,
+        f"bs{args.batch_size * world_size}",
+        f"lr{args.lr:g}",
+    ]
+    return "_".join(p for p in parts if p)
+
+
+def run_folder(args: argparse.Namespace, world_size: int = 1) -> str:
+    """The run folder train.py writes to: ``--save_root``/(``--run_name`` or the derived name)."""
+    return os.path.join(args.save_root, args.run_name or run_name(args, world_size))
+
+
+def amp_dtype_of(args: argparse.Namespace, device_type: str) -> torch.dtype | None:
+    """The autocast dtype ``--amp``/``--amp_dtype`` ask for on ``device_type``, or None without --amp."""
+    if not args.amp:
+        return None
+    if args.amp_dtype == "fp16" and device_type != "cuda":
+        raise SystemExit("--amp --amp_dtype fp16 needs CUDA; use bf16 on the CPU")
+    return torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
