@@ -25,7 +25,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from data.dataset import build_dataset
+from data.dataset import build_dataset, check_same_classes
 from data.loaders import build_eval_loader
 from engine import compute_metrics, evaluate
 from utils.checkpoint import build_model_from_checkpoint, checkpoint_iteration, list_checkpoints
@@ -166,6 +166,11 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     for path in paths:
         model, postprocessor, run_args, _ = build_model_from_checkpoint(path, args, parser, device)
         dataset = build_dataset(run_args, run_args.val_sets, train=False)
+        if run_args.class_names is not None and run_args.category_ids is not None:
+            try:
+                check_same_classes(dataset, run_args.class_names, run_args.category_ids, f"checkpoint {path}")
+            except ValueError as e:
+                raise SystemExit(str(e)) from None
         if hierarchy is not None:
             dataset.hierarchy = hierarchy
         loader = build_eval_loader(

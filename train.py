@@ -35,7 +35,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from data.dataset import build_dataset
+from data.dataset import build_dataset, check_same_classes
 from data.loaders import build_eval_loader, build_train_loader, iterate_batches
 from engine import NonFiniteLossError, evaluate, targets_to_device, train_one_iter
 from models import build_model
@@ -184,6 +184,11 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         args.num_classes,
     )
     val_set = None if args.no_val else build_dataset(args, args.val_sets, train=False)
+    if val_set is not None:
+        try:
+            check_same_classes(val_set, train_set.class_names, train_set.category_ids, "--train_sets")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     check_images_exist([train_set] if val_set is None else [train_set, val_set], args.skip_bad_images)
     if val_set is not None and args.val_metric == "oid":
         hierarchy_path = os.path.join(args.data_root, args.dataset, "hierarchy.json")

@@ -336,6 +336,27 @@ def parse_classes(value: str | Sequence[str] | None) -> List[str] | None:
     return names
 
 
+def check_same_classes(
+    dataset: DetectionDataset, class_names: Sequence[str], category_ids: Sequence[int], trained_on: str
+) -> None:
+    """Raise ValueError unless ``dataset`` has the classes a model was trained with, in the same order.
+
+    A model's label i is the i-th training class: on a split whose category list differs (another
+    order, another id, a missing class) every detection would be scored as the wrong class.
+    """
+    ours = list(zip(dataset.class_names, dataset.category_ids))
+    theirs = list(zip(class_names, (int(c) for c in category_ids)))
+    if ours == theirs:
+        return
+    diffs = [f"label {i}: {a} here, {b} in training" for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+    if len(ours) != len(theirs):
+        diffs.append(f"{len(ours)} classes here, {len(theirs)} in training")
+    raise ValueError(
+        f"{', '.join(dataset.annotation_files)} has other classes (name, id) than {trained_on}: "
+        f"{'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}"
+    )
+
+
 def build_dataset(args: argparse.Namespace, split: str | Sequence[str], train: bool) -> DetectionDataset:
     """The dataset for ``split`` (a comma list such as args.train_sets / args.val_sets, or a list).
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from data.collate import Collate, SkippedSample
-from data.dataset import DetectionDataset, build_dataset, parse_classes
+from data.dataset import DetectionDataset, build_dataset, check_same_classes, parse_classes
 from data.image_io import ImageReadError
 from data.transforms import build_transforms
 
@@ -255,3 +255,19 @@ def test_missing_images_lists_absent_files_in_order(toy):
         os.path.join(toy, "images", "a.png"),
         os.path.join(toy, "images", "b.png"),
     ]
+
+
+def test_check_same_classes_names_the_file_and_the_labels(toy):
+    val = DetectionDataset(toy, ["val"], eval_transforms())
+    check_same_classes(val, ["cat", "dog", "bird"], [5, 9, 2], "the checkpoint")  # same: no error
+    write_split(toy, "reordered", [], [], categories=[CATEGORIES[1], CATEGORIES[0], CATEGORIES[2]])
+    reordered = DetectionDataset(toy, ["reordered"], eval_transforms())
+    with pytest.raises(ValueError) as e:
+        check_same_classes(reordered, ["cat", "dog", "bird"], [5, 9, 2], "the checkpoint")
+    assert "reordered.json has other classes (name, id) than the checkpoint" in str(e.value)
+    assert "label 0: ('dog', 9) here, ('cat', 5) in training; label 1: ('cat', 5) here" in str(e.value)
+    assert "label 2" not in str(e.value)
+    with pytest.raises(ValueError, match="label 1: \\('dog', 9\\) here, \\('dog', 7\\) in training"):
+        check_same_classes(val, ["cat", "dog", "bird"], [5, 7, 2], "the checkpoint")
+    with pytest.raises(ValueError, match="3 classes here, 2 in training"):
+        check_same_classes(val, ["cat", "dog"], [5, 9], "the checkpoint")

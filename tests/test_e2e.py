@@ -240,6 +240,32 @@ def test_evaluate_finds_the_run_folder_from_the_training_options(trained_run, da
     assert [os.path.basename(p) for p in newest] == ["model_000012.pth"]
 
 
+def test_a_val_split_with_other_classes_is_refused(trained_run, data_root, tmp_path):
+    """Labels are positions in the training class list: a split whose categories are in another order
+    would be scored as the wrong classes, so train.py and evaluate.py refuse it at start."""
+    _, run_dir = trained_run
+    root = str(tmp_path / "data")
+    shutil.copytree(data_root, root)
+    annotations = os.path.join(root, "shapes", "annotations")
+    with open(os.path.join(annotations, "val.json")) as f:
+        val = json.load(f)
+    val["categories"] = val["categories"][::-1]
+    with open(os.path.join(annotations, "val_reordered.json"), "w") as f:
+        json.dump(val, f)
+    message = r"val_reordered.json has other classes \(name, id\) than .*label 0: \('triangle', 3\) here"
+    with pytest.raises(SystemExit, match=message):
+        evaluate.main(
+            evaluate.get_args_parser().parse_args(
+                ["--checkpoint", os.path.join(run_dir, "model_000012.pth"), "--data_root", root]
+                + ["--val_sets", "val_reordered", "--save_path", str(tmp_path)]
+            )
+        )
+    with pytest.raises(SystemExit, match=message):
+        run_train(
+            root, tmp_path / "runs", "--val_sets", "val_reordered", "--max_iter", "1", "--step_values", ""
+        )
+
+
 @pytest.mark.parametrize("script", ["evaluate", "demo", "extract_features"])
 def test_inference_scripts_run_in_bf16_with_amp(script, trained_run, data_root, tmp_path, monkeypatch):
     """--amp makes each inference script run the model under bf16 autocast on the CPU, and the results
