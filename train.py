@@ -18,9 +18,8 @@ original settings are lr 0.0005 at a total batch of 24 (scale linearly, with --w
 large batches).
 
 Resume: ``--resume auto`` continues from the newest checkpoint of the run folder (or give a path);
-the schedule, optimizer, scaler, data order and augmentation continue exactly where they stopped
-(bit for bit with --arch fpn_ohem; Faster R-CNN's RPN and RoI sampling draw from torch's global
-generator, which is re-seeded from --man_seed on resume, not restored).
+the schedule, optimizer, scaler, data order, augmentation and every process's torch generators (which
+Faster R-CNN's RPN and RoI sampling draw from) continue exactly where they stopped.
 """
 
 from __future__ import annotations
@@ -142,6 +141,29 @@ def check_images_exist(datasets: List[Any], skip_bad_images: bool) -> None:
         if not skip_bad_images:
             raise SystemExit(message + " (fix the paths, or pass --skip_bad_images to skip and count them)")
         logger.warning("%s; they will be skipped and counted (--skip_bad_images)", message)
+
+
+def rng_state(device: torch.device) -> Dict[str, torch.Tensor]:
+    """The state of torch's global generators this process draws from (CPU, and ``device``'s on CUDA)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(
+    rng_states: List[Dict[str, torch.Tensor]] | None, rank: int, world_size: int, device: torch.device
+) -> None:
+    """Set this rank's generators to their state at the checkpoint (saved by every rank)."""
+    if rng_states is None or len(rng_states) != world_size:
+        logger.warning(
+            "random generators re-seeded from --man_seed, not restored: the checkpoint holds %s",
+            "none" if rng_states is None else f"{len(rng_states)} processes' states, not {world_size}",
+        )
+        return
+    torch.set_rng_state(rng_states[rank]["cpu"])
+    if device.type == "cuda" and "cuda" in rng_states[rank]:
+        torch.cuda.set_rng_state(rng_states[rank]["cuda"], device)
 
 
 def resolve_device(requested: str | None) -> torch.device:
@@ -310,6 +332,10 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             )
         return summary
 
+    if checkpoint is not None:
+        # Last, after everything that draws from torch's generators at start-up (weight init): the
+        # random draws of training (Faster R-CNN's RPN/RoI sampling) continue as if never stopped.
+        restore_rng_state(checkpoint.get("rng_states"), rank, world_size, device)
     meters = MetricLogger(window_size=args.log_step)
     progress = Progress(args.max_iter, start_iter, args.log_step, enabled=is_main)
     num_skipped, num_cropped_out, num_dropped_for_sync, last_val = 0, 0, 0, {}
@@ -363,11 +389,14 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                 }
                 metrics_log.write(record)
                 sinks.add_scalars({k: v for k, v in record.items() if k != "iteration"}, iteration)
-            if is_main and (iteration % args.save_step == 0 or iteration == args.max_iter):
-                save_checkpoint(
-                    checkpoint_state(iteration), os.path.join(run_dir, f"model_{iteration:06d}.pth")
-                )
-                prune_checkpoints(run_dir, args.keep_checkpoints)
+            if iteration % args.save_step == 0 or iteration == args.max_iter:
+                rng_states = dist_utils.all_gather_object(rng_state(device))  # every rank's, for resume
+                if is_main:
+                    save_checkpoint(
+                        {**checkpoint_state(iteration), "rng_states": rng_states},
+                        os.path.join(run_dir, f"model_{iteration:06d}.pth"),
+                    )
+                    prune_checkpoints(run_dir, args.keep_checkpoints)
             if val_loader is not None and (
                 (args.val_step and iteration % args.val_step == 0) or iteration == args.max_iter
             ):

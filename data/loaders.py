@@ -165,6 +165,9 @@ def build_train_loader(
         worker_init_fn=_worker_init,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
+        # Own generator for the workers' base seed: without one, every epoch's iterator draws from torch's
+        # global generator, which training's own random draws (Faster R-CNN sampling) then depend on.
+        generator=torch.Generator().manual_seed(seed + rank),
     )
 
 
@@ -206,4 +209,5 @@ def build_eval_loader(
         num_workers=num_workers,
         collate_fn=Collate(size_divisibility),
         pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator(),  # keeps validation from drawing from torch's global generator
     )

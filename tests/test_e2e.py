@@ -157,7 +157,7 @@ def test_resume_reaches_the_same_weights(trained_run, data_root, tmp_path):
     resumed = load_checkpoint(str(resumed_dir / "model_000012.pth"))["model"]
     assert uninterrupted.keys() == resumed.keys()
     for key in uninterrupted:
-        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
 
 
 def test_evaluate_voc_and_coco_paths(trained_run, data_root, tmp_path):

@@ -407,6 +407,14 @@ def test_train_resume_evaluate_demo_extract_features(data_root, tmp_path):
     checkpoint = str(run_dir / "model_000004.pth")
     state = load_checkpoint(checkpoint)
     assert state["args"]["arch"] == "faster_rcnn_fpn" and state["anchors"] is None
+    # The RPN and RoI heads sample anchors and proposals at random: the checkpoint carries the random
+    # generators' state, so the resumed run ends with the weights of an uninterrupted one.
+    assert len(state["rng_states"]) == 1 and state["rng_states"][0]["cpu"].dtype == torch.uint8
+    run_train(4, "--run_name", "uninterrupted")
+    uninterrupted = load_checkpoint(str(tmp_path / "uninterrupted" / "model_000004.pth"))["model"]
+    assert uninterrupted.keys() == state["model"].keys()
+    for key in uninterrupted:
+        torch.testing.assert_close(state["model"][key], uninterrupted[key], rtol=0, atol=0, msg=key)
 
     common = ["--checkpoint", checkpoint, "--data_root", data_root, "--conf_thresh", "0.0"]
     headline = evaluate.main(evaluate.get_args_parser().parse_args(common + ["--save_path", str(tmp_path)]))

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from data.loaders import build_train_loader, iterate_batches
+from data.loaders import build_eval_loader, build_train_loader, iterate_batches
 
 
 class RecordingDataset(torch.utils.data.Dataset):
@@ -59,3 +59,14 @@ def test_workers_do_not_change_the_stream():
     in_process = stream(build_train_loader(dataset, 4, 0, 1, seed=1), 0, 4)
     with_workers = stream(build_train_loader(dataset, 4, 2, 1, seed=1), 0, 4)
     assert in_process == with_workers
+
+
+def test_loaders_leave_torch_global_generator_alone():
+    """Training draws from torch's global generator (Faster R-CNN's sampling) and resume restores it
+    from the checkpoint; starting a loader's epoch or a validation pass must not draw from it."""
+    dataset = RecordingDataset(10)
+    before = torch.get_rng_state()
+    stream(build_train_loader(dataset, batch_size=3, num_workers=0, size_divisibility=1, seed=7), 0, 7)
+    for _ in build_eval_loader(dataset, batch_size=4, num_workers=0, size_divisibility=1):
+        pass
+    assert torch.equal(torch.get_rng_state(), before)
