@@ -28,8 +28,8 @@ DEMO_OPTS ?= --dataset shapes --data_root $(DEMO_DATA) --train_sets train --val_
 	--basenet resnet18 --pretrained none --fpn_channels 64 --num_head_layers 2 \
 	--input_dim 256 --loss_type mbox --device cpu --channels_last
 DEMO_TRAIN_OPTS ?= --anchor_type kmeans --anchor_file $(DEMO_ANCHORS) --augment flip $(DEMO_AMP) \
-	--batch_size 16 --optimizer adamw --lr 0.002 --weight_decay 0.0001 --max_iter 900 \
-	--step_values 680,810 --warmup_iters 50 --save_step 300 --no_val -j 1 --log_step 25
+	--batch_size 16 --optimizer adamw --lr 0.002 --weight_decay 0.0001 --max_iter 800 \
+	--step_values 605,720 --warmup_iters 50 --save_step 200 --no_val -j 1 --log_step 25
 # Scores down to 0.01 count for AP (as in SSD's VOC evaluation); the demo drawings keep 0.5.
 DEMO_EVAL_OPTS ?= --metric all --conf_thresh 0.01
 
