@@ -4,9 +4,6 @@ import glob
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -14,82 +11,19 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from tiny_shapes import MODEL_OPTS, TRAIN_OPTS, make_tiny_shapes
 
 import demo
 import evaluate
 import extract_features
 import train
-from prep import shapes
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
 from utils.options import run_name
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-MODEL_OPTS = [
-    "--dataset",
-    "shapes",
-    "--basenet",
-    "resnet18",
-    "--pretrained",
-    "none",
-    "--fpn_channels",
-    "16",
-    "--num_head_layers",
-    "1",
-    "--input_dim",
-    "64",
-    "--num_scales",
-    "1",
-    "--device",
-    "cpu",
-    "-j",
-    "0",
-    "--eval_batch_size",
-    "4",
-]
-TRAIN_OPTS = [
-    "--batch_size",
-    "4",
-    "--lr",
-    "0.01",
-    "--max_iter",
-    "12",
-    "--step_values",
-    "8",
-    "--warmup_iters",
-    "2",
-    "--save_step",
-    "6",
-    "--keep_checkpoints",
-    "0",
-    "--val_step",
-    "0",
-    "--log_step",
-    "3",
-]
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    args = shapes.get_args_parser().parse_args(
-        [
-            "--data_root",
-            str(root),
-            "--num_train",
-            "16",
-            "--num_val",
-            "6",
-            "--image_size",
-            "64",
-            "--min_size",
-            "10",
-            "--num_workers",
-            "0",
-        ]
-    )
-    shapes.main(args)
-    return str(root)
+    return make_tiny_shapes(str(tmp_path_factory.mktemp("data")))
 
 
 def run_train(data_root, save_root, *extra):
@@ -427,132 +361,3 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_root, tmp_path, mo
     ]
     state = load_checkpoint(str(run_dir / "model_000006.pth"))
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_torchrun_two_processes_match_one_process(data_root, tmp_path):
-    """2 gloo processes with batch 2 each see the same samples as 1 process with batch 4."""
-    common = MODEL_OPTS + [
-        "--data_root",
-        data_root,
-        "--batch_size",
-        "{bs}",
-        "--lr",
-        "0.01",
-        "--max_iter",
-        "2",
-        "--step_values",
-        "",
-        "--warmup_iters",
-        "0",
-        "--save_step",
-        "2",
-        "--log_step",
-        "1",
-        "--no_val",
-        "--save_root",
-        str(tmp_path),
-    ]
-
-    def argv(bs, name):
-        return [a.replace("{bs}", str(bs)) for a in common] + ["--run_name", name]
-
-    train.main(train.get_args_parser().parse_args(argv(4, "single")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            os.path.join(ROOT, "train.py"),
-            *argv(2, "ddp"),
-        ],
-        check=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-    )
-    single = [json.loads(line) for line in open(tmp_path / "single" / "metrics.jsonl")]
-    ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
-    # The loss is normalised by the positives of each process's half batch, so the mean over ranks is
-    # close to, not exactly, the one-process value.
-    # Iteration 1 checks how the samples are split; iteration 2 runs on weights after one synchronised
-    # step, so it also checks that the gradients were averaged over the processes.
-    for it in (0, 1):
-        assert ddp[it]["iteration"] == single[it]["iteration"] == it + 1
-        assert ddp[it]["loss"] == pytest.approx(single[it]["loss"], rel=0.1)
-        assert ddp[it]["loss_cls"] == pytest.approx(single[it]["loss_cls"], rel=0.1)
-    assert ddp[1]["loss"] != pytest.approx(ddp[0]["loss"], rel=1e-3)  # the step changed the weights
-
-
-NAN_ON_RANK_1 = """
-import os, sys
-sys.path.insert(0, {root!r})
-import torch
-import train
-
-real_build = train.build_model
-
-
-def build(*args, **kwargs):
-    model, criterion, post = real_build(*args, **kwargs)
-    calls = [0]
-
-    class NanOnRank1(torch.nn.Module):
-        def forward(self, outputs, targets):
-            calls[0] += 1
-            losses = criterion(outputs, targets)
-            if os.environ["RANK"] == "1" and calls[0] >= 3:
-                losses["loss_box"] = losses["loss_box"] * float("nan")
-            return losses
-
-    return model, NanOnRank1(), post
-
-
-train.build_model = build
-try:
-    train.main(train.get_args_parser().parse_args(sys.argv[1:]))
-except BaseException as e:  # what stopped this rank, for the test to read
-    with open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".txt"), "w") as f:
-        f.write(type(e).__name__ + ": " + str(e))
-    raise
-"""
-
-
-def test_torchrun_non_finite_loss_on_one_process_stops_all(data_root, tmp_path):
-    """Rank 1 alone sees a NaN at iteration 3: both processes stop with the message (no DDP hang)."""
-    script = tmp_path / "nan_on_rank_1.py"
-    script.write_text(NAN_ON_RANK_1.format(root=ROOT, out=str(tmp_path)))
-    argv = (
-        MODEL_OPTS + TRAIN_OPTS + ["--data_root", data_root, "--save_root", str(tmp_path), "--run_name", "r"]
-    )
-    argv += ["--batch_size", "2", "--save_step", "2", "--no_val"]
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-        + [str(free_port()), str(script), *argv],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode != 0
-    output = result.stdout + result.stderr
-    # Rank 0's loss is finite; it stops with the same message because rank 1's is not.
-    for rank in (0, 1):
-        stopped = (tmp_path / f"rank{rank}.txt").read_text()
-        assert stopped.startswith("SystemExit: training stopped: non-finite loss at iteration 3"), output[
-            -3000:
-        ]
-    assert [os.path.basename(p) for p in glob.glob(str(tmp_path / "r" / "model_*.pth"))] == [
-        "model_000002.pth"
-    ]
