@@ -18,7 +18,6 @@ from typing import Any, Dict, List, Sequence
 
 import cv2
 import numpy as np
-import torch
 
 from data.image_io import read_image
 from data.image_list import ImageListDataset, find_images
@@ -27,7 +26,14 @@ from data.transforms import build_transforms
 from engine import predict
 from utils.checkpoint import build_model_from_checkpoint
 from utils.logger import setup_logging
-from utils.options import OptionParser, amp_dtype_of, check_common_args, get_common_parser, resolve_defaults
+from utils.options import (
+    OptionParser,
+    amp_dtype_of,
+    check_common_args,
+    get_common_parser,
+    resolve_defaults,
+    resolve_device,
+)
 
 logger = logging.getLogger("demo")
 
@@ -81,7 +87,7 @@ def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
     check_common_args(args)
     if not 0 <= args.score_thresh <= 1:
         raise SystemExit(f"--score_thresh must be in [0, 1], got {args.score_thresh}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model, postprocessor, run_args, _ = build_model_from_checkpoint(
         args.checkpoint, args, get_args_parser(), device
     )

@@ -23,8 +23,6 @@ import os
 import sys
 from typing import Any, Dict, List
 
-import torch
-
 from data.dataset import build_dataset, check_same_classes
 from data.loaders import build_eval_loader
 from engine import compute_metrics, evaluate
@@ -38,6 +36,7 @@ from utils.options import (
     get_common_parser,
     int_list,
     resolve_defaults,
+    resolve_device,
     run_folder,
 )
 
@@ -141,7 +140,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         raise SystemExit(f"--iou_thresh must be in (0, 1], got {args.iou_thresh}")
     if args.checkpoint and (args.run_dir or args.eval_iters):
         raise SystemExit("give --checkpoint (one checkpoint) or --run_dir with --eval_iters, not both")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     amp_dtype = amp_dtype_of(args, device.type)
     hierarchy = load_hierarchy(args) if args.metric == "oid" else None
 

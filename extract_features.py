@@ -39,7 +39,14 @@ from data.transforms import build_transforms
 from engine import predict
 from utils.checkpoint import build_model_from_checkpoint
 from utils.logger import setup_logging
-from utils.options import OptionParser, amp_dtype_of, check_common_args, get_common_parser, resolve_defaults
+from utils.options import (
+    OptionParser,
+    amp_dtype_of,
+    check_common_args,
+    get_common_parser,
+    resolve_defaults,
+    resolve_device,
+)
 
 logger = logging.getLogger("extract_features")
 
@@ -127,7 +134,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     check_common_args(args)
     if args.num_nodes < 1:
         raise SystemExit(f"--num_nodes must be >= 1, got {args.num_nodes}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     # The original keeps the top detections after class-agnostic NMS.
     args.class_agnostic_nms = True
     args.topk = args.num_nodes

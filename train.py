@@ -54,6 +54,7 @@ from utils.options import (
     check_common_args,
     get_common_parser,
     resolve_defaults,
+    resolve_device,
     run_folder,
 )
 
@@ -164,12 +165,6 @@ def restore_rng_state(
     torch.set_rng_state(rng_states[rank]["cpu"])
     if device.type == "cuda" and "cuda" in rng_states[rank]:
         torch.cuda.set_rng_state(rng_states[rank]["cuda"], device)
-
-
-def resolve_device(requested: str | None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def anchors_of(model: torch.nn.Module) -> List[List[List[float]]] | None:

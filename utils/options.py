@@ -315,6 +315,11 @@ def run_folder(args: argparse.Namespace, world_size: int = 1) -> str:
     return os.path.join(args.save_root, args.run_name or run_name(args, world_size))
 
 
+def resolve_device(requested: str | None) -> torch.device:
+    """``--device`` as given, or cuda when available, else cpu."""
+    return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def amp_dtype_of(args: argparse.Namespace, device_type: str) -> torch.dtype | None:
     """The autocast dtype ``--amp``/``--amp_dtype`` ask for on ``device_type``, or None without --amp."""
     if not args.amp:
