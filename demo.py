@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from typing import Any, Dict, List, Sequence
 
 import cv2
@@ -25,6 +24,7 @@ from data.loaders import build_eval_loader
 from data.transforms import build_transforms
 from engine import predict
 from utils.checkpoint import build_model_from_checkpoint
+from utils.errors import run_cli
 from utils.logger import setup_logging
 from utils.options import (
     OptionParser,
@@ -140,4 +140,4 @@ def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args(sys.argv[1:]))
+    run_cli(main, get_args_parser())

@@ -28,6 +28,7 @@ from data.loaders import build_eval_loader
 from engine import compute_metrics, evaluate
 from utils.checkpoint import build_model_from_checkpoint, checkpoint_iteration, list_checkpoints
 from utils.coco_eval import write_coco_results
+from utils.errors import run_cli
 from utils.logger import setup_logging
 from utils.options import (
     OptionParser,
@@ -207,4 +208,4 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args(sys.argv[1:]))
+    run_cli(main, get_args_parser())

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from typing import Any, Dict, List
 
 import torch
@@ -38,6 +37,7 @@ from data.loaders import build_eval_loader
 from data.transforms import build_transforms
 from engine import predict
 from utils.checkpoint import build_model_from_checkpoint
+from utils.errors import run_cli
 from utils.logger import setup_logging
 from utils.options import (
     OptionParser,
@@ -177,4 +177,4 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args(sys.argv[1:]))
+    run_cli(main, get_args_parser())

@@ -44,6 +44,7 @@ from data.annotations import load_annotations
 from data.transforms import compute_resize
 from layers.anchors import DEFAULT_STRIDES, load_anchor_file, predefined_anchor_whs, save_anchor_file
 from layers.kmeans import INIT_MODES, anchor_quality, cluster_anchor_whs, kmeans_aspect_ratios
+from utils.errors import UserError, run_cli
 from utils.options import split_names
 
 logger = logging.getLogger("kmeans_for_anchors")
@@ -113,7 +114,7 @@ def load_boxes(
         pos = np.searchsorted(ids[order], ann_image_ids).clip(max=max(len(ids) - 1, 0))
         if len(anns) and (len(ids) == 0 or np.any(ids[order][pos] != ann_image_ids)):
             bad = ann_image_ids[ids[order][pos] != ann_image_ids] if len(ids) else ann_image_ids
-            raise ValueError(f"{path}: annotations refer to unknown image ids, e.g. {bad[:5].tolist()}")
+            raise UserError(f"{path}: annotations refer to unknown image ids, e.g. {bad[:5].tolist()}")
         image_idxs.append(num_images + order[pos])
         boxes.append(np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4))
         difficult.append(np.array([bool(a.get("difficult", 0)) for a in anns], dtype=bool))
@@ -314,12 +315,12 @@ def print_report(report: Dict) -> None:
 
 def main(args: argparse.Namespace) -> Dict:
     if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
+        raise UserError(f"--k must be >= 1, got {args.k}")
     if args.max_iter < 1:
-        raise ValueError(f"--max_iter must be >= 1, got {args.max_iter}")
+        raise UserError(f"--max_iter must be >= 1, got {args.max_iter}")
     train_sets, val_sets = split_names(args.train_sets), split_names(args.val_sets)
     if not train_sets:
-        raise ValueError("--train_sets names no split")
+        raise UserError("--train_sets names no split")
     ann_dir = os.path.join(args.data_root, args.dataset, "annotations")
     resize = dict(
         resize_mode=args.resize_mode, input_dim=args.input_dim, min_size=args.min_size, max_size=args.max_size
@@ -329,7 +330,7 @@ def main(args: argparse.Namespace) -> Dict:
         load_boxes([os.path.join(ann_dir, f"{s}.json") for s in val_sets], **resize) if val_sets else None
     )
     if not kept_boxes(train_set).any():
-        raise ValueError(
+        raise UserError(
             f"--train_sets {args.train_sets}: no box to cluster in {train_set['annotation_files']}"
         )
     out = args.out or os.path.join("anchors", f"{args.dataset}.json")
@@ -354,4 +355,4 @@ def main(args: argparse.Namespace) -> Dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(argparse.ArgumentParser(parents=[get_args_parser()]).parse_args())
+    run_cli(main, argparse.ArgumentParser(parents=[get_args_parser()]))

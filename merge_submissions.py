@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from typing import Any, Dict
 
+from utils.errors import run_cli
 from utils.oid_eval import merge_oid_submissions
 
 logger = logging.getLogger("merge_submissions")
@@ -44,4 +44,4 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args(sys.argv[1:]))
+    run_cli(main, get_args_parser())

@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any, Dict, List
 
@@ -47,6 +46,7 @@ from utils.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from utils.errors import run_cli
 from utils.logger import JsonLinesWriter, MetricLogger, Progress, ScalarSinks, setup_logging
 from utils.options import (
     OptionParser,
@@ -434,4 +434,4 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args(sys.argv[1:]))
+    run_cli(main, get_args_parser())

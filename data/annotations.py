@@ -30,6 +30,8 @@ from typing import Any, Dict, Iterable, List
 
 import numpy as np
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 REQUIRED_IMAGE_FIELDS = ("id", "file_name", "width", "height")
@@ -317,15 +319,15 @@ def load_annotations(path: str) -> Dict[str, Any]:
         message names the file and lists up to ``MAX_LISTED_PROBLEMS`` problems with their record ids.
     """
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: annotation file not found (convert the dataset with a script in prep/)")
+        raise UserError(f"{path}: annotation file not found (convert the dataset with a script in prep/)")
     try:
         with open(path, encoding="utf-8") as f:
             coco = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a valid JSON annotation file: {e}") from e
+        raise UserError(f"{path}: not a valid JSON annotation file: {e}") from e
     problems = validate_annotations(coco, path)
     if problems:
-        raise ValueError(format_problems(problems, path))
+        raise UserError(format_problems(problems, path))
     return coco
 
 
@@ -344,7 +346,7 @@ def save_annotations(coco: Dict[str, Any], path: str, validate: bool = True) -> 
     if validate:
         problems = validate_annotations(coco, path)
         if problems:
-            raise ValueError(format_problems(problems, path))
+            raise UserError(format_problems(problems, path))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # Same folder as the target so that os.replace is a rename, not a copy across file systems.
@@ -357,7 +359,7 @@ def save_annotations(coco: Dict[str, Any], path: str, validate: bool = True) -> 
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except ValueError as e:  # json.dump met NaN/inf in a field that validation does not look at
-        raise ValueError(f"{path}: cannot write the annotations: {e}") from e
+        raise UserError(f"{path}: cannot write the annotations: {e}") from e
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)

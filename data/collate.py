@@ -6,6 +6,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
+from utils.errors import UserError
+
 UNNAMED_SAMPLE = "<unnamed sample>"
 
 
@@ -46,7 +48,7 @@ class Collate:
 
     def __init__(self, size_divisibility: int = 32):
         if size_divisibility < 1:
-            raise ValueError(f"size_divisibility must be >= 1, got {size_divisibility}")
+            raise UserError(f"size_divisibility must be >= 1, got {size_divisibility}")
         self.size_divisibility = size_divisibility
 
     def __call__(self, samples: Sequence[Any]) -> Tuple[torch.Tensor, List[Dict[str, Any]], List[str]]:

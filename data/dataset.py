@@ -20,6 +20,7 @@ from data.annotations import load_annotations
 from data.collate import SkippedSample
 from data.image_io import ImageReadError, read_image
 from data.transforms import build_transforms
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +38,16 @@ def resolve_classes(categories: List[Dict[str, Any]], classes: Sequence[str], so
     by_mid = {c["mid"]: i for i, c in enumerate(categories) if "mid" in c}
     unknown = [c for c in classes if c not in by_name and c not in by_mid]
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"{source}: unknown class(es) {unknown} in the class subset "
             f"(known names: {[c['name'] for c in categories][:20]}{' ...' if len(categories) > 20 else ''})"
         )
     positions = [by_name[c] if c in by_name else by_mid[c] for c in classes]
     if len(set(positions)) != len(positions):
         repeated = sorted({c for c, p in zip(classes, positions) if positions.count(p) > 1})
-        raise ValueError(f"{source}: class(es) {repeated} given more than once in the class subset")
+        raise UserError(f"{source}: class(es) {repeated} given more than once in the class subset")
     if not positions:
-        raise ValueError(f"{source}: the class subset is empty")
+        raise UserError(f"{source}: the class subset is empty")
     return positions
 
 
@@ -90,7 +91,7 @@ class DetectionDataset(Dataset):
         skip_bad_images: bool = False,
     ):
         if isinstance(splits, str) or not splits:
-            raise ValueError(f"splits must be a non-empty list of split names, got {splits!r}")
+            raise UserError(f"splits must be a non-empty list of split names, got {splits!r}")
         self.dataset_root = dataset_root
         self.splits = list(splits)
         self.transforms = transforms
@@ -102,7 +103,7 @@ class DetectionDataset(Dataset):
         self.categories = cocos[0]["categories"]
         for path, coco in zip(self.annotation_files[1:], cocos[1:]):
             if [_category_key(c) for c in coco["categories"]] != [_category_key(c) for c in self.categories]:
-                raise ValueError(
+                raise UserError(
                     f"{path} and {self.annotation_files[0]} have different categories (ids, names or "
                     f"order); splits read together must share one category list"
                 )
@@ -142,7 +143,7 @@ class DetectionDataset(Dataset):
         if (counts > 1).any():
             repeated = unique[counts > 1]
             files = [path for path, i in zip(self.annotation_files, ids) if np.isin(i, repeated).any()]
-            raise ValueError(
+            raise UserError(
                 f"{len(repeated)} image id(s) appear in more than one of {files} "
                 f"(e.g. {repeated[:5].tolist()}); splits read together must not share image ids"
             )
@@ -312,7 +313,7 @@ def parse_split_names(splits: str | Sequence[str]) -> List[str]:
     names = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else [s.strip() for s in splits]
     names = [s for s in names if s]
     if not names:
-        raise ValueError(f"no split names in {splits!r}")
+        raise UserError(f"no split names in {splits!r}")
     return names
 
 
@@ -332,7 +333,7 @@ def parse_classes(value: str | Sequence[str] | None) -> List[str] | None:
         names = [n.strip() for n in value.split(",") if n.strip()]
         source = f"--classes {value!r}"
     if not names:
-        raise ValueError(f"{source} names no class")
+        raise UserError(f"{source} names no class")
     return names
 
 
@@ -351,7 +352,7 @@ def check_same_classes(
     diffs = [f"label {i}: {a} here, {b} in training" for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
     if len(ours) != len(theirs):
         diffs.append(f"{len(ours)} classes here, {len(theirs)} in training")
-    raise ValueError(
+    raise UserError(
         f"{', '.join(dataset.annotation_files)} has other classes (name, id) than {trained_on}: "
         f"{'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}"
     )

@@ -19,6 +19,8 @@ import re
 import cv2
 import numpy as np
 
+from utils.errors import UserError
+
 _READ_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
 
 # A marker inside entropy-coded JPEG data: 0xFF followed by anything but a stuffed zero, a restart
@@ -26,7 +28,7 @@ _READ_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
 _JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError):
     """An image file that is missing, empty, corrupt or in an unsupported pixel format."""
 
     def __init__(self, path: str, reason: str):

@@ -24,6 +24,7 @@ from data.samplers import (
     ShuffleSampler,
     create_aspect_ratio_groups,
 )
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def build_index_sampler(
             num_replicas=num_replicas,
             rank=rank,
         )
-    raise ValueError(f"unknown --sampler {sampler!r} (random, class_balanced, repeat_factor)")
+    raise UserError(f"unknown --sampler {sampler!r} (random, class_balanced, repeat_factor)")
 
 
 def _worker_init(worker_id: int) -> None:
@@ -153,7 +154,7 @@ def build_train_loader(
     else:
         batch_sampler = BatchSampler(index_sampler, batch_size, drop_last=True)
     if len(batch_sampler) == 0:
-        raise ValueError(
+        raise UserError(
             f"the training set gives no full batch of {batch_size} per rank "
             f"({len(dataset)} images, {num_replicas} ranks): lower --batch_size"
         )

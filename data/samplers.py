@@ -37,6 +37,8 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -48,9 +50,9 @@ def _replicas_and_rank(num_replicas: int | None, rank: int | None) -> Tuple[int,
     if rank is None:
         rank = dist.get_rank() if initialised else 0
     if num_replicas < 1:
-        raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
+        raise UserError(f"num_replicas must be >= 1, got {num_replicas}")
     if not 0 <= rank < num_replicas:
-        raise ValueError(f"rank must be in [0, {num_replicas - 1}], got {rank}")
+        raise UserError(f"rank must be in [0, {num_replicas - 1}], got {rank}")
     return int(num_replicas), int(rank)
 
 
@@ -127,7 +129,7 @@ class ShuffleSampler(_EpochSampler):
         rank: int | None = None,
     ):
         if num_items < 1:
-            raise ValueError(f"ShuffleSampler needs at least one item, got num_items={num_items}")
+            raise UserError(f"ShuffleSampler needs at least one item, got num_items={num_items}")
         super().__init__(seed, num_replicas, rank)
         self.num_items = int(num_items)
         self.shuffle = shuffle
@@ -171,10 +173,10 @@ class ClassBalancedSampler(_EpochSampler):
     ):
         super().__init__(seed, num_replicas, rank)
         if num_bins < 1:
-            raise ValueError(f"ClassBalancedSampler: num_bins must be >= 1, got {num_bins}")
+            raise UserError(f"ClassBalancedSampler: num_bins must be >= 1, got {num_bins}")
         pair_images, pair_labels, num_classes = _labels_table(image_labels)
         if len(pair_images) == 0:
-            raise ValueError(f"ClassBalancedSampler: none of the {len(image_labels)} images has a label")
+            raise UserError(f"ClassBalancedSampler: none of the {len(image_labels)} images has a label")
         # Images of each class as one CSR table: class c's images are
         # class_images[class_offsets[c]:class_offsets[c] + class_image_counts[c]].
         order = np.argsort(pair_labels, kind="stable")
@@ -192,7 +194,7 @@ class ClassBalancedSampler(_EpochSampler):
         ]
         self.num_samples = self.num_labelled_images if num_samples is None else int(num_samples)
         if self.num_samples < 1:
-            raise ValueError(f"ClassBalancedSampler: num_samples must be >= 1, got {num_samples}")
+            raise UserError(f"ClassBalancedSampler: num_samples must be >= 1, got {num_samples}")
         if self.num_unlabelled_images or len(self.empty_classes):
             logger.warning(
                 "ClassBalancedSampler never draws %d image(s) without labels and %d class(es) "
@@ -245,9 +247,9 @@ class RepeatFactorSampler(_EpochSampler):
     ):
         super().__init__(seed, num_replicas, rank)
         if len(image_labels) == 0:
-            raise ValueError("RepeatFactorSampler needs at least one image")
+            raise UserError("RepeatFactorSampler needs at least one image")
         if repeat_threshold <= 0:
-            raise ValueError(f"RepeatFactorSampler: repeat_threshold must be > 0, got {repeat_threshold}")
+            raise UserError(f"RepeatFactorSampler: repeat_threshold must be > 0, got {repeat_threshold}")
         self.repeat_threshold = float(repeat_threshold)
         pair_images, pair_labels, num_classes = _labels_table(image_labels)
         class_fraction = np.bincount(pair_labels, minlength=num_classes) / len(image_labels)
@@ -276,12 +278,12 @@ def create_aspect_ratio_groups(image_sizes: np.ndarray, k: int = 3) -> np.ndarra
     """
     image_sizes = np.asarray(image_sizes, dtype=np.float64)
     if image_sizes.ndim != 2 or image_sizes.shape[1] != 2:
-        raise ValueError(f"image_sizes must be an array [M, 2] of (h, w), got shape {image_sizes.shape}")
+        raise UserError(f"image_sizes must be an array [M, 2] of (h, w), got shape {image_sizes.shape}")
     if (image_sizes <= 0).any():
         bad = np.flatnonzero((image_sizes <= 0).any(axis=1))
-        raise ValueError(f"image_sizes has non-positive sizes at images {bad[:10].tolist()}")
+        raise UserError(f"image_sizes has non-positive sizes at images {bad[:10].tolist()}")
     if k < 0:
-        raise ValueError(f"aspect-ratio group factor k must be >= 0, got {k}")
+        raise UserError(f"aspect-ratio group factor k must be >= 0, got {k}")
     edges = 2.0 ** np.linspace(-1, 1, 2 * k + 1) if k > 0 else np.array([1.0])
     aspect_ratios = image_sizes[:, 1] / image_sizes[:, 0]
     group_ids = np.digitize(aspect_ratios, edges).astype(np.int64)  # same as bisect_right per value
@@ -311,7 +313,7 @@ class GroupedBatchSampler(Sampler):
 
     def __init__(self, sampler: Sampler, group_ids: Sequence[int], batch_size: int):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         self.sampler = sampler
         self.group_ids = np.asarray(group_ids, dtype=np.int64)
         self.batch_size = int(batch_size)

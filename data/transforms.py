@@ -25,6 +25,8 @@ import cv2
 import numpy as np
 import torch
 
+from utils.errors import UserError
+
 # torchvision's ImageNet statistics (RGB, for images in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,7 +107,7 @@ def compute_resize(
         new_h = np.maximum(np.floor(h * scale + 0.5), 1).astype(np.int64)
         new_w = np.maximum(np.floor(w * scale + 0.5), 1).astype(np.int64)
     else:
-        raise ValueError(f"unknown resize_mode {resize_mode!r} (expected one of {RESIZE_MODES})")
+        raise UserError(f"unknown resize_mode {resize_mode!r} (expected one of {RESIZE_MODES})")
     sx, sy = new_w / w, new_h / h
     if scalar:
         return int(new_h), int(new_w), float(sx), float(sy)
@@ -317,7 +319,7 @@ class Resize:
         self, resize_mode: str = "square", input_dim: int = 600, min_size: int = 600, max_size: int = 1000
     ):
         if resize_mode not in RESIZE_MODES:
-            raise ValueError(f"unknown resize_mode {resize_mode!r} (expected one of {RESIZE_MODES})")
+            raise UserError(f"unknown resize_mode {resize_mode!r} (expected one of {RESIZE_MODES})")
         self.resize_mode = resize_mode
         self.input_dim = input_dim
         self.min_size = min_size
@@ -404,11 +406,11 @@ def build_transforms(
     adds nothing. Every pipeline ends with Resize, ToTensorNormalize, as evaluation does.
     """
     if resize_mode not in RESIZE_MODES:
-        raise ValueError(f"unknown resize_mode {resize_mode!r} (expected one of {RESIZE_MODES})")
+        raise UserError(f"unknown resize_mode {resize_mode!r} (expected one of {RESIZE_MODES})")
     if isinstance(augment, bool):
         augment = "ssd" if augment else "none"
     if augment not in AUGMENTATIONS:
-        raise ValueError(f"unknown augment {augment!r} (expected one of {AUGMENTATIONS})")
+        raise UserError(f"unknown augment {augment!r} (expected one of {AUGMENTATIONS})")
     steps: List[Any] = []
     if train and augment == "ssd":
         steps += [PhotometricDistort(), Expand(MEAN_PIXEL), RandomSampleCrop(), RandomHorizontalFlip()]

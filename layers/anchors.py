@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_STRIDES = (8, 16, 32, 64, 128)
@@ -41,13 +43,13 @@ def predefined_anchor_whs(
         list (one per level) of Tensor[num_scales * len(aspect_ratios), 2] float32 (w, h) in input pixels.
     """
     if num_scales < 1:
-        raise ValueError(f"num_scales must be >= 1, got {num_scales}")
+        raise UserError(f"num_scales must be >= 1, got {num_scales}")
     if len(aspect_ratios) == 0 or any(not ar > 0 for ar in aspect_ratios):
-        raise ValueError(
+        raise UserError(
             f"aspect_ratios must be a non-empty list of positive numbers, got {list(aspect_ratios)}"
         )
     if any(not s > 0 for s in base_sizes):
-        raise ValueError(f"base_sizes must be positive, got {list(base_sizes)}")
+        raise UserError(f"base_sizes must be positive, got {list(base_sizes)}")
     scales = torch.tensor([2.0 ** (i / num_scales) for i in range(num_scales)], dtype=torch.float64)
     ratios = torch.tensor(list(aspect_ratios), dtype=torch.float64)
     whs_per_level = []
@@ -126,7 +128,7 @@ class AnchorGenerator(nn.Module):
             the same tensor is returned from the cache on later calls.
         """
         if len(grid_sizes) != self.num_levels:
-            raise ValueError(f"got {len(grid_sizes)} grid sizes for {self.num_levels} anchor levels")
+            raise UserError(f"got {len(grid_sizes)} grid sizes for {self.num_levels} anchor levels")
         device = torch.device(device) if device is not None else self.anchor_whs.device
         key = (tuple((int(gh), int(gw)) for gh, gw in grid_sizes), str(device))
         anchors = self._cache.get(key)
@@ -173,11 +175,11 @@ def anchor_whs_from_state_dict(state_dict: Dict[str, Tensor], prefix: str = "") 
     if prefix:
         key = prefix + "anchor_whs"
         if key not in state_dict:
-            raise ValueError(f"state dict has no {key!r}")
+            raise UserError(f"state dict has no {key!r}")
     else:
         keys = [k for k in state_dict if k == "anchor_whs" or k.endswith(".anchor_whs")]
         if len(keys) != 1:
-            raise ValueError(f"expected one '*anchor_whs' key in the state dict, found {keys}")
+            raise UserError(f"expected one '*anchor_whs' key in the state dict, found {keys}")
         key = keys[0]
     return [w.clone().float() for w in state_dict[key]]
 
@@ -203,7 +205,7 @@ def _check_anchor_whs(whs_per_level: Sequence[Tensor], strides: Sequence[int], s
     if any(not (isinstance(s, int) or float(s).is_integer()) or s <= 0 for s in strides):
         problems.append(f"strides must be positive integers, got {list(strides)}")
     if problems:
-        raise ValueError(f"{source}: " + "; ".join(problems))
+        raise UserError(f"{source}: " + "; ".join(problems))
 
 
 def save_anchor_file(path: str, anchor_whs_per_level: Sequence[Tensor], **meta: Any) -> None:
@@ -220,7 +222,7 @@ def save_anchor_file(path: str, anchor_whs_per_level: Sequence[Tensor], **meta: 
     _check_anchor_whs(whs, strides, source=path)
     for reserved in ("format", "version", "anchors_per_level"):
         if reserved in meta:
-            raise ValueError(f"{path}: {reserved!r} is written by save_anchor_file, not passed as meta")
+            raise UserError(f"{path}: {reserved!r} is written by save_anchor_file, not passed as meta")
     record = {
         "format": ANCHOR_FILE_FORMAT,
         "version": ANCHOR_FILE_VERSION,
@@ -252,34 +254,34 @@ def load_anchor_file(path: str, expected_strides: Sequence[int] | None = None) -
         with open(path) as f:
             record = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a JSON anchor file ({e})") from e
+        raise UserError(f"{path}: not a JSON anchor file ({e})") from e
     if not isinstance(record, dict) or record.get("format") != ANCHOR_FILE_FORMAT:
         found = record.get("format") if isinstance(record, dict) else type(record).__name__
-        raise ValueError(
+        raise UserError(
             f"{path}: not an anchor file (format {found!r}, expected {ANCHOR_FILE_FORMAT!r}); "
             "write one with kmeans_for_anchors.py"
         )
     if record.get("version") != ANCHOR_FILE_VERSION:
-        raise ValueError(
+        raise UserError(
             f"{path}: anchor file version {record.get('version')!r} is not supported "
             f"(expected {ANCHOR_FILE_VERSION})"
         )
     for key in ("strides", "anchors_per_level"):
         if not isinstance(record.get(key), list):
-            raise ValueError(f"{path}: missing or malformed {key!r} (expected a list)")
+            raise UserError(f"{path}: missing or malformed {key!r} (expected a list)")
     strides = record["strides"]
     if not all(isinstance(s, (int, float)) for s in strides):
-        raise ValueError(f"{path}: strides must be numbers, got {strides}")
+        raise UserError(f"{path}: strides must be numbers, got {strides}")
     whs = []
     for level, pairs in enumerate(record["anchors_per_level"]):
         if not isinstance(pairs, list) or not all(
             isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) for v in p) for p in pairs
         ):
-            raise ValueError(f"{path}: level {level} must be a list of [w, h] number pairs")
+            raise UserError(f"{path}: level {level} must be a list of [w, h] number pairs")
         whs.append(torch.tensor(pairs, dtype=torch.float32).reshape(-1, 2))
     _check_anchor_whs(whs, strides, source=path)
     if expected_strides is not None and [int(s) for s in strides] != [int(s) for s in expected_strides]:
-        raise ValueError(
+        raise UserError(
             f"{path}: anchors were made for strides {strides}, the model uses {list(expected_strides)}"
         )
     meta = {k: v for k, v in record.items() if k not in ("format", "version", "anchors_per_level")}

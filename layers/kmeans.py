@@ -43,6 +43,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from layers.anchors import AnchorGenerator
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ INIT_MODES = ("predefined", "random")
 def kmeans_aspect_ratios(k: int) -> Tuple[float, ...]:
     """k aspect ratios (h / w) spread log-uniformly over [0.5, 2]; k = 3 -> (0.5, 1, 2), k = 1 -> (1,)."""
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise UserError(f"k must be >= 1, got {k}")
     if k == 1:
         return (1.0,)
     return tuple(float(2.0 ** (-1.0 + 2.0 * i / (k - 1))) for i in range(k))
@@ -224,7 +225,7 @@ def iou_kmeans(whs: np.ndarray, init_centres: np.ndarray, max_iter: int = 300) -
     centres = np.array(init_centres, dtype=np.float64).reshape(-1, 2)
     k = centres.shape[0]
     if k == 0:
-        raise ValueError("iou_kmeans needs at least one initial centre")
+        raise UserError("iou_kmeans needs at least one initial centre")
     if whs.shape[0] == 0:
         return KMeansResult(centres, np.zeros(0, dtype=np.int64), 0, True, 0, k, float("nan"))
 
@@ -300,7 +301,7 @@ def cluster_anchor_whs(
         A level without boxes keeps its initial anchors (num_boxes 0 in its summary).
     """
     if init not in INIT_MODES:
-        raise ValueError(f"unknown k-means init {init!r} (expected one of {INIT_MODES})")
+        raise UserError(f"unknown k-means init {init!r} (expected one of {INIT_MODES})")
     whs = np.asarray(whs, dtype=np.float64).reshape(-1, 2)
     init_whs_per_level = [np.asarray(w, dtype=np.float64).reshape(-1, 2) for w in init_whs_per_level]
     levels = assign_levels(whs, init_whs_per_level)

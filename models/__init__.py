@@ -29,6 +29,7 @@ from models.detector import FPNDetector
 from models.faster_rcnn import build_faster_rcnn
 from models.fpn import FPN
 from models.heads import DetectionHead
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,7 @@ def build_anchor_whs(args: argparse.Namespace, strides: Sequence[int] = DEFAULT_
     """Per-level anchor (w, h) sizes from ``--anchor_type`` (predefined scales/ratios or a k-means file)."""
     if args.anchor_type == "kmeans":
         if not args.anchor_file:
-            raise ValueError(
-                "--anchor_type kmeans needs --anchor_file (write one with kmeans_for_anchors.py)"
-            )
+            raise UserError("--anchor_type kmeans needs --anchor_file (write one with kmeans_for_anchors.py)")
         whs, meta = load_anchor_file(args.anchor_file, expected_strides=strides)
         # Anchors fitted to another input size are misplaced in scale; say so rather than fail.
         mode = getattr(args, "resize_mode", None)
@@ -65,7 +64,7 @@ def build_anchor_whs(args: argparse.Namespace, strides: Sequence[int] = DEFAULT_
         return whs
     if args.anchor_type == "predefined":
         return predefined_anchor_whs(args.num_scales, args.aspect_ratios)
-    raise ValueError(f"--anchor_type must be 'predefined' or 'kmeans', got {args.anchor_type!r}")
+    raise UserError(f"--anchor_type must be 'predefined' or 'kmeans', got {args.anchor_type!r}")
 
 
 def build_fpn_ohem(
@@ -75,9 +74,9 @@ def build_fpn_ohem(
 ) -> Tuple[nn.Module, nn.Module, nn.Module]:
     """The single-stage FPN detector, its loss and its post-processor (see ``build_model``)."""
     if args.loss_type not in ("mbox", "focal"):
-        raise ValueError(f"--loss_type must be 'mbox' or 'focal', got {args.loss_type!r}")
+        raise UserError(f"--loss_type must be 'mbox' or 'focal', got {args.loss_type!r}")
     if not args.num_classes or args.num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1 (set from the dataset), got {args.num_classes!r}")
+        raise UserError(f"num_classes must be >= 1 (set from the dataset), got {args.num_classes!r}")
     focal = args.loss_type == "focal"
 
     from_scratch = args.pretrained == "none"
@@ -172,7 +171,7 @@ def build_model(
     """
     arch = getattr(args, "arch", "fpn_ohem")  # checkpoints written before --arch existed
     if arch not in ARCH_BUILDERS:
-        raise ValueError(f"unknown --arch {arch!r}; expected one of {sorted(ARCH_BUILDERS)}")
+        raise UserError(f"unknown --arch {arch!r}; expected one of {sorted(ARCH_BUILDERS)}")
     model, criterion, postprocessor = ARCH_BUILDERS[arch](args, anchor_whs_per_level, load_pretrained)
     logger.info("%s", model_summary(model))
     return model, criterion, postprocessor

@@ -33,6 +33,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -49,7 +51,7 @@ _STAGE_CHANNELS = {
 def imagenet_weights_path(name: str) -> str:
     """Where torch's hub cache keeps torchvision's IMAGENET1K_V1 weights file for ResNet ``name``."""
     if name not in RESNET_NAMES:
-        raise ValueError(f"unknown backbone {name!r}; expected one of {RESNET_NAMES}")
+        raise UserError(f"unknown backbone {name!r}; expected one of {RESNET_NAMES}")
     weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
 
@@ -63,7 +65,7 @@ def _read_state_dict(path: str) -> Dict[str, Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path!r} does not hold a state dict (a dict of tensors)")
+        raise UserError(f"{path!r} does not hold a state dict (a dict of tensors)")
     return obj
 
 
@@ -109,7 +111,7 @@ def load_resnet_weights(resnet: torchvision.models.ResNet, name: str, pretrained
         if keys:
             problems.append(f"{len(keys)} {label} keys (e.g. {keys[:3]})")
     if problems:
-        raise ValueError(f"weights file {path!r} does not fit a torchvision {name}: " + "; ".join(problems))
+        raise UserError(f"weights file {path!r} does not fit a torchvision {name}: " + "; ".join(problems))
     resnet.load_state_dict(state_dict, strict=False)  # strict=False only for the dropped fc.* keys
     logger.info("loaded %s weights from %s", name, path)
     return path
@@ -141,16 +143,16 @@ class ResNetBackbone(nn.Module):
     ):
         super().__init__()
         if name not in RESNET_NAMES:
-            raise ValueError(f"unknown backbone {name!r}; expected one of {RESNET_NAMES}")
+            raise UserError(f"unknown backbone {name!r}; expected one of {RESNET_NAMES}")
         return_levels = tuple(int(k) for k in return_levels)
         if (
             not return_levels
             or list(return_levels) != sorted(set(return_levels))
             or not set(return_levels) <= {2, 3, 4, 5}
         ):
-            raise ValueError(f"return_levels must be increasing levels from 2..5, got {return_levels}")
+            raise UserError(f"return_levels must be increasing levels from 2..5, got {return_levels}")
         if not 0 <= freeze_upto <= 4:
-            raise ValueError(f"freeze_upto must be in 0..4, got {freeze_upto}")
+            raise UserError(f"freeze_upto must be in 0..4, got {freeze_upto}")
 
         resnet = getattr(torchvision.models, name)(weights=None)
         self.weights_path: str | None = None

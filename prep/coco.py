@@ -41,6 +41,7 @@ if ROOT not in sys.path:
 
 from data.annotations import save_annotations  # noqa: E402
 from prep.common import ConversionReport, format_summary, link_or_copy, summarize  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -59,24 +60,24 @@ def _is_finite(value: Any) -> bool:
 def read_coco_json(path: str) -> Dict[str, Any]:
     """Parse a COCO instances file; ValueError naming the file if it is missing, not JSON or not COCO."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: COCO annotation file not found")
+        raise UserError(f"{path}: COCO annotation file not found")
     try:
         with open(path, encoding="utf-8") as f:
             coco = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a valid JSON file: {e}") from e
+        raise UserError(f"{path}: not a valid JSON file: {e}") from e
     if not isinstance(coco, dict):
-        raise ValueError(f"{path}: expected a JSON object with images, annotations and categories")
+        raise UserError(f"{path}: expected a JSON object with images, annotations and categories")
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
-            raise ValueError(f"{path}: missing or non-list field {key!r}; is this an instances_*.json file?")
+            raise UserError(f"{path}: missing or non-list field {key!r}; is this an instances_*.json file?")
     for i, category in enumerate(coco["categories"]):
         if not (
             isinstance(category, dict)
             and _is_int(category.get("id"))
             and isinstance(category.get("name"), str)
         ):
-            raise ValueError(f"{path}: categories[{i}] needs an integer id and a name, got {category!r}")
+            raise UserError(f"{path}: categories[{i}] needs an integer id and a name, got {category!r}")
     return coco
 
 
@@ -107,7 +108,7 @@ def convert_images(
             report.skip_image("missing image file", os.path.join(image_dir, file_name))
             continue
         if image["id"] in converted:
-            raise ValueError(f"{source}: images[{i}]: duplicate image id {image['id']}")
+            raise UserError(f"{source}: images[{i}]: duplicate image id {image['id']}")
         converted[image["id"]] = {
             "id": image["id"],
             "file_name": f"{split}/{file_name}",
@@ -138,7 +139,7 @@ def convert_annotations(
             continue
         name = f"annotation id={ann['id']}"
         if ann["id"] in seen_ids:
-            raise ValueError(f"{source}: annotations[{i}]: duplicate annotation id {ann['id']!r}")
+            raise UserError(f"{source}: annotations[{i}]: duplicate annotation id {ann['id']!r}")
         seen_ids.add(ann["id"])
         image = images.get(ann["image_id"]) if _is_int(ann["image_id"]) else None
         if image is None:
@@ -218,7 +219,7 @@ def main(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     """Convert one split, write it, print the summary and return {split: summary}."""
     split = args.split or default_split(args.ann)
     if not split or "/" in split or split in (".", "..", "annotations"):
-        raise ValueError(f"--split {split!r} is not usable as a folder name")
+        raise UserError(f"--split {split!r} is not usable as a folder name")
     source = read_coco_json(args.ann)
     dataset_dir = os.path.join(args.data_root, args.dataset)
     # Link first: a clash with an existing folder stops the run before anything is written.
@@ -250,4 +251,4 @@ def main(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(get_args_parser(add_help=True).parse_args())
+    run_cli(main, get_args_parser(add_help=True))

@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Tuple
 
 from PIL import Image
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # Tried in this order when an image is looked up by its stem.
@@ -149,17 +151,17 @@ def link_or_copy(src: str, dst: str, copy: bool) -> str:
         ValueError: ``src`` is not a folder, or ``dst`` exists and is something else.
     """
     if not os.path.isdir(src):
-        raise ValueError(f"image folder {src!r} does not exist or is not a folder")
+        raise UserError(f"image folder {src!r} does not exist or is not a folder")
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     if os.path.lexists(dst):
         if os.path.exists(dst) and os.path.samefile(src, dst):
             if copy and os.path.islink(dst):
-                raise ValueError(f"{dst} is a link to {src}; remove the link to copy the images instead")
+                raise UserError(f"{dst} is a link to {src}; remove the link to copy the images instead")
             return "already in place"
         if copy and os.path.isdir(dst) and not os.path.islink(dst):
             shutil.copytree(src, dst, dirs_exist_ok=True)  # refresh an earlier copy
             return "copied"
-        raise ValueError(
+        raise UserError(
             f"{dst} already exists and is not {src}: remove it, or choose another --dataset or --data_root"
         )
     if copy:
@@ -183,7 +185,7 @@ def read_image_size(path: str) -> Tuple[int, int]:
             width, height = image.size
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
     except OSError as e:  # includes FileNotFoundError and PIL.UnidentifiedImageError
-        raise ValueError(f"{path}: cannot read the image size: {e}") from e
+        raise UserError(f"{path}: cannot read the image size: {e}") from e
     if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
     return width, height

@@ -73,6 +73,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from data.annotations import format_problems, validate_annotations  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 
 BOX_COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
 BOX_OPTIONAL_COLUMNS = ("Source", "IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside")
@@ -159,19 +160,19 @@ def read_class_descriptions(path: str) -> Tuple[List[str], List[str]]:
             if not row or not "".join(row).strip():
                 continue
             if len(row) != 2:
-                raise ValueError(f"{path}:{line_no}: expected 2 fields 'MID,Name', got {len(row)}: {row!r}")
+                raise UserError(f"{path}:{line_no}: expected 2 fields 'MID,Name', got {len(row)}: {row!r}")
             mid, name = row[0].strip(), row[1].strip()
             if line_no == 1 and mid == "LabelName":
                 continue
             if not mid or not name:
-                raise ValueError(f"{path}:{line_no}: empty MID or name: {row!r}")
+                raise UserError(f"{path}:{line_no}: empty MID or name: {row!r}")
             if mid in seen:
-                raise ValueError(f"{path}:{line_no}: MID {mid!r} already defined on line {seen[mid]}")
+                raise UserError(f"{path}:{line_no}: MID {mid!r} already defined on line {seen[mid]}")
             seen[mid] = line_no
             mids.append(mid)
             names.append(name)
     if not mids:
-        raise ValueError(f"{path}: no classes in the class descriptions file")
+        raise UserError(f"{path}: no classes in the class descriptions file")
     return mids, names
 
 
@@ -223,7 +224,7 @@ def select_classes(requested: Sequence[str] | None, mids: List[str], names: List
     if not requested:
         problems.append("no classes given")
     if problems:
-        raise ValueError("--classes: " + "; ".join(problems))
+        raise UserError("--classes: " + "; ".join(problems))
     return selected
 
 
@@ -234,12 +235,12 @@ def hierarchy_mids(hierarchy: Any, path: str) -> List[str]:
     while stack:
         node = stack.pop()
         if not isinstance(node, dict) or not isinstance(node.get("LabelName"), str):
-            raise ValueError(f"{path}: hierarchy node without a string 'LabelName': {str(node)[:200]}")
+            raise UserError(f"{path}: hierarchy node without a string 'LabelName': {str(node)[:200]}")
         found.append(node["LabelName"])
         for key in ("Subcategory", "Part"):
             children = node.get(key, [])
             if not isinstance(children, list):
-                raise ValueError(f"{path}: {key!r} of {node['LabelName']} must be a list")
+                raise UserError(f"{path}: {key!r} of {node['LabelName']} must be a list")
             stack.extend(children)
     return found
 
@@ -256,7 +257,7 @@ def _open_csv(path: str, required: Sequence[str]):
     missing = [name for name in required if name not in header]
     if missing:
         f.close()
-        raise ValueError(f"{path}: header {header} lacks the column(s) {missing}")
+        raise UserError(f"{path}: header {header} lacks the column(s) {missing}")
     return f, header
 
 
@@ -318,7 +319,7 @@ def stream_boxes(path: str, label_of_mid: Dict[str, int], images: _ImageIndex) -
                 if len(fields) != num_columns:
                     if not line.strip():
                         continue
-                    raise ValueError("wrong number of fields")
+                    raise UserError("wrong number of fields")
                 key, mid, xmin, xmax, ymin, ymax = get_box(fields)
                 num_rows += 1
                 label = label_of_mid.get(mid)
@@ -336,7 +337,7 @@ def stream_boxes(path: str, label_of_mid: Dict[str, int], images: _ImageIndex) -
                 if code is None:
                     bad = [v for v in attributes[1:] if v not in _FLAG_VALUES]
                     if bad:
-                        raise ValueError(f"flag values {bad} are not 0, 1 or -1")
+                        raise UserError(f"flag values {bad} are not 0, 1 or -1")
                     code = code_of_attributes[attributes] = len(code_of_attributes)
                 attribute_codes.append(code)
                 index = index_of_image.get(key)
@@ -397,12 +398,12 @@ def stream_image_labels(path: str, label_of_mid: Dict[str, int], images: _ImageI
                 if len(fields) != num_columns:
                     if not line.strip():
                         continue
-                    raise ValueError("wrong number of fields")
+                    raise UserError("wrong number of fields")
                 key, mid, confidence = getter(fields)
                 num_rows += 1
                 value = confidence_values.get(confidence)
                 if value is None:
-                    raise ValueError(
+                    raise UserError(
                         f"Confidence {confidence!r} is not 0 or 1 (a machine-generated label file? "
                         "--image_labels takes the human-verified labels)"
                     )
@@ -520,7 +521,7 @@ def image_ids_from_keys(keys: Sequence[str]) -> np.ndarray:
         try:
             ids[i] = int(key[:_ID_HEX_DIGITS], 16)
         except ValueError:
-            raise ValueError(
+            raise UserError(
                 f"ImageID {key!r} is not hexadecimal (Open Images ids are 16 hex digits); "
                 "the integer image ids are derived from it"
             ) from None
@@ -528,7 +529,7 @@ def image_ids_from_keys(keys: Sequence[str]) -> np.ndarray:
     if len(unique) != len(ids):
         clash = unique[counts > 1][0]
         names = [keys[i] for i in np.flatnonzero(ids == clash)]
-        raise ValueError(f"ImageIDs {names} share their first {_ID_HEX_DIGITS} hex digits (image id {clash})")
+        raise UserError(f"ImageIDs {names} share their first {_ID_HEX_DIGITS} hex digits (image id {clash})")
     return ids
 
 
@@ -547,7 +548,7 @@ def link_or_copy_images(image_dir: str, target: str, file_names: Sequence[str], 
     if os.path.islink(target):
         os.remove(target)
     elif os.path.exists(target) and not copy:
-        raise ValueError(
+        raise UserError(
             f"{target} exists and is not a symlink; remove it, or use --copy to copy images into it"
         )
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
@@ -598,7 +599,7 @@ def write_annotations_streaming(
                 chunk = {"images": images, "annotations": annotations, "categories": categories}
                 problems = validate_annotations(chunk, path)
                 if problems:
-                    raise ValueError(format_problems(problems, path))
+                    raise UserError(format_problems(problems, path))
                 f.write(("" if a == 0 else ",") + dumps(images)[1:-1])
                 if annotations:
                     g.write(("" if first else ",") + dumps(annotations)[1:-1])
@@ -634,17 +635,17 @@ def main(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     for option in ("class_descriptions", "boxes", "image_labels", "hierarchy"):
         path = getattr(args, option)
         if path is not None and not os.path.isfile(path):
-            raise ValueError(f"--{option}: file not found: {path}")
+            raise UserError(f"--{option}: file not found: {path}")
     if not os.path.isdir(args.image_dir):
-        raise ValueError(f"--image_dir: folder not found: {args.image_dir}")
+        raise UserError(f"--image_dir: folder not found: {args.image_dir}")
     if args.frequency_bins < 0:
-        raise ValueError(f"--frequency_bins must be >= 0, got {args.frequency_bins}")
+        raise UserError(f"--frequency_bins must be >= 0, got {args.frequency_bins}")
     dataset_root = os.path.join(args.data_root, args.dataset)
     image_target = os.path.join(dataset_root, args.split)
     # Checked before the long work too (link_or_copy_images checks again at the end).
     if not args.copy and os.path.exists(image_target) and not os.path.islink(image_target):
         if not os.path.samefile(image_target, args.image_dir):
-            raise ValueError(
+            raise UserError(
                 f"{image_target} exists and is not a symlink; remove it, or use --copy to copy images into it"
             )
 
@@ -655,7 +656,7 @@ def main(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     names = [all_names[i] for i in selected]
     num_classes = len(mids)
     if args.frequency_bins > num_classes:
-        raise ValueError(f"--frequency_bins {args.frequency_bins} exceeds the {num_classes} selected classes")
+        raise UserError(f"--frequency_bins {args.frequency_bins} exceeds the {num_classes} selected classes")
     label_of_mid = dict.fromkeys(all_mids, -1)
     label_of_mid.update({mid: label for label, mid in enumerate(mids)})
 
@@ -665,7 +666,7 @@ def main(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
             try:
                 hierarchy = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"--hierarchy: {args.hierarchy} is not valid JSON: {e}") from e
+                raise UserError(f"--hierarchy: {args.hierarchy} is not valid JSON: {e}") from e
         in_hierarchy = set(hierarchy_mids(hierarchy, args.hierarchy))
         not_in_hierarchy = [mid for mid in mids if mid not in in_hierarchy]
     else:
@@ -1017,4 +1018,4 @@ def print_summary(summary: Dict[str, Any], top: int) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser(add_help=True).parse_args())
+    run_cli(main, get_args_parser(add_help=True))

@@ -61,6 +61,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from data.annotations import save_annotations  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class ShapesConfig:
         if self.noise < 0:
             problems.append(f"--noise {self.noise} < 0")
         if problems:
-            raise ValueError("prep/shapes.py: bad options: " + "; ".join(problems))
+            raise UserError("prep/shapes.py: bad options: " + "; ".join(problems))
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -270,7 +271,7 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
 def _write_png(path: str, image_rgb: np.ndarray) -> None:
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
     if not ok:
-        raise ValueError(f"{path}: OpenCV could not encode the image as PNG")
+        raise UserError(f"{path}: OpenCV could not encode the image as PNG")
     tmp_path = f"{path}.tmp{os.getpid()}"
     with open(tmp_path, "wb") as f:
         f.write(encoded.tobytes())
@@ -465,7 +466,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     stats: Dict[str, Any] = {"dataset_root": dataset_root, "splits": {}}
     for split, num in (("train", args.num_train), ("val", args.num_val)):
         if num < 0:
-            raise ValueError(f"--num_{split} must be >= 0, got {num}")
+            raise UserError(f"--num_{split} must be >= 0, got {num}")
         _, stats["splits"][split] = generate_split(dataset_root, split, num, args.seed, cfg, args.num_workers)
     stats["seconds"] = time.perf_counter() - start
     print(f"shapes dataset in {dataset_root} (seed {args.seed}, {stats['seconds']:.1f} s)")
@@ -485,4 +486,4 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main(get_args_parser(add_help=True).parse_args())
+    run_cli(main, get_args_parser(add_help=True))

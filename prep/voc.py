@@ -66,6 +66,7 @@ from prep.common import (  # noqa: E402
     read_image_size,
     summarize,
 )
+from utils.errors import UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def voc_image_id(year: str, image_name: str) -> int:
     """VOC2007 "000005" -> 2007000005; "2008_000002" (VOC2012) -> 2008000002."""
     digits = image_name.replace("_", "") if "_" in image_name else year + image_name
     if not digits.isdigit():
-        raise ValueError(f"VOC{year}: image name {image_name!r} is not of the form 000005 or 2008_000002")
+        raise UserError(f"VOC{year}: image name {image_name!r} is not of the form 000005 or 2008_000002")
     return int(digits)
 
 
@@ -116,7 +117,7 @@ def parse_voc_xml(path: str) -> Dict[str, Any]:
     try:
         root = ET.parse(path).getroot()
     except (ET.ParseError, OSError) as e:
-        raise ValueError(f"{path}: cannot parse the XML: {e}") from e
+        raise UserError(f"{path}: cannot parse the XML: {e}") from e
     size = root.find("size")
     width, height = _number(_text(size, "width")), _number(_text(size, "height"))
     objects = []
@@ -225,7 +226,7 @@ def parse_set(spec: str) -> Tuple[str, str]:
     """ "2007:trainval" -> ("2007", "trainval")."""
     year, sep, image_set = spec.partition(":")
     if not sep or not year.isdigit() or not image_set:
-        raise ValueError(f"--sets entry {spec!r} must look like YEAR:SET, e.g. 2007:trainval")
+        raise UserError(f"--sets entry {spec!r} must look like YEAR:SET, e.g. 2007:trainval")
     return year, image_set
 
 
@@ -234,7 +235,7 @@ def convert_devkit_set(devkit: str, year: str, image_set: str, output: str) -> D
     year_dir = os.path.join(devkit, f"VOC{year}")
     ids_file = os.path.join(year_dir, "ImageSets", "Main", f"{image_set}.txt")
     if not os.path.isfile(ids_file):
-        raise ValueError(f"{ids_file}: image set file not found (is --devkit the VOCdevkit folder?)")
+        raise UserError(f"{ids_file}: image set file not found (is --devkit the VOCdevkit folder?)")
     with open(ids_file) as f:
         image_names = [line.split()[0] for line in f if line.strip()]
     jpeg_dir = os.path.join(year_dir, "JPEGImages")
@@ -267,7 +268,7 @@ def convert_devkit_set(devkit: str, year: str, image_set: str, output: str) -> D
             parsed["objects"], width, height, class_to_category_id, "unknown class", report, xml_path
         )
         if len(anns) >= MAX_OBJECTS_PER_IMAGE:
-            raise ValueError(f"{xml_path}: {len(anns)} objects; box ids assume < {MAX_OBJECTS_PER_IMAGE}")
+            raise UserError(f"{xml_path}: {len(anns)} objects; box ids assume < {MAX_OBJECTS_PER_IMAGE}")
         for k, ann in enumerate(anns):
             annotations.append({"id": image_id * MAX_OBJECTS_PER_IMAGE + k, "image_id": image_id, **ann})
         images.append(image)
@@ -313,7 +314,7 @@ def read_class_list(text: str) -> List[str]:
     else:
         names = [name.strip() for name in text.split(",") if name.strip()]
     if not names or len(set(names)) != len(names):
-        raise ValueError(f"--classes {text!r}: expected distinct class names, got {names}")
+        raise UserError(f"--classes {text!r}: expected distinct class names, got {names}")
     return names
 
 
@@ -332,7 +333,7 @@ def split_val(
         known = set(stems)
         return {s for s in listed if s in known}, [s for s in listed if s not in known]
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+        raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     num_val = int(round(val_fraction * len(stems)))
     order = np.random.default_rng(seed).permutation(len(stems))
     return {stems[i] for i in order[:num_val]}, []
@@ -340,9 +341,9 @@ def split_val(
 
 def convert_folder(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     if not args.dataset:
-        raise ValueError("--dataset NAME is required with --xml_dir (the output goes to <data_root>/NAME)")
+        raise UserError("--dataset NAME is required with --xml_dir (the output goes to <data_root>/NAME)")
     if not os.path.isdir(args.xml_dir):
-        raise ValueError(f"--xml_dir {args.xml_dir!r} is not a folder")
+        raise UserError(f"--xml_dir {args.xml_dir!r} is not a folder")
     dataset_dir = os.path.join(args.data_root, args.dataset)
     images_link = os.path.join(dataset_dir, "images")
     link_or_copy(args.image_dir, images_link, args.copy)
@@ -350,7 +351,7 @@ def convert_folder(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     xml_names = sorted(f for f in os.listdir(args.xml_dir) if f.lower().endswith(".xml"))
     stems = [os.path.splitext(f)[0] for f in xml_names]
     if len(set(stems)) != len(stems):
-        raise ValueError(f"{args.xml_dir}: several XML files share a stem (e.g. a.xml and a.XML)")
+        raise UserError(f"{args.xml_dir}: several XML files share a stem (e.g. a.xml and a.XML)")
     parsed_by_stem: Dict[str, Any] = {}
     for xml_name, stem in zip(xml_names, stems):
         try:
@@ -477,9 +478,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     """Convert, write the split files, print a summary per split and return {split: summary}."""
     if (args.devkit is None) == (args.xml_dir is None):
-        raise ValueError("give either --devkit DIR or --xml_dir DIR --image_dir DIR --dataset NAME")
+        raise UserError("give either --devkit DIR or --xml_dir DIR --image_dir DIR --dataset NAME")
     if args.xml_dir is not None and args.image_dir is None:
-        raise ValueError("--xml_dir needs --image_dir")
+        raise UserError("--xml_dir needs --image_dir")
     summaries = convert_devkit(args) if args.devkit is not None else convert_folder(args)
     for summary in summaries.values():
         print(format_summary(summary))
@@ -488,4 +489,4 @@ def main(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(get_args_parser(add_help=True).parse_args())
+    run_cli(main, get_args_parser(add_help=True))

@@ -18,6 +18,8 @@ from typing import Any, Dict, List
 
 import torch
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = "model_{:06d}.pth"
@@ -51,9 +53,9 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Dict
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"could not load checkpoint {path!r} with weights_only=True: {e}") from e
+        raise UserError(f"could not load checkpoint {path!r} with weights_only=True: {e}") from e
     if not isinstance(state, dict) or "model" not in state or "args" not in state:
-        raise ValueError(f"{path!r} is not a checkpoint of this project (needs 'model' and 'args')")
+        raise UserError(f"{path!r} is not a checkpoint of this project (needs 'model' and 'args')")
     return state
 
 
@@ -173,7 +175,7 @@ def build_model_from_checkpoint(
     )
     missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"checkpoint {path!r} does not fit the model it describes: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )

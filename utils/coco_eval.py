@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # The 12 numbers of COCOeval.summarize() for bbox / segm, in its order.
@@ -54,7 +56,7 @@ def detections_to_coco_results(
         ValueError: lengths differ, or a label is outside 0..K-1 (the image id is named).
     """
     if len(per_image_outputs) != len(image_ids):
-        raise ValueError(
+        raise UserError(
             f"detections_to_coco_results: {len(per_image_outputs)} outputs but {len(image_ids)} image ids"
         )
     cat_lookup = np.asarray(category_ids, dtype=np.int64)
@@ -64,12 +66,12 @@ def detections_to_coco_results(
         scores = _to_numpy(output["scores"]).astype(np.float64).reshape(-1)
         labels = _to_numpy(output["labels"]).astype(np.int64).reshape(-1)
         if not len(boxes) == len(scores) == len(labels):
-            raise ValueError(
+            raise UserError(
                 f"detections_to_coco_results: image {image_id} has {len(boxes)} boxes, {len(scores)} scores, "
                 f"{len(labels)} labels"
             )
         if len(labels) and (labels.min() < 0 or labels.max() >= len(cat_lookup)):
-            raise ValueError(
+            raise UserError(
                 f"detections_to_coco_results: image {image_id} has labels outside 0..{len(cat_lookup) - 1}: "
                 f"{sorted(set(labels[(labels < 0) | (labels >= len(cat_lookup))].tolist()))}"
             )
@@ -100,26 +102,26 @@ def _load_json(obj: dict | list | str, what: str) -> Any:
             with open(obj) as f:
                 return json.load(f)
         except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"evaluate_coco: cannot read {what} file {obj}: {err}") from err
+            raise UserError(f"evaluate_coco: cannot read {what} file {obj}: {err}") from err
     return obj
 
 
 def _check_inputs(gt: dict, detections: list[dict], source: str) -> None:
     missing = [a.get("id") for a in gt["annotations"] if not {"iscrowd", "area", "bbox"} <= a.keys()]
     if missing:
-        raise ValueError(f"{source}: ground-truth annotations {missing[:10]} lack iscrowd, area or bbox")
+        raise UserError(f"{source}: ground-truth annotations {missing[:10]} lack iscrowd, area or bbox")
     image_ids = {img["id"] for img in gt["images"]}
     category_ids = {c["id"] for c in gt["categories"]}
     det_images = {d["image_id"] for d in detections}
     det_categories = {d["category_id"] for d in detections}
     if det_categories - category_ids:
         # pycocotools would silently skip these.
-        raise ValueError(
+        raise UserError(
             f"{source}: detections have unknown category ids {sorted(det_categories - category_ids)[:20]}"
         )
     if det_images - image_ids:
         unknown = sorted(det_images - image_ids)
-        raise ValueError(
+        raise UserError(
             f"{source}: detections for {len(unknown)} image ids not in the ground truth, e.g. {unknown[:10]}"
         )
 
@@ -146,11 +148,11 @@ def evaluate_coco(gt: dict | str, detections: list[dict] | str, iou_type: str = 
     from pycocotools.cocoeval import COCOeval
 
     if iou_type not in ("bbox", "segm"):
-        raise ValueError(f"evaluate_coco: iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+        raise UserError(f"evaluate_coco: iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     gt = _load_json(gt, "ground-truth")
     detections = _load_json(detections, "detections")
     if not isinstance(detections, list):
-        raise ValueError("evaluate_coco: detections must be a list of COCO result dicts")
+        raise UserError("evaluate_coco: detections must be a list of COCO result dicts")
     _check_inputs(gt, detections, "evaluate_coco")
 
     noise = io.StringIO()  # pycocotools prints progress; keep it out of our logs unless debugging

@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from utils.errors import UserError
 from utils.voc_eval import (
     best_match_per_detection,
     detections_to_arrays,
@@ -82,13 +83,13 @@ def _parents_from_tree(tree: dict, source: str) -> dict[str, set[str]]:
     while stack:
         node, is_root = stack.pop()
         if not isinstance(node, dict) or not isinstance(node.get("LabelName"), str):
-            raise ValueError(f"{source}: hierarchy node without a string 'LabelName': {str(node)[:200]}")
+            raise UserError(f"{source}: hierarchy node without a string 'LabelName': {str(node)[:200]}")
         children = node.get("Subcategory", [])
         if not isinstance(children, list):
-            raise ValueError(f"{source}: 'Subcategory' of {node['LabelName']} must be a list")
+            raise UserError(f"{source}: 'Subcategory' of {node['LabelName']} must be a list")
         for child in children:
             if not isinstance(child, dict) or not isinstance(child.get("LabelName"), str):
-                raise ValueError(f"{source}: hierarchy node without a string 'LabelName': {str(child)[:200]}")
+                raise UserError(f"{source}: hierarchy node without a string 'LabelName': {str(child)[:200]}")
             child_parents = parents.setdefault(child["LabelName"], set())
             if not is_root:  # the root is a virtual "Entity" node, not a class (reference: skip_root)
                 child_parents.add(node["LabelName"])
@@ -120,19 +121,19 @@ def load_hierarchy(path_or_dict: str | dict, mids: Iterable[str] | None = None) 
             with open(path_or_dict, encoding="utf-8") as f:
                 data = json.load(f)
         except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"load_hierarchy: cannot read {path_or_dict}: {err}") from err
+            raise UserError(f"load_hierarchy: cannot read {path_or_dict}: {err}") from err
     if isinstance(data, dict) and "LabelName" in data:
         parents = _parents_from_tree(data, source)
     elif isinstance(data, dict):
         parents = {}
         for child, plist in data.items():
             if not isinstance(child, str) or not isinstance(plist, (list, tuple, set)):
-                raise ValueError(
+                raise UserError(
                     f"{source}: a child -> parents map needs str keys and list values ({child!r})"
                 )
             parents[child] = {str(p) for p in plist}
     else:
-        raise ValueError(f"{source}: expected the nested hierarchy JSON or a child -> parents dict")
+        raise UserError(f"{source}: expected the nested hierarchy JSON or a child -> parents dict")
 
     closure: dict[str, set[str]] = {}
     for start in list(parents):
@@ -150,7 +151,7 @@ def load_hierarchy(path_or_dict: str | dict, mids: Iterable[str] | None = None) 
                     acc |= closure.get(p, set())
                 closure[node] = acc
             elif parent in on_path:
-                raise ValueError(f"{source}: the hierarchy has a cycle through {parent}")
+                raise UserError(f"{source}: the hierarchy has a cycle through {parent}")
             elif parent not in closure:
                 stack.append((parent, iter(parents.get(parent, ()))))
                 on_path.add(parent)
@@ -188,7 +189,7 @@ def _category_maps(
     """Ancestor and descendant maps from category id to category ids."""
     no_mid = [c["id"] for c in gt["categories"] if not c.get("mid")]
     if no_mid:
-        raise ValueError(f"OID hierarchy: categories {no_mid[:10]} have no 'mid'")
+        raise UserError(f"OID hierarchy: categories {no_mid[:10]} have no 'mid'")
     id_of_mid = {c["mid"]: int(c["id"]) for c in gt["categories"]}
     anc_by_cat = {
         int(c["id"]): [id_of_mid[a] for a in ancestors.get(c["mid"], []) if a in id_of_mid]
@@ -314,7 +315,7 @@ def _evaluatable_keys(gt: dict, gta: dict) -> np.ndarray:
         try:
             cls_pos.extend(category_index[int(c)] for c in labels)
         except KeyError as err:
-            raise ValueError(
+            raise UserError(
                 f"OID ground truth: image {img['id']} has verified labels of unknown category {err}"
             ) from err
         img_pos.extend([i] * len(labels))
@@ -341,7 +342,7 @@ def select_categories(gt: dict, category_ids: Iterable[int]) -> dict:
     by_id = {int(c["id"]): c for c in gt["categories"]}
     unknown = [c for c in category_ids if c not in by_id]
     if unknown:
-        raise ValueError(f"select_categories: category ids {unknown[:10]} are not in the ground truth")
+        raise UserError(f"select_categories: category ids {unknown[:10]} are not in the ground truth")
     keep = set(category_ids)
     images = [
         {
@@ -388,11 +389,11 @@ def evaluate_oid(
         group-of box), num_ignored_difficult, num_invalid (zero width or height).
     """
     if not 0.0 < iou_thresh <= 1.0:
-        raise ValueError(f"evaluate_oid: iou_thresh must be in (0, 1], got {iou_thresh}")
+        raise UserError(f"evaluate_oid: iou_thresh must be in (0, 1], got {iou_thresh}")
     if hierarchy is not None:
         mids = [c.get("mid") for c in gt["categories"]]
         if not all(mids):
-            raise ValueError("evaluate_oid: a hierarchy needs a 'mid' for every category")
+            raise UserError("evaluate_oid: a hierarchy needs a 'mid' for every category")
         gt = expand_ground_truth(gt, load_hierarchy(hierarchy, mids))
     if category_ids is not None:
         gt = select_categories(gt, category_ids)
@@ -563,7 +564,7 @@ def write_oid_submission(detections: list[dict], gt_or_image_meta: dict, path: s
     images = gt_or_image_meta["images"]
     no_mid = [c["id"] for c in gt_or_image_meta["categories"] if not c.get("mid")]
     if no_mid:
-        raise ValueError(f"write_oid_submission: categories {no_mid[:10]} have no 'mid'")
+        raise UserError(f"write_oid_submission: categories {no_mid[:10]} have no 'mid'")
     meta = {"images": images, "categories": gt_or_image_meta["categories"], "annotations": []}
     gta = gt_to_arrays(meta)
     det = detections_to_arrays(detections)
@@ -603,15 +604,15 @@ def iter_oid_submission(path: str) -> Iterator[tuple[str, str]]:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header] != SUBMISSION_HEADER:
-            raise ValueError(f"{path}: header must be {','.join(SUBMISSION_HEADER)}, got {header}")
+            raise UserError(f"{path}: header must be {','.join(SUBMISSION_HEADER)}, got {header}")
         for row in reader:
             if not row:
                 continue
             if len(row) != 2:
-                raise ValueError(f"{path}:{reader.line_num}: expected 2 fields, got {len(row)}")
+                raise UserError(f"{path}:{reader.line_num}: expected 2 fields, got {len(row)}")
             image_id, preds = row[0].strip(), row[1].strip()
             if len(preds.split()) % 6:
-                raise ValueError(
+                raise UserError(
                     f"{path}:{reader.line_num}: prediction string of {image_id} is not a multiple of "
                     "'LabelMID score xmin ymin xmax ymax'"
                 )
@@ -634,7 +635,7 @@ def read_oid_submission(path: str) -> dict[str, list[tuple[str, float, float, fl
                 for j in range(0, len(tokens), 6)
             ]
         except ValueError as err:
-            raise ValueError(f"{path}: bad number in the predictions of {image_id}: {err}") from err
+            raise UserError(f"{path}: bad number in the predictions of {image_id}: {err}") from err
         out.setdefault(image_id, []).extend(parsed)
     return out
 
@@ -651,7 +652,7 @@ def oid_submission_to_coco_results(
     cat_of_mid = {c.get("mid"): int(c["id"]) for c in gt["categories"]}
     unknown_images = [k for k in predictions if k not in image_of_key]
     if unknown_images:
-        raise ValueError(
+        raise UserError(
             f"submission: {len(unknown_images)} ImageIds not in the ground truth, e.g. {unknown_images[:5]}"
         )
     results = []
@@ -672,7 +673,7 @@ def oid_submission_to_coco_results(
                 }
             )
     if unknown_mids:
-        raise ValueError(
+        raise UserError(
             f"submission: MIDs not among the ground-truth categories: {sorted(unknown_mids)[:10]}"
         )
     return results

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # Statuses of a detection after matching.
@@ -187,13 +189,13 @@ def detections_to_arrays(detections: list[dict]) -> dict[str, np.ndarray]:
             ),
             None,
         )
-        raise ValueError(
+        raise UserError(
             f"detections: record {bad} is not {{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}}"
             f" ({err!r})"
         ) from err
     if not np.isfinite(scores).all() or not np.isfinite(boxes).all():
         bad = np.flatnonzero(~np.isfinite(scores) | ~np.isfinite(boxes).all(axis=1))[:10].tolist()
-        raise ValueError(f"detections: non-finite score or bbox in records {bad}")
+        raise UserError(f"detections: non-finite score or bbox in records {bad}")
     boxes[:, 2:] += boxes[:, :2]
     return {"image_ids": image_ids, "category_ids": category_ids, "boxes": boxes, "scores": scores}
 
@@ -211,11 +213,11 @@ def gt_to_arrays(gt: dict) -> dict[str, Any]:
     category_ids = [int(c["id"]) for c in categories]
     class_names = [str(c.get("name", c["id"])) for c in categories]
     if len(set(category_ids)) != len(category_ids):
-        raise ValueError("ground truth: duplicate category ids")
+        raise UserError("ground truth: duplicate category ids")
     category_index = {cid: k for k, cid in enumerate(category_ids)}
     image_index = {int(img["id"]): i for i, img in enumerate(gt["images"])}
     if len(image_index) != len(gt["images"]):
-        raise ValueError("ground truth: duplicate image ids")
+        raise UserError("ground truth: duplicate image ids")
     anns = gt["annotations"]
     num = len(anns)
     try:
@@ -227,7 +229,7 @@ def gt_to_arrays(gt: dict) -> dict[str, Any]:
             for a in anns
             if int(a["image_id"]) not in image_index or int(a["category_id"]) not in category_index
         ]
-        raise ValueError(
+        raise UserError(
             f"ground truth: annotations {bad[:10]} refer to unknown image or category ids"
         ) from err
     boxes = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
@@ -253,13 +255,13 @@ def map_detections(gt_arrays: dict, det: dict[str, np.ndarray], source: str) -> 
     image_index = gt_arrays["image_index"]
     unknown_cats = sorted(set(np.unique(det["category_ids"]).tolist()) - category_index.keys())
     if unknown_cats:
-        raise ValueError(
+        raise UserError(
             f"{source}: detections have category ids {unknown_cats[:20]} that are not in the ground truth "
             f"categories {sorted(category_index)[:20]}{' ...' if len(category_index) > 20 else ''}"
         )
     unknown_imgs = sorted(set(np.unique(det["image_ids"]).tolist()) - image_index.keys())
     if unknown_imgs:
-        raise ValueError(
+        raise UserError(
             f"{source}: detections for {len(unknown_imgs)} image ids not in the ground truth, "
             f"e.g. {unknown_imgs[:10]}"
         )
@@ -300,7 +302,7 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> fl
     recall = np.asarray(recall, dtype=np.float64).ravel()
     precision = np.asarray(precision, dtype=np.float64).ravel()
     if recall.shape != precision.shape:
-        raise ValueError(f"voc_ap: recall {recall.shape} and precision {precision.shape} differ in length")
+        raise UserError(f"voc_ap: recall {recall.shape} and precision {precision.shape} differ in length")
     if use_07_metric:
         thresholds = np.arange(11, dtype=np.float64) / 10.0
         reached = recall[None, :] >= thresholds[:, None]  # [11, N]
@@ -378,7 +380,7 @@ def evaluate_voc(gt: dict, detections: list[dict], iou_thresh: float = 0.5) -> d
             malformed records.
     """
     if not 0.0 < iou_thresh <= 1.0:
-        raise ValueError(f"evaluate_voc: iou_thresh must be in (0, 1], got {iou_thresh}")
+        raise UserError(f"evaluate_voc: iou_thresh must be in (0, 1], got {iou_thresh}")
     gta = gt_to_arrays(gt)
     det = detections_to_arrays(detections)
     det_img, det_cls = map_detections(gta, det, "evaluate_voc")
