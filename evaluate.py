@@ -26,6 +26,7 @@ from typing import Any, Dict, List
 from data.dataset import build_dataset, check_same_classes
 from data.loaders import build_eval_loader
 from engine import compute_metrics, evaluate
+from layers.tta import FlipTTA
 from utils.checkpoint import build_model_from_checkpoint, checkpoint_iteration, list_checkpoints
 from utils.coco_eval import write_coco_results
 from utils.errors import run_cli
@@ -180,7 +181,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             size_divisibility=32 if run_args.resize_mode == "keep_aspect" else 1,
         )
         metrics, results = evaluate(
-            model,
+            FlipTTA(model) if run_args.tta == "flip" else model,
             postprocessor,
             loader,
             dataset,

@@ -36,6 +36,7 @@ import torch
 from data.dataset import build_dataset, check_same_classes
 from data.loaders import build_eval_loader, build_train_loader, iterate_batches
 from engine import NonFiniteLossError, evaluate, targets_to_device, train_one_iter
+from layers.tta import FlipTTA
 from models import build_model
 from utils import distributed as dist_utils
 from utils.checkpoint import (
@@ -46,6 +47,7 @@ from utils.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from utils.ema import ModelEMA
 from utils.errors import run_cli
 from utils.logger import JsonLinesWriter, MetricLogger, Progress, ScalarSinks, setup_logging
 from utils.options import (
@@ -250,6 +252,12 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         start_iter = int(checkpoint["iteration"])
         logger.info("resumed from %s at iteration %d", resume_path, start_iter)
 
+    ema = ModelEMA(model, args.ema_decay, args.ema_tau) if args.ema else None
+    if ema is not None and checkpoint is not None:
+        if checkpoint.get("model_ema") is None:
+            raise SystemExit(f"--ema: the checkpoint {resume_path!r} was trained without --ema")
+        ema.load(checkpoint["model_ema"], checkpoint["ema_updates"])
+
     model_without_ddp = model
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -301,11 +309,22 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             "class_names": list(train_set.class_names),
             "category_ids": [int(c) for c in train_set.category_ids],
             "anchors": anchors_of(model_without_ddp),
+            "model_ema": None if ema is None else ema.module.state_dict(),
+            "ema_updates": None if ema is None else ema.updates,
         }
 
     def validate(iteration: int) -> Dict[str, float]:
+        summary: Dict[str, float] = {}
+        if ema is not None:  # the EMA weights first, under val_ema_*; then the trained weights
+            summary = {
+                k.replace("val_", "val_ema_", 1): v
+                for k, v in validate_weights(ema.module, iteration).items()
+            }
+        return {**validate_weights(model_without_ddp, iteration), **summary}
+
+    def validate_weights(net: torch.nn.Module, iteration: int) -> Dict[str, float]:
         metrics, _ = evaluate(
-            model_without_ddp,
+            FlipTTA(net) if args.tta == "flip" else net,
             postprocessor,
             val_loader,
             val_set,
@@ -361,6 +380,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                 model, criterion, images, targets, optimizer, iteration, scaler, amp_dtype, args.clip_grad
             )
             scheduler.step()
+            if ema is not None:
+                ema.update(model_without_ddp)
             iteration += 1
             if world_size > 1:  # log the mean over ranks, not rank 0's share of the batch
                 terms = {

@@ -158,6 +158,14 @@ def anchors_from_checkpoint(checkpoint: Dict[str, Any]):
     return None if anchors is None else [_torch.tensor(a, dtype=_torch.float32) for a in anchors]
 
 
+def weights_to_run(checkpoint: Dict[str, Any], eval_weights: str, path: str) -> str:
+    """The checkpoint key of the weights to run: "model_ema" (``--ema`` runs, unless raw) or "model"."""
+    has_ema = checkpoint.get("model_ema") is not None
+    if eval_weights == "ema" and not has_ema:
+        raise UserError(f"--eval_weights ema: checkpoint {path!r} has no EMA weights (trained without --ema)")
+    return "model_ema" if has_ema and eval_weights != "raw" else "model"
+
+
 def build_model_from_checkpoint(
     path: str, cli_args: argparse.Namespace, parser: argparse.ArgumentParser, device: torch.device
 ):
@@ -173,7 +181,8 @@ def build_model_from_checkpoint(
     model, _criterion, postprocessor = build_model(
         args, anchor_whs_per_level=anchors_from_checkpoint(checkpoint), load_pretrained=False
     )
-    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    weights = weights_to_run(checkpoint, getattr(args, "eval_weights", "auto"), path)
+    missing, unexpected = model.load_state_dict(checkpoint[weights], strict=False)
     if missing or unexpected:
         raise UserError(
             f"checkpoint {path!r} does not fit the model it describes: missing {missing[:5]}, "
@@ -185,5 +194,12 @@ def build_model_from_checkpoint(
     if getattr(args, "channels_last", False):
         model.to(memory_format=torch.channels_last)
     postprocessor.to(device)
-    logger.info("loaded %s (iteration %s, %s %s)", path, checkpoint.get("iteration"), args.arch, args.basenet)
+    logger.info(
+        "loaded %s (iteration %s, %s %s, %s weights)",
+        path,
+        checkpoint.get("iteration"),
+        args.arch,
+        args.basenet,
+        "EMA" if weights == "model_ema" else "trained",
+    )
     return model, postprocessor, args, checkpoint

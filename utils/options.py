@@ -210,6 +210,18 @@ def get_common_parser() -> argparse.ArgumentParser:
     g.add_argument("--topk", type=int, default=100, help="detections kept per image")
     g.add_argument("--class_agnostic_nms", action="store_true")
     g.add_argument("--eval_batch_size", type=int, default=8)
+    g.add_argument(
+        "--tta",
+        default="none",
+        choices=("none", "flip"),
+        help="test-time augmentation: flip adds the horizontally flipped image, merged before NMS (fpn_ohem)",
+    )
+    g.add_argument(
+        "--eval_weights",
+        default="auto",
+        choices=("auto", "ema", "raw"),
+        help="weights to run from a checkpoint: auto = the EMA weights when it has them (--ema)",
+    )
 
     # * Schedule and optimisation (train.py; the other scripts accept them so that a training command
     # line can be reused as it is, e.g. by evaluate.py to find the run folder)
@@ -233,6 +245,13 @@ def get_common_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_factor", type=float, default=1.0 / 3)
     g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm (0: off)")
     g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm under DDP (for trainable BN)")
+    g.add_argument(
+        "--ema", action="store_true", help="keep an EMA of the weights; validated and saved beside them"
+    )
+    g.add_argument("--ema_decay", type=float, default=0.9998, help="EMA decay (the asymptote of the ramp)")
+    g.add_argument(
+        "--ema_tau", type=float, default=2000.0, help="EMA decay ramp: decay * (1 - exp(-iter / tau))"
+    )
 
     # * Runs, validation and logging
     g = parser.add_argument_group("logging")
@@ -391,6 +410,12 @@ def check_common_args(args: argparse.Namespace) -> None:
             errors.append("--head_norm gn applies to --arch fpn_ohem only")
         if args.fpn_channels % 32:
             errors.append(f"--head_norm gn needs --fpn_channels divisible by 32, got {args.fpn_channels}")
+    if not 0 <= args.ema_decay < 1 or not args.ema_tau >= 0:
+        errors.append(
+            f"--ema_decay must be in [0, 1) and --ema_tau >= 0, got {args.ema_decay}, {args.ema_tau}"
+        )
+    if args.tta != "none" and args.arch != "fpn_ohem":
+        errors.append(f"--tta {args.tta} applies to --arch fpn_ohem only")
     if errors:
         raise SystemExit("Bad options:\n  " + "\n  ".join(errors))
 
