@@ -1,0 +1,276 @@
+"""Detection quality at equal budget: our FPN-OHEM, our focal variant and torchvision's RetinaNet.
+
+    python bench/bench_quality.py --dataset shapes --data_root datasets --basenet resnet18 \
+        --pretrained none --fpn_channels 64 --input_dim 256 --batch_size 16 --max_iter 800 \
+        --step_values 605,720 --optimizer adamw --lr 0.002 --weight_decay 0.0001 --warmup_iters 50 \
+        --augment flip --device cpu --amp --channels_last -j 1        # the make demo budget
+    python bench/bench_quality.py ... --models ours,torchvision                   # a subset
+
+Every model trains on the same data, input size, augmentation, batch, iterations, optimizer and lr
+schedule, with the same seed, and is scored by our evaluator (VOC AP@0.5 area, COCO AP):
+- ``ours``: train.py itself (``--loss_type mbox``) with the given options (``--anchor_type``,
+  ``--anchor_file``, ``--num_head_layers``, ``--ema``, ``--tta`` ... all apply), then engine.evaluate.
+- ``ours_focal``: the same with ``--loss_type focal`` (its thresholds and box loss beta follow).
+- ``torchvision``: ``torchvision.models.detection.RetinaNet`` with a ResNet of the same depth (from
+  scratch, or from the same ``--pretrained`` weights; BatchNorm2d from scratch and FrozenBatchNorm2d
+  when pretrained, as ``retinanet_resnet50_fpn`` does), an FPN of ``--fpn_channels``, its own head (4
+  convs), anchors (32..512, 3 scales, 3 ratios) and loss; its transform set to our input size with
+  identity normalisation, so it neither resizes nor normalises again (our loader did both). It is fed
+  our train loader's batches through the same optimizer builder, lr schedule, AMP and clipping as
+  train.py, and its post-processing uses our --conf_thresh, --nms_thresh, --pre_nms_topk and --topk.
+Prints a table, then one JSON line: ``ours_map50``, ``ours_focal_map50``, ``torchvision_map50``,
+``ratio_map50`` (ours / torchvision), the COCO APs and the training seconds of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List
+
+import torch
+import torchvision
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import evaluate as evaluate_script  # noqa: E402
+import train  # noqa: E402
+from data.dataset import build_dataset  # noqa: E402
+from data.loaders import build_eval_loader, build_train_loader, iterate_batches  # noqa: E402
+from engine import autocast_context, compute_metrics, evaluate, targets_to_device  # noqa: E402
+from layers.tta import FlipTTA  # noqa: E402
+from models.backbone import load_resnet_weights  # noqa: E402
+from utils.checkpoint import build_model_from_checkpoint, latest_checkpoint  # noqa: E402
+from utils.coco_eval import detections_to_coco_results  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+from utils.options import amp_dtype_of, resolve_defaults, resolve_device  # noqa: E402
+
+MODELS = ("ours", "ours_focal", "torchvision")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "bench_quality", parents=[train.get_args_parser(add_help=False)], add_help=add_help
+    )
+    g = parser.add_argument_group("bench")
+    g.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
+    g.add_argument("--bench_root", default="runs/bench_quality", help="run folders of the trained models")
+    return parser
+
+
+def _torchvision_retinanet(args: argparse.Namespace, num_classes: int) -> RetinaNet:
+    """RetinaNet with our backbone depth, FPN width, input size and post-processing settings."""
+    pretrained = args.pretrained != "none"
+    norm_layer = FrozenBatchNorm2d if pretrained else torch.nn.BatchNorm2d
+    resnet = torchvision.models.get_model(args.basenet, weights=None, norm_layer=norm_layer)
+    if pretrained:
+        load_resnet_weights(resnet, args.basenet, args.pretrained)
+    channels = [resnet.layer2[-1].conv1.in_channels, resnet.layer3[-1].conv1.in_channels]
+    channels.append(resnet.layer4[-1].conv1.in_channels)
+    if args.basenet in ("resnet18", "resnet34"):  # BasicBlock: conv1 keeps the width
+        channels = [128, 256, 512]
+    backbone = BackboneWithFPN(
+        resnet,
+        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
+        in_channels_list=channels,
+        out_channels=args.fpn_channels,
+        extra_blocks=LastLevelP6P7(args.fpn_channels, args.fpn_channels),
+    )
+    return RetinaNet(
+        backbone,
+        num_classes,
+        min_size=args.input_dim,
+        max_size=args.input_dim,
+        image_mean=[0.0, 0.0, 0.0],
+        image_std=[1.0, 1.0, 1.0],
+        score_thresh=args.conf_thresh,
+        nms_thresh=args.nms_thresh,
+        detections_per_img=args.topk,
+        topk_candidates=args.pre_nms_topk,
+    )
+
+
+def _torchvision_targets(targets: List[Dict[str, Any]]) -> List[Dict[str, torch.Tensor]]:
+    """Our targets (labels 0..K-1, -1 = other class) as torchvision's: usable boxes only."""
+    out = []
+    for t in targets:
+        keep = t["labels"] >= 0
+        for flag in ("difficult", "iscrowd"):
+            if flag in t:
+                keep &= ~t[flag]
+        out.append({"boxes": t["boxes"][keep], "labels": t["labels"][keep]})
+    return out
+
+
+def train_torchvision(args: argparse.Namespace, train_set, device: torch.device) -> torch.nn.Module:
+    """train.py's loop for torchvision's RetinaNet: same loader, optimizer, schedule, AMP and clipping."""
+    torch.manual_seed(args.man_seed)
+    model = _torchvision_retinanet(args, len(train_set.class_names)).to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = train.build_optimizer(model, args)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda it: train.lr_factor(it, args.warmup_iters, args.warmup_factor, args.step_values, args.gamma),
+    )
+    amp_dtype = amp_dtype_of(args, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loader = build_train_loader(
+        train_set, args.batch_size, args.num_workers, size_divisibility=1, seed=args.man_seed
+    )
+    model.train()
+    iteration = 0
+    for _epoch, (images, targets, _skipped) in iterate_batches(loader, 0):
+        if iteration >= args.max_iter:
+            break
+        if not targets:
+            continue
+        images = images.to(device, non_blocking=True)
+        targets = _torchvision_targets(targets_to_device(targets, device))
+        with autocast_context(device, amp_dtype):
+            loss_dict = model(list(images), targets)
+        loss = sum(loss_dict.values())
+        if not math.isfinite(loss.item()):
+            raise SystemExit(f"torchvision RetinaNet: non-finite loss at iteration {iteration + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        iteration += 1
+        if iteration % args.log_step == 0:
+            print(f"torchvision iteration {iteration}: loss {loss.item():.4f}", flush=True)
+    return model
+
+
+@torch.no_grad()
+def evaluate_torchvision(model, val_set, args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    """Our metrics ("all": VOC + COCO) on torchvision's detections, mapped to original pixels."""
+    model.eval()
+    amp_dtype = amp_dtype_of(args, device.type)
+    loader = build_eval_loader(val_set, args.eval_batch_size, args.num_workers, size_divisibility=1)
+    results = []
+    for images, targets, _ in loader:
+        with autocast_context(device, amp_dtype):
+            outputs = model(list(images.to(device)))
+        detections = []
+        for out, t in zip(outputs, targets):
+            sx, sy = (float(v) for v in t["scale"])
+            h, w = (float(v) for v in t["orig_size"])
+            boxes = out["boxes"].float().cpu() / torch.tensor([sx, sy, sx, sy])
+            boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([w, h, w, h]))
+            detections.append(
+                {"boxes": boxes, "scores": out["scores"].float().cpu(), "labels": out["labels"].cpu()}
+            )
+        results.extend(
+            detections_to_coco_results(
+                detections, [int(t["image_id"]) for t in targets], val_set.category_ids
+            )
+        )
+    return compute_metrics(val_set.coco_gt(), results, "all")
+
+
+def _ours(args: argparse.Namespace, loss_type: str, device: torch.device) -> Dict[str, Any]:
+    """train.py with --loss_type, then our evaluation of its last checkpoint (EMA/TTA as given)."""
+    argv_args = argparse.Namespace(**vars(args))
+    argv_args.loss_type = loss_type
+    argv_args.negative_threshold = argv_args.smooth_l1_beta = None  # loss-dependent defaults
+    argv_args.save_root, argv_args.run_name, argv_args.no_val = args.bench_root, loss_type, True
+    argv_args.resume = None
+    start = time.time()
+    train.main(argv_args)
+    seconds = time.time() - start
+    path = latest_checkpoint(os.path.join(args.bench_root, loss_type))
+    parser = evaluate_script.get_args_parser()
+    cli = parser.parse_args(
+        [
+            "--checkpoint",
+            path,
+            "--data_root",
+            args.data_root,
+            "--tta",
+            args.tta,
+            "--eval_weights",
+            args.eval_weights,
+        ]
+    )
+    model, postprocessor, run_args, _ = build_model_from_checkpoint(path, cli, parser, device)
+    val_set = build_dataset(run_args, run_args.val_sets, train=False)
+    loader = build_eval_loader(val_set, run_args.eval_batch_size, run_args.num_workers, size_divisibility=1)
+    metrics, _ = evaluate(
+        FlipTTA(model) if args.tta == "flip" else model,
+        postprocessor,
+        loader,
+        val_set,
+        device,
+        "all",
+        amp_dtype=amp_dtype_of(run_args, device.type),
+    )
+    return {"metrics": metrics, "train_s": seconds}
+
+
+def main(args: argparse.Namespace) -> Dict[str, Any]:
+    resolve_defaults(args)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown or not models:
+        raise SystemExit(f"--models: unknown {unknown}; choose from {MODELS}")
+    if args.resize_mode != "square":
+        raise SystemExit("bench_quality compares at a square --input_dim (--resize_mode square)")
+    device = resolve_device(args.device)
+    runs: Dict[str, Dict[str, Any]] = {}
+    for name in models:
+        if name == "torchvision":
+            train_set = build_dataset(args, args.train_sets, train=True)
+            val_set = build_dataset(args, args.val_sets, train=False)
+            start = time.time()
+            model = train_torchvision(args, train_set, device)
+            seconds = time.time() - start
+            runs[name] = {"metrics": evaluate_torchvision(model, val_set, args, device), "train_s": seconds}
+        else:
+            runs[name] = _ours(args, "mbox" if name == "ours" else "focal", device)
+
+    print(f"\n{'model':<14}{'VOC mAP@0.5 (area)':>20}{'VOC07 11-pt':>14}{'COCO AP':>10}{'train s':>10}")
+    summary: Dict[str, Any] = {}
+    for name, run in runs.items():
+        voc, coco = run["metrics"]["voc"], run["metrics"]["coco"]
+        print(
+            f"{name:<14}{voc['map_area']:>20.4f}{voc['map_07_11pt']:>14.4f}{coco['AP']:>10.4f}{run['train_s']:>10.0f}"
+        )
+        summary[f"{name}_map50"] = round(float(voc["map_area"]), 4)
+        summary[f"{name}_map50_07_11pt"] = round(float(voc["map_07_11pt"]), 4)
+        summary[f"{name}_coco_ap"] = round(float(coco["AP"]), 4)
+        summary[f"{name}_train_s"] = round(run["train_s"], 1)
+    if "ours" in runs and "torchvision" in runs:
+        summary["ratio_map50"] = round(summary["ours_map50"] / max(summary["torchvision_map50"], 1e-9), 3)
+        summary["ratio_coco_ap"] = round(
+            summary["ours_coco_ap"] / max(summary["torchvision_coco_ap"], 1e-9), 3
+        )
+    summary.update(
+        {
+            "max_iter": args.max_iter,
+            "batch_size": args.batch_size,
+            "input_dim": args.input_dim,
+            "basenet": args.basenet,
+            "pretrained": args.pretrained,
+            "ema": args.ema,
+            "tta": args.tta,
+        }
+    )
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -1,0 +1,91 @@
+"""bench/bench_quality.py: the torchvision side is fed and scored correctly; a tiny full run (slow)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny_shapes import MODEL_OPTS, ROOT, make_tiny_shapes
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import bench_quality  # noqa: E402
+
+from data.dataset import build_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_tiny_shapes(str(tmp_path_factory.mktemp("data")))
+
+
+def test_torchvision_targets_keep_usable_boxes_only():
+    t = {
+        "boxes": torch.arange(16.0).reshape(4, 4),
+        "labels": torch.tensor([0, -1, 2, 1]),
+        "difficult": torch.tensor([False, False, True, False]),
+        "iscrowd": torch.tensor([False, False, False, False]),
+    }
+    (out,) = bench_quality._torchvision_targets([t])
+    assert out["labels"].tolist() == [0, 1]
+    assert out["boxes"].tolist() == [[0.0, 1, 2, 3], [12, 13, 14, 15]]
+
+
+class _Oracle(torch.nn.Module):
+    """Returns each val image's ground truth (input pixels) as torchvision-style detections."""
+
+    def __init__(self, val_set):
+        super().__init__()
+        self.val_set = val_set
+        self.calls = 0
+
+    def forward(self, images):
+        outs = []
+        for _ in images:
+            _, t = self.val_set[self.calls]
+            self.calls += 1
+            outs.append({"boxes": t["boxes"], "scores": torch.ones(len(t["boxes"])), "labels": t["labels"]})
+        return outs
+
+
+def test_torchvision_detections_are_mapped_to_original_pixels(data_root):
+    """Perfect detections in input pixels at --input_dim 48 (images are 64 px) score AP 1: the boxes are
+    scaled back to the original image and the labels map to the right categories."""
+    args = bench_quality.get_args_parser().parse_args(
+        MODEL_OPTS + ["--data_root", data_root, "--input_dim", "48", "--eval_batch_size", "2"]
+    )
+    val_set = build_dataset(args, args.val_sets, train=False)
+    metrics = bench_quality.evaluate_torchvision(_Oracle(val_set), val_set, args, torch.device("cpu"))
+    assert metrics["voc"]["map_area"] == pytest.approx(1.0)
+    assert metrics["coco"]["AP"] > 0.99
+
+
+@pytest.mark.slow
+def test_bench_quality_tiny_run_prints_its_json_line(data_root, tmp_path):
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "bench", "bench_quality.py"),
+        *MODEL_OPTS,
+        "--data_root",
+        data_root,
+    ]
+    cmd += ["--batch_size", "4", "--max_iter", "3", "--step_values", "2", "--warmup_iters", "1"]
+    cmd += ["--bench_root", str(tmp_path), "--conf_thresh", "0.001", "--log_step", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in (
+        "ours_map50",
+        "ours_focal_map50",
+        "torchvision_map50",
+        "ratio_map50",
+        "ours_coco_ap",
+        "torchvision_coco_ap",
+        "ours_train_s",
+        "torchvision_train_s",
+    ):
+        assert key in summary
+    assert summary["ratio_map50"] == pytest.approx(
+        summary["ours_map50"] / max(summary["torchvision_map50"], 1e-9), rel=1e-2
+    )
