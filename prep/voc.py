@@ -21,7 +21,17 @@ tools write them) go through the same formula.
 What real files contain, and what happens (every case is counted by reason in the summary):
 
 - ``difficult`` objects are kept with ``"difficult": 1``; a missing ``<difficult>`` means 0 (noted).
-- A missing or invalid ``<size>``: the size is read from the image header (noted).
+- Every image's header is read (no decode; about 0.1 ms per image): an image that cannot be read or
+  is cut short ("unreadable image file"), or whose size differs from ``<size>`` ("<size> differs from
+  the image", both sizes named; the boxes were drawn on an image of another size), is skipped. A
+  missing or invalid ``<size>``: the size is read from the image header (noted).
+- Boxes of at most 1 px on a side (``<xmin>`` equal to ``<xmax>``) are kept and noted by file, or
+  dropped and counted with ``--tiny_boxes drop``.
+- Two image files for one XML (``a.jpg`` and ``a.png``): the first in ``IMAGE_EXTENSIONS`` order is
+  used, noted with a warning. Class names that differ only in case (``Cat``, ``cat``) stay separate
+  classes, noted with a warning; an object whose name differs only in case from a known class is
+  dropped under its own reason.
+- An image listed twice in a devkit image set file is converted once (the repeat counted).
 - Boxes poking out of the image are clipped to it ("clipped boxes: outside the image"); boxes
   left with zero area by clipping are dropped ("zero area after clipping"), as are boxes with
   xmax < xmin or ymax < ymin ("non-positive size") and boxes without readable coordinates.
@@ -59,11 +69,14 @@ if ROOT not in sys.path:
 
 from data.annotations import save_annotations  # noqa: E402
 from prep.common import (  # noqa: E402
+    TINY_BOX_SIZE,
     ConversionReport,
-    find_image,
+    case_variants,
+    checked_image_size,
+    find_images,
     format_summary,
+    is_tiny_box,
     link_or_copy,
-    read_image_size,
     summarize,
 )
 from utils.errors import UserError, run_cli  # noqa: E402
@@ -147,18 +160,25 @@ def convert_objects(
     unknown_class_reason: str,
     report: ConversionReport,
     where: str,
+    tiny_boxes: str = "keep",
 ) -> List[Dict[str, Any]]:
     """VOC objects of one image -> annotation records without ``id`` / ``image_id``.
 
     Boxes go from 1-based inclusive (xmin..xmax) to continuous xywh (x = xmin - 1, w = xmax - xmin + 1),
     are clipped to [0, width] x [0, height], and every box clipped or dropped is counted in ``report``.
+    Boxes of at most ``TINY_BOX_SIZE`` px on a side are kept (noted) or dropped (``tiny_boxes="drop"``).
     ``where`` (the XML file) names the image in the report's examples.
     """
     annotations = []
+    known_folded = {known.casefold(): known for known in class_to_category_id}
     for obj in objects:
         name = obj["name"]
         if name not in class_to_category_id:
-            report.drop_box(unknown_class_reason, f"{where}: {name!r}")
+            near = known_folded.get(name.casefold()) if name is not None else None
+            reason = f"{unknown_class_reason} (differs only in case from a known class)" if near else None
+            report.drop_box(
+                reason or unknown_class_reason, f"{where}: {name!r}" + (f" ~ {near!r}" if near else "")
+            )
             continue
         if obj["box"] is None:
             report.drop_box("missing or unreadable <bndbox>", where)
@@ -175,9 +195,15 @@ def convert_objects(
                 report.drop_box("zero area after clipping", where)
                 continue
             report.clip_box("outside the image", where)
+        w, h = cx2 - cx1, cy2 - cy1
+        if is_tiny_box(w, h):
+            example = f"{where}: {name!r} {obj['box']}"
+            if tiny_boxes == "drop":
+                report.drop_box(f"at most {TINY_BOX_SIZE:g} px wide or high (--tiny_boxes drop)", example)
+                continue
+            report.note(f"box at most {TINY_BOX_SIZE:g} px wide or high (kept; --tiny_boxes drop)", example)
         if obj["difficult"] is None:
             report.note("missing <difficult> (taken as 0)", where)
-        w, h = cx2 - cx1, cy2 - cy1
         annotations.append(
             {
                 "category_id": class_to_category_id[name],
@@ -190,6 +216,17 @@ def convert_objects(
     return annotations
 
 
+def _find_image(
+    image_dir: str, stem: str, names_in_dir: set, xml_path: str, report: ConversionReport
+) -> str | None:
+    """The image file of ``stem``; several (a.jpg and a.png) are noted and the first is used."""
+    found = find_images(image_dir, stem, names_in_dir)
+    if len(found) > 1:
+        logger.warning("%s: several image files %s; using %s", xml_path, found, found[0])
+        report.note("several image files for one XML (the first used)", f"{xml_path}: {', '.join(found)}")
+    return found[0] if found else None
+
+
 def _image_record(
     parsed: Dict[str, Any],
     xml_path: str,
@@ -198,20 +235,24 @@ def _image_record(
     file_name: str,
     report: ConversionReport,
 ) -> Dict[str, Any] | None:
-    """The image record, with the size from <size> or else from the image; None (counted) if unreadable."""
+    """The image record, of the size read from the image's header; None (counted) when the image cannot
+    be read or is not of the size ``<size>`` gives."""
     stem = os.path.splitext(os.path.basename(xml_path))[0]
     if parsed["filename"] is not None and os.path.splitext(os.path.basename(parsed["filename"]))[0] != stem:
         report.note("<filename> disagrees with the XML name", f"{xml_path}: {parsed['filename']!r}")
-    if parsed["size"] is not None:
-        width, height = parsed["size"]
-    else:
-        try:
-            width, height = read_image_size(image_path)
-        except ValueError:
-            report.skip_image("image file unreadable", image_path)
-            return None
+    size = checked_image_size(image_path, parsed["size"], report, xml_path, "<size> differs from the image")
+    if size is None:
+        return None
+    if parsed["size"] is None:
         report.note("no valid <size>: size read from the image", xml_path)
-    return {"id": image_id, "file_name": file_name, "width": width, "height": height}
+    return {"id": image_id, "file_name": file_name, "width": size[0], "height": size[1]}
+
+
+def warn_case_variants(names: List[str], report: ConversionReport, where: str) -> None:
+    """Class names that differ only in case ("Cat", "cat") are separate classes: warn and note them."""
+    for group in case_variants(names):
+        logger.warning("%s: class names %s differ only in case; they are separate classes", where, group)
+        report.note("class names that differ only in case (separate classes)", " / ".join(map(repr, group)))
 
 
 def _categories(names: List[str]) -> List[Dict[str, Any]]:
@@ -230,7 +271,9 @@ def parse_set(spec: str) -> Tuple[str, str]:
     return year, image_set
 
 
-def convert_devkit_set(devkit: str, year: str, image_set: str, output: str) -> Dict[str, Any]:
+def convert_devkit_set(
+    devkit: str, year: str, image_set: str, output: str, tiny_boxes: str = "keep"
+) -> Dict[str, Any]:
     """Convert ``VOC<year>/ImageSets/Main/<image_set>.txt`` and write ``output``; returns the summary."""
     year_dir = os.path.join(devkit, f"VOC{year}")
     ids_file = os.path.join(year_dir, "ImageSets", "Main", f"{image_set}.txt")
@@ -244,7 +287,12 @@ def convert_devkit_set(devkit: str, year: str, image_set: str, output: str) -> D
 
     report = ConversionReport()
     images, annotations = [], []
+    seen = set()
     for image_name in image_names:
+        if image_name in seen:  # listed again: the image would be converted twice under one id
+            report.skip_image("listed again in the image set file", f"{ids_file}: {image_name}")
+            continue
+        seen.add(image_name)
         image_id = voc_image_id(year, image_name)
         xml_path = os.path.join(year_dir, "Annotations", f"{image_name}.xml")
         if not os.path.isfile(xml_path):
@@ -255,7 +303,7 @@ def convert_devkit_set(devkit: str, year: str, image_set: str, output: str) -> D
         except ValueError:
             report.skip_image("unparseable XML", xml_path)
             continue
-        found = find_image(jpeg_dir, image_name, names_in_dir)
+        found = _find_image(jpeg_dir, image_name, names_in_dir, xml_path, report)
         if found is None:
             report.skip_image("missing image file", os.path.join(jpeg_dir, f"{image_name}.jpg"))
             continue
@@ -265,7 +313,14 @@ def convert_devkit_set(devkit: str, year: str, image_set: str, output: str) -> D
             continue
         width, height = image["width"], image["height"]
         anns = convert_objects(
-            parsed["objects"], width, height, class_to_category_id, "unknown class", report, xml_path
+            parsed["objects"],
+            width,
+            height,
+            class_to_category_id,
+            "unknown class",
+            report,
+            xml_path,
+            tiny_boxes,
         )
         if len(anns) >= MAX_OBJECTS_PER_IMAGE:
             raise UserError(f"{xml_path}: {len(anns)} objects; box ids assume < {MAX_OBJECTS_PER_IMAGE}")
@@ -298,7 +353,7 @@ def convert_devkit(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     for year, image_set in sets:
         split = f"{image_set}{year}"
         output = os.path.join(dataset_dir, "annotations", f"{split}.json")
-        summaries[split] = convert_devkit_set(args.devkit, year, image_set, output)
+        summaries[split] = convert_devkit_set(args.devkit, year, image_set, output, args.tiny_boxes)
     return summaries
 
 
@@ -344,31 +399,42 @@ def convert_folder(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
         raise UserError("--dataset NAME is required with --xml_dir (the output goes to <data_root>/NAME)")
     if not os.path.isdir(args.xml_dir):
         raise UserError(f"--xml_dir {args.xml_dir!r} is not a folder")
-    dataset_dir = os.path.join(args.data_root, args.dataset)
-    images_link = os.path.join(dataset_dir, "images")
-    link_or_copy(args.image_dir, images_link, args.copy)
-
+    # Every input is checked before the image folder is linked: a bad option leaves nothing behind.
+    if args.split_file is not None and not os.path.isfile(args.split_file):
+        raise UserError(f"--split_file {args.split_file!r} does not exist")
+    if args.split_file is None and not 0.0 <= args.val_fraction < 1.0:
+        raise UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
     xml_names = sorted(f for f in os.listdir(args.xml_dir) if f.lower().endswith(".xml"))
+    if not xml_names:
+        raise UserError(f"--xml_dir {args.xml_dir!r} holds no .xml file")
     stems = [os.path.splitext(f)[0] for f in xml_names]
     if len(set(stems)) != len(stems):
         raise UserError(f"{args.xml_dir}: several XML files share a stem (e.g. a.xml and a.XML)")
+    given_classes = read_class_list(args.classes) if args.classes else None
+    dataset_dir = os.path.join(args.data_root, args.dataset)
+    images_link = os.path.join(dataset_dir, "images")
+    link_or_copy(args.image_dir, images_link, args.copy)
     parsed_by_stem: Dict[str, Any] = {}
     for xml_name, stem in zip(xml_names, stems):
         try:
             parsed_by_stem[stem] = parse_voc_xml(os.path.join(args.xml_dir, xml_name))
         except ValueError as e:
             parsed_by_stem[stem] = e  # counted in the split the image falls in
-    if args.classes:
-        class_names = read_class_list(args.classes)
-    else:
-        found = {
+    found_names = sorted(
+        {
             obj["name"]
             for p in parsed_by_stem.values()
             if isinstance(p, dict)
             for obj in p["objects"]
             if obj["name"] is not None
         }
-        class_names = sorted(found)
+    )
+    class_names = given_classes if given_classes is not None else found_names
+    if not class_names:
+        raise UserError(
+            f"--xml_dir {args.xml_dir!r}: no <object> with a <name> in any of the {len(xml_names)} XML "
+            "files, so there is no class (give --classes to convert background-only images)"
+        )
     class_to_category_id = {name: i + 1 for i, name in enumerate(class_names)}
 
     val_stems, unmatched = split_val(stems, args.split_file, args.val_fraction, args.seed)
@@ -378,6 +444,8 @@ def convert_folder(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     summaries = {}
     for split in ("train", "val"):
         report = ConversionReport()
+        if split == "train":
+            warn_case_variants(class_names, report, args.xml_dir)
         if split == "val":
             for stem in unmatched:
                 report.note("--split_file id without an XML", stem)
@@ -390,7 +458,7 @@ def convert_folder(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
             if isinstance(parsed, ValueError):
                 report.skip_image("unparseable XML", xml_path)
                 continue
-            found = find_image(images_link, stem, names_in_dir)
+            found = _find_image(images_link, stem, names_in_dir, xml_path, report)
             if found is None:
                 report.skip_image("missing image file", os.path.join(args.image_dir, f"{stem}.*"))
                 continue
@@ -407,6 +475,7 @@ def convert_folder(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
                 reason,
                 report,
                 xml_path,
+                args.tiny_boxes,
             )
             for ann in anns:
                 annotations.append({"id": next_ann_id, "image_id": image["id"], **ann})
@@ -440,6 +509,13 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default=None, help="dataset folder name (default 'voc' with --devkit)")
     parser.add_argument(
         "--copy", action="store_true", help="copy the images into the dataset folder instead of linking"
+    )
+    parser.add_argument(
+        "--tiny_boxes",
+        default="keep",
+        choices=("keep", "drop"),
+        help=f"boxes at most {TINY_BOX_SIZE:g} px wide or high (e.g. <xmin> equal to <xmax>): keep them "
+        "(the default; they are reported by file) or drop them (counted)",
     )
 
     # * VOCdevkit mode
