@@ -209,7 +209,8 @@ def checked_image_size(
     if recorded is not None and (round(recorded[0]), round(recorded[1])) != (width, height):
         rw, rh = round(recorded[0]), round(recorded[1])
         hint = " (transposed: EXIF orientation?)" if (rw, rh) == (height, width) else ""
-        report.skip_image(mismatch_reason, f"{where}: {rw} x {rh} recorded, {path} is {width} x {height}{hint}")
+        example = f"{where}: {rw} x {rh} recorded, {path} is {width} x {height}{hint}"
+        report.skip_image(mismatch_reason, example)
         return None
     return width, height
 

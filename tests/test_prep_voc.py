@@ -432,7 +432,7 @@ def test_two_image_files_for_one_xml_and_classes_differing_in_case_are_warned(tm
         "a.png": (20, 10),
         "a.xml": _xml("a.jpg", (20, 10), [_obj("Cat", (1, 1, 5, 5)), _obj("cat", (2, 2, 6, 6))]),
     }
-    with caplog.at_level(logging.WARNING, logger="prep.voc"):
+    with caplog.at_level(logging.WARNING, logger="prep"):
         summaries, dataset_dir = _folder(tmp_path, files)
     notes = summaries["train"]["notes"]
     assert notes == {
