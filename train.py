@@ -35,7 +35,7 @@ import torch
 
 from data.checks import check_train_split, check_val_split
 from data.dataset import build_dataset, check_same_classes
-from data.image_check import CHECK_MODES, check_dataset_images
+from data.image_check import check_dataset_images
 from data.loaders import build_eval_loader, build_train_loader, iterate_batches
 from engine import NonFiniteLossError, evaluate, targets_to_device, train_one_iter
 from models import build_model
@@ -72,13 +72,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--num_bins", type=int, default=1, help="class_balanced: frequency bins")
     g.add_argument("--repeat_threshold", type=float, default=0.001, help="repeat_factor: LVIS threshold t")
     g.add_argument("--aspect_ratio_group", action="store_true", help="batch images of similar aspect ratio")
-    parser.add_argument(
-        "--check_images",
-        default="headers",
-        choices=CHECK_MODES,
-        help="at start, read every train and val image's header (readable, complete, of the annotated "
-        "size; no decode), only look for missing files (exist), or check nothing (none)",
-    )
     return parser
 
 

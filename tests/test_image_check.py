@@ -196,3 +196,18 @@ def test_train_stops_at_start_on_a_corrupt_val_image(shapes_root, tmp_path):
     with open(tmp_path / "runs" / "r" / "train.log") as f:
         log = f.read()
     assert "1 of 6 images of shapes/val cannot be read" in log and "skipped and counted" in log
+
+
+def test_train_passes_check_images_and_workers_through(shapes_root, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_check(datasets, skip_bad_images, mode, num_workers):
+        seen.update(splits=[d.splits for d in datasets], skip=skip_bad_images, mode=mode, workers=num_workers)
+        raise KeyboardInterrupt  # stop before the model is built
+
+    monkeypatch.setattr(train, "check_dataset_images", fake_check)
+    with pytest.raises(KeyboardInterrupt):
+        _train(shapes_root, tmp_path / "runs", "--check_images", "exist", "-j", "3")
+    assert seen == {"splits": [["train"], ["val"]], "skip": False, "mode": "exist", "workers": 3}
+    with pytest.raises(SystemExit):
+        train.get_args_parser().parse_args(["--check_images", "all"])
