@@ -140,6 +140,8 @@ def _check_categories(categories: List[Any], problems: List[str], source: str) -
         missing = _missing_fields(category, REQUIRED_CATEGORY_FIELDS)
         if missing:
             problems.append(f"{source}: {name}: missing required field(s) {', '.join(missing)}")
+        elif not isinstance(category["name"], str) or not category["name"].strip():
+            problems.append(f"{source}: {name}: name must be a non-empty string, got {category['name']!r}")
 
 
 def _check_bbox(bbox: Any, image: Any, name: str, problems: List[str], source: str) -> None:
@@ -216,7 +218,7 @@ def _looks_valid(images: List[Any], annotations: List[Any], categories: List[Any
     file_names = [r["file_name"] for r in images]
     image_whs = [(r["width"], r["height"]) for r in images]
     category_ids = [r["id"] for r in categories]
-    if not all("name" in r for r in categories):
+    if not all(isinstance(r["name"], str) and r["name"].strip() for r in categories):
         return False
     ann_ids = [r["id"] for r in annotations]
     ann_image_ids = [r["image_id"] for r in annotations]
@@ -349,6 +351,8 @@ def load_annotations(path: str) -> Dict[str, Any]:
             coco = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not a valid JSON annotation file: {e}") from e
+    except OSError as e:  # no permission, an I/O error
+        raise UserError(f"{path}: cannot read the annotation file: {e.strerror or e}") from e
     problems = validate_annotations(coco, path)
     if problems:
         raise UserError(format_problems(problems, path))

@@ -350,6 +350,10 @@ def parse_split_names(splits: str | Sequence[str]) -> List[str]:
     return names
 
 
+# A --classes value ending so is a file name, never a class list.
+CLASS_FILE_SUFFIXES = (".txt", ".csv", ".json", ".list")
+
+
 def parse_classes(value: str | Sequence[str] | None) -> List[str] | None:
     """--classes: None, a file with one name or mid per line (blank lines and '#' comments skipped), or
     a comma list."""
@@ -362,6 +366,8 @@ def parse_classes(value: str | Sequence[str] | None) -> List[str] | None:
             names = [line.strip() for line in f]
         names = [n for n in names if n and not n.startswith("#")]
         source = f"--classes file {value!r}"
+    elif value.lower().endswith(CLASS_FILE_SUFFIXES):  # meant as a file: not a class named "bin_0.txt"
+        raise UserError(f"--classes file {value!r} does not exist")
     else:
         names = [n.strip() for n in value.split(",") if n.strip()]
         source = f"--classes {value!r}"

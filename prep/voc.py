@@ -207,6 +207,8 @@ def read_class_list(text: str) -> List[str]:
     if os.path.isfile(text):
         with open(text) as f:
             names = [line.strip() for line in f if line.strip()]
+    elif text.lower().endswith((".txt", ".csv", ".list")):  # meant as a file
+        raise UserError(f"--classes file {text!r} does not exist")
     else:
         names = [name.strip() for name in text.split(",") if name.strip()]
     if not names or len(set(names)) != len(names):
@@ -219,7 +221,7 @@ def split_val(
 ) -> Tuple[set, List[str]]:
     """The stems that go to val, and the --split_file ids that match no XML.
 
-    With ``split_file`` the ids it lists (one per line) are val. Otherwise ``round(val_fraction * N)``
+    With ``split_file`` the ids it lists (one per line: stems, or file names such as ``a.jpg``) are val. Otherwise ``round(val_fraction * N)``
     stems drawn by a permutation seeded with ``seed`` over the sorted stems: the same files and seed
     give the same split on every machine.
     """
@@ -227,6 +229,8 @@ def split_val(
         with open(split_file) as f:
             listed = [line.strip() for line in f if line.strip()]
         known = set(stems)
+        # An entry may be a file name ("a.jpg", "xml/a.xml") as well as a stem.
+        listed = [s if s in known else os.path.splitext(os.path.basename(s))[0] for s in listed]
         return {s for s in listed if s in known}, [s for s in listed if s not in known]
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")

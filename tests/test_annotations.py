@@ -231,3 +231,30 @@ def test_an_image_file_listed_twice_is_not_valid_on_the_fast_path():
     assert not _looks_valid(coco["images"], coco["annotations"], coco["categories"])
     coco["images"][1]["file_name"] = "images/a.jpg.jpg"  # another file
     assert _looks_valid(coco["images"], coco["annotations"], coco["categories"])
+
+
+@pytest.mark.parametrize("name", [None, "", "  ", 7])
+def test_category_names_must_be_non_empty_strings(name):
+    from data.annotations import _looks_valid
+
+    coco = _valid()
+    coco["categories"][0]["name"] = name
+    assert not _looks_valid(coco["images"], coco["annotations"], coco["categories"])
+    assert validate_annotations(coco, "split.json") == [
+        f"split.json: category id=7: name must be a non-empty string, got {name!r}"
+    ]
+
+
+def test_an_unreadable_annotation_file_is_named(tmp_path, monkeypatch):
+    path = tmp_path / "train.json"
+    path.write_text("{}")
+    real_open = open
+
+    def no_permission(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_permission)
+    with pytest.raises(ValueError, match="train.json: cannot read the annotation file: Permission denied"):
+        load_annotations(str(path))

@@ -314,3 +314,9 @@ def test_usable_boxes_per_class_leave_out_difficult_and_crowd(toy):
     assert train.num_images_without_boxes == 1
     subset = DetectionDataset(toy, ["train"], None, classes=["bird"])
     assert subset.num_boxes_per_class.tolist() == [0] and subset.num_images_without_boxes == 2
+
+
+def test_a_classes_file_that_does_not_exist_is_named():
+    with pytest.raises(ValueError, match="--classes file 'bins/bin_0.txt' does not exist"):
+        parse_classes("bins/bin_0.txt")
+    assert parse_classes("/m/01g317,/m/0dog") == ["/m/01g317", "/m/0dog"]  # MIDs hold slashes

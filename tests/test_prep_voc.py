@@ -500,3 +500,15 @@ def test_devkit_image_listed_twice_is_converted_once_and_case_is_named(tmp_path)
     assert test["examples"]["unknown class (differs only in case from a known class)"][0].endswith(
         "'Person' ~ 'person'"
     )
+
+
+def test_split_file_takes_file_names_and_a_missing_classes_file_is_named(tmp_path):
+    files = {f"{n}.jpg": (8, 8) for n in "abc"}
+    files.update({f"{n}.xml": _xml(f"{n}.jpg", (8, 8), [_obj("x", (1, 1, 4, 4))]) for n in "abc"})
+    split_file = tmp_path / "val.txt"
+    split_file.write_text("b.jpg\nxml/c.xml\nzzz\n")
+    summaries, _ = _folder(tmp_path, files, "--split_file", str(split_file))
+    assert summaries["val"]["num_images"] == 2 and summaries["train"]["num_images"] == 1
+    assert summaries["val"]["notes"] == {"--split_file id without an XML": 1}
+    with pytest.raises(ValueError, match="--classes file 'classes.txt' does not exist"):
+        _folder(tmp_path, {}, "--classes", "classes.txt")
