@@ -29,7 +29,7 @@ from engine import compute_metrics, evaluate
 from layers.tta import FlipTTA
 from utils.checkpoint import build_model_from_checkpoint, checkpoint_iteration, list_checkpoints
 from utils.coco_eval import write_coco_results
-from utils.errors import run_cli
+from utils.errors import UserError, run_cli
 from utils.logger import setup_logging
 from utils.options import (
     OptionParser,
@@ -153,8 +153,16 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
             results = oid_submission_to_coco_results(read_oid_submission(args.detections), dataset.coco_gt())
         else:
-            with open(args.detections) as f:
-                results = json.load(f)
+            try:
+                with open(args.detections, encoding="utf-8") as f:
+                    results = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"--detections {args.detections}: not a valid JSON file: {e}") from e
+            if not isinstance(results, list):
+                raise UserError(
+                    f"--detections {args.detections}: expected a COCO results list "
+                    f"([{{image_id, category_id, bbox, score}}, ...]), got a JSON {type(results).__name__}"
+                )
         full_gt = dataset.coco_gt(all_classes=True) if args.metric == "oid" else None
         metrics = compute_metrics(
             dataset.coco_gt(), results, args.metric, args.iou_thresh, hierarchy, full_gt

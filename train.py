@@ -33,7 +33,9 @@ from typing import Any, Dict, List
 
 import torch
 
+from data.checks import check_train_split, check_val_split
 from data.dataset import build_dataset, check_same_classes
+from data.image_check import check_dataset_images
 from data.loaders import build_eval_loader, build_train_loader, iterate_batches
 from engine import NonFiniteLossError, evaluate, targets_to_device, train_one_iter
 from layers.tta import FlipTTA
@@ -130,20 +132,13 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
 
 
-def check_images_exist(datasets: List[Any], skip_bad_images: bool) -> None:
-    """Fail at start, naming the files, when annotated images are missing (a missing val image would
-    otherwise stop the run at its first validation); with --skip_bad_images, warn with the count."""
-    for dataset in datasets:
-        missing = dataset.missing_images()
-        if not missing:
-            continue
-        name = f"{os.path.basename(dataset.dataset_root)}/{','.join(dataset.splits)}"
-        message = f"{len(missing)} of {len(dataset)} images of {name} do not exist, e.g. " + ", ".join(
-            missing[:3]
-        )
-        if not skip_bad_images:
-            raise SystemExit(message + " (fix the paths, or pass --skip_bad_images to skip and count them)")
-        logger.warning("%s; they will be skipped and counted (--skip_bad_images)", message)
+def check_images_exist(
+    datasets: List[Any], skip_bad_images: bool, mode: str = "headers", num_workers: int = 0
+) -> None:
+    """Fail at start, naming the files, when annotated images are missing, unreadable or not of their
+    annotated size (a bad val image would otherwise stop the run at its first validation); with
+    --skip_bad_images, warn with the count. See data/image_check.py."""
+    check_dataset_images(datasets, skip_bad_images, mode, num_workers)
 
 
 def rng_state(device: torch.device) -> Dict[str, torch.Tensor]:
@@ -208,7 +203,15 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             check_same_classes(val_set, train_set.class_names, train_set.category_ids, "--train_sets")
         except ValueError as e:
             raise SystemExit(str(e)) from None
-    check_images_exist([train_set] if val_set is None else [train_set, val_set], args.skip_bad_images)
+    check_train_split(train_set)
+    if val_set is not None:
+        check_val_split(val_set, train_set)
+    check_images_exist(
+        [train_set] if val_set is None else [train_set, val_set],
+        args.skip_bad_images,
+        args.check_images,
+        args.num_workers,
+    )
     if val_set is not None and args.val_metric == "oid":
         hierarchy_path = os.path.join(args.data_root, args.dataset, "hierarchy.json")
         if not os.path.isfile(hierarchy_path):

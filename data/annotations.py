@@ -114,6 +114,23 @@ def _check_images(images: List[Any], problems: List[str], source: str) -> None:
                 problems.append(f"{source}: {name}: {key} must be a finite number > 0, got {image[key]!r}")
 
 
+def _check_file_names(images: List[Any], problems: List[str], source: str) -> None:
+    """One record per image file: a file listed under two ids trains twice (once as background, when
+    one record has no box) and is scored twice."""
+    ids_of: Dict[str, List[Any]] = {}
+    for i, image in enumerate(images):
+        if isinstance(image, dict) and isinstance(image.get("file_name"), str) and image["file_name"]:
+            ids_of.setdefault(os.path.normpath(image["file_name"]), []).append(
+                image.get("id", f"images[{i}]")
+            )
+    for file_name, ids in ids_of.items():
+        if len(ids) > 1:
+            problems.append(
+                f"{source}: image file {file_name!r} is listed {len(ids)} times (image ids "
+                f"{', '.join(map(repr, ids[:5]))}): merge them into one image record with all its boxes"
+            )
+
+
 def _check_categories(categories: List[Any], problems: List[str], source: str) -> None:
     for i, category in enumerate(categories):
         name = _record_name("categories", i, category)
@@ -123,6 +140,8 @@ def _check_categories(categories: List[Any], problems: List[str], source: str) -
         missing = _missing_fields(category, REQUIRED_CATEGORY_FIELDS)
         if missing:
             problems.append(f"{source}: {name}: missing required field(s) {', '.join(missing)}")
+        elif not isinstance(category["name"], str) or not category["name"].strip():
+            problems.append(f"{source}: {name}: name must be a non-empty string, got {category['name']!r}")
 
 
 def _check_bbox(bbox: Any, image: Any, name: str, problems: List[str], source: str) -> None:
@@ -199,7 +218,7 @@ def _looks_valid(images: List[Any], annotations: List[Any], categories: List[Any
     file_names = [r["file_name"] for r in images]
     image_whs = [(r["width"], r["height"]) for r in images]
     category_ids = [r["id"] for r in categories]
-    if not all("name" in r for r in categories):
+    if not all(isinstance(r["name"], str) and r["name"].strip() for r in categories):
         return False
     ann_ids = [r["id"] for r in annotations]
     ann_image_ids = [r["image_id"] for r in annotations]
@@ -222,6 +241,11 @@ def _looks_valid(images: List[Any], annotations: List[Any], categories: List[Any
     ):
         return False
     if not all(file_names) or any(map(os.path.isabs, file_names)):
+        return False
+    # One record per file; names that normpath would change ("a//b", "./a") go to the detailed check.
+    if len(set(file_names)) != len(file_names) or any(
+        "//" in n or "./" in n or n.endswith("/") for n in file_names
+    ):
         return False
     for ids in (image_ids, category_ids, ann_ids):
         if len(set(ids)) != len(ids):
@@ -267,7 +291,8 @@ def validate_annotations(coco: Dict[str, Any], source: str) -> List[str]:
         Detected: missing sections or required fields, ids that are not integers, duplicate ids,
         unknown ``image_id`` / ``category_id``, non-finite or non-positive image sizes, bboxes that
         are not 4 finite numbers, negative box width/height, boxes outside the image by more than
-        ``BOX_TOLERANCE`` px, negative area, ``iscrowd`` / ``difficult`` not 0/1, absolute file names.
+        ``BOX_TOLERANCE`` px, negative area, ``iscrowd`` / ``difficult`` not 0/1, absolute file names,
+        an image file listed by more than one image record.
     """
     if not isinstance(coco, dict):
         return [f"{source}: expected a JSON object at the top level, got {type(coco).__name__}"]
@@ -289,6 +314,7 @@ def validate_annotations(coco: Dict[str, Any], source: str) -> List[str]:
             return []
     _check_images(sections["images"], problems, source)
     _check_categories(sections["categories"], problems, source)
+    _check_file_names(sections["images"], problems, source)
     images_by_id = _check_ids("images", sections["images"], problems, source)
     categories_by_id = _check_ids("categories", sections["categories"], problems, source)
     _check_ids("annotations", sections["annotations"], problems, source)
@@ -325,6 +351,8 @@ def load_annotations(path: str) -> Dict[str, Any]:
             coco = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not a valid JSON annotation file: {e}") from e
+    except OSError as e:  # no permission, an I/O error
+        raise UserError(f"{path}: cannot read the annotation file: {e.strerror or e}") from e
     problems = validate_annotations(coco, path)
     if problems:
         raise UserError(format_problems(problems, path))

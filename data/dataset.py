@@ -17,6 +17,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from data.annotations import load_annotations
+from data.checks import missing_split_message
 from data.collate import SkippedSample
 from data.image_io import ImageReadError, read_image
 from data.transforms import build_transforms
@@ -73,7 +74,13 @@ class DetectionDataset(Dataset):
         image_labels (list[np.ndarray]): the distinct labels >= 0 in each image (for samplers),
         annotation_files (list[str]), num_boxes_outside_classes (int),
         num_degenerate_boxes (int): boxes dropped because they have no area after clipping to the image
-            (the annotation format accepts them; the matcher cannot use them).
+            (the annotation format accepts them; the matcher cannot use them),
+        num_boxes_per_class (np.ndarray[K] int64): boxes that train or are scored (not difficult, not
+            crowd) per class, num_images_without_boxes (int): images with none of them.
+
+    Raises UserError naming the file for a split that is missing (with the prep/ command that writes
+    it), splits that share image ids or image files, or no category. A split without images loads
+    (train.py refuses it at start, see data/checks.py).
 
     A target (after ToTensorNormalize) holds boxes Tensor[G, 4] float32 xyxy in input pixels, labels
     Tensor[G] int64, difficult / iscrowd Tensor[G] bool, image_id int, file_name str (the image path),
@@ -99,8 +106,16 @@ class DetectionDataset(Dataset):
         self.annotation_files = [os.path.join(dataset_root, "annotations", f"{s}.json") for s in self.splits]
         self._coco_gt: Dict[bool, Dict[str, Any]] = {}  # all_classes -> ground truth
 
+        for split, path in zip(self.splits, self.annotation_files):
+            if not os.path.isfile(path):
+                raise UserError(missing_split_message(dataset_root, split))
         cocos = [load_annotations(path) for path in self.annotation_files]
         self.categories = cocos[0]["categories"]
+        if not self.categories:
+            raise UserError(
+                f"{self.annotation_files[0]}: the category list is empty, so there is no class to train "
+                "or score (was the conversion given any class, e.g. prep/voc.py --classes?)"
+            )
         for path, coco in zip(self.annotation_files[1:], cocos[1:]):
             if [_category_key(c) for c in coco["categories"]] != [_category_key(c) for c in self.categories]:
                 raise UserError(
@@ -137,6 +152,7 @@ class DetectionDataset(Dataset):
         return np.asarray([im["id"] for im in coco["images"]], dtype=np.int64)
 
     def _check_image_ids_unique(self, cocos: List[Dict[str, Any]]) -> None:
+        """Splits read together share no image id and no image file (load_annotations checks one file)."""
         ids = [self._image_ids(c) for c in cocos]
         all_ids = np.concatenate(ids)
         unique, counts = np.unique(all_ids, return_counts=True)
@@ -147,6 +163,18 @@ class DetectionDataset(Dataset):
                 f"{len(repeated)} image id(s) appear in more than one of {files} "
                 f"(e.g. {repeated[:5].tolist()}); splits read together must not share image ids"
             )
+        if len(cocos) > 1:
+            first_split: Dict[str, str] = {}
+            for path, coco in zip(self.annotation_files, cocos):
+                for image in coco["images"]:
+                    key = os.path.normpath(image["file_name"])
+                    other = first_split.setdefault(key, path)
+                    if other != path:
+                        raise UserError(
+                            f"image file {image['file_name']!r} is listed by {other} and by {path} "
+                            f"(image id {image['id']}): an image read twice trains twice, and as background "
+                            "where one split has no box for it; give splits without shared images"
+                        )
 
     def _load_boxes(self, cocos: List[Dict[str, Any]], subset_label: np.ndarray) -> None:
         """Flat per-box arrays sorted by image, with ``_offsets[i]:_offsets[i + 1]`` the boxes of image i."""
@@ -204,6 +232,11 @@ class DetectionDataset(Dataset):
 
         # distinct labels >= 0 per image, for the class-aware samplers
         box_image = np.repeat(np.arange(len(images)), counts)
+        usable = (self._labels >= 0) & ~self._difficult & ~self._iscrowd
+        self.num_boxes_per_class = np.bincount(self._labels[usable], minlength=int((subset_label >= 0).sum()))
+        self.num_images_without_boxes = int(
+            (np.bincount(box_image[usable], minlength=len(images)) == 0).sum()
+        )
         positive = self._labels >= 0
         num_labels = len(subset_label) + 1
         pairs = np.unique(box_image[positive] * num_labels + self._labels[positive])
@@ -317,6 +350,10 @@ def parse_split_names(splits: str | Sequence[str]) -> List[str]:
     return names
 
 
+# A --classes value ending so is a file name, never a class list.
+CLASS_FILE_SUFFIXES = (".txt", ".csv", ".json", ".list")
+
+
 def parse_classes(value: str | Sequence[str] | None) -> List[str] | None:
     """--classes: None, a file with one name or mid per line (blank lines and '#' comments skipped), or
     a comma list."""
@@ -329,6 +366,8 @@ def parse_classes(value: str | Sequence[str] | None) -> List[str] | None:
             names = [line.strip() for line in f]
         names = [n for n in names if n and not n.startswith("#")]
         source = f"--classes file {value!r}"
+    elif value.lower().endswith(CLASS_FILE_SUFFIXES):  # meant as a file: not a class named "bin_0.txt"
+        raise UserError(f"--classes file {value!r} does not exist")
     else:
         names = [n.strip() for n in value.split(",") if n.strip()]
         source = f"--classes {value!r}"

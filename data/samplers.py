@@ -248,8 +248,10 @@ class RepeatFactorSampler(_EpochSampler):
         super().__init__(seed, num_replicas, rank)
         if len(image_labels) == 0:
             raise UserError("RepeatFactorSampler needs at least one image")
-        if repeat_threshold <= 0:
-            raise UserError(f"RepeatFactorSampler: repeat_threshold must be > 0, got {repeat_threshold}")
+        if not repeat_threshold > 0 or repeat_threshold == float("inf"):  # NaN fails the comparison
+            raise UserError(
+                f"RepeatFactorSampler: repeat_threshold must be finite and > 0, got {repeat_threshold}"
+            )
         self.repeat_threshold = float(repeat_threshold)
         pair_images, pair_labels, num_classes = _labels_table(image_labels)
         class_fraction = np.bincount(pair_labels, minlength=num_classes) / len(image_labels)

@@ -7,6 +7,10 @@
   converters print (``format_summary``) and return from ``main(args)``.
 - ``link_or_copy`` puts an image folder inside ``<data_root>/<dataset>/`` so the dataset folder
   stands alone; ``read_image_size`` reads an image's size from its header.
+- Checks every converter makes the same way: ``checked_image_size`` reads each image's header
+  (readable, complete, and of the size the annotation file gives), ``find_images`` lists every image
+  file of a stem (a.jpg and a.png: which one is meant?), ``case_variants`` finds class names that
+  differ only in case, ``is_tiny_box`` flags boxes of at most ``TINY_BOX_SIZE`` px on a side.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import shutil
 from collections import Counter
 from typing import Any, Dict, List, Tuple
 
-from PIL import Image
-
+from data.image_io import ImageReadError
+from data.image_io import read_image_size as _read_image_size
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -29,9 +33,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
 # Examples (file names, record ids) kept per reason for the summary.
 MAX_EXAMPLES = 5
 
-# EXIF orientations 5..8 rotate by 90 degrees: the decoded image has width and height swapped.
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+# Boxes at most this many pixels wide or high are reported (kept or dropped by the converter's option):
+# VOC-style files have them where <xmin> equals <xmax>, usually a slip of the annotation tool.
+TINY_BOX_SIZE = 1.0
 
 
 class ConversionReport:
@@ -175,27 +179,45 @@ def read_image_size(path: str) -> Tuple[int, int]:
     """(width, height) of an image as ``data.image_io.read_image`` returns it, from the header only.
 
     The EXIF orientation is applied (read_image applies it too), so a portrait photo stored
-    landscape with orientation 6 reports its upright size.
+    landscape with orientation 6 reports its upright size. A cut file (no end marker) is an error.
 
     Raises:
-        ValueError: naming the file, when it is missing or not an image PIL can identify.
+        ValueError: naming the file, when it is missing, cut or not an image (``ImageReadError``).
+    """
+    return _read_image_size(path)
+
+
+def checked_image_size(
+    path: str,
+    recorded: Tuple[float, float] | None,
+    report: ConversionReport,
+    where: str,
+    mismatch_reason: str = "recorded size differs from the image",
+) -> Tuple[int, int] | None:
+    """The image's (width, height) from its header; None (the image skipped, counted) when it cannot
+    be read or is not of the ``recorded`` (width, height).
+
+    A wrong recorded size would fail in training hours later, and the boxes drawn on an image of
+    another size cannot be trusted, so the image is left out, with both sizes in the report.
+    ``where`` names the record (the XML file, the image id); ``mismatch_reason`` is the report's reason.
     """
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    except OSError as e:  # includes FileNotFoundError and PIL.UnidentifiedImageError
-        raise UserError(f"{path}: cannot read the image size: {e}") from e
-    if orientation in _TRANSPOSING_ORIENTATIONS:
-        width, height = height, width
+        width, height = read_image_size(path)
+    except ImageReadError as e:
+        report.skip_image("unreadable image file", f"{path} ({e.reason})")
+        return None
+    if recorded is not None and (round(recorded[0]), round(recorded[1])) != (width, height):
+        rw, rh = round(recorded[0]), round(recorded[1])
+        hint = " (transposed: EXIF orientation?)" if (rw, rh) == (height, width) else ""
+        example = f"{where}: {rw} x {rh} recorded, {path} is {width} x {height}{hint}"
+        report.skip_image(mismatch_reason, example)
+        return None
     return width, height
 
 
-def find_image(image_dir: str, stem: str, names_in_dir: set | None = None) -> str | None:
-    """File name (not path) of the image ``<stem><ext>`` in ``image_dir``, trying ``IMAGE_EXTENSIONS``.
-
-    ``names_in_dir`` (the folder's listing) avoids a stat per extension for large folders.
-    """
+def find_images(image_dir: str, stem: str, names_in_dir: set | None = None) -> List[str]:
+    """File names (not paths) of every ``<stem><ext>`` in ``image_dir``, in ``IMAGE_EXTENSIONS`` order."""
+    names = []
     for ext in IMAGE_EXTENSIONS:
         name = stem + ext
         if (
@@ -203,5 +225,29 @@ def find_image(image_dir: str, stem: str, names_in_dir: set | None = None) -> st
             if names_in_dir is not None
             else os.path.isfile(os.path.join(image_dir, name))
         ):
-            return name
-    return None
+            names.append(name)
+    return names
+
+
+def case_variants(names: List[str]) -> List[List[str]]:
+    """Groups of names that differ only in case ("Cat", "cat"), each sorted, groups in order of first name."""
+    groups: Dict[str, List[str]] = {}
+    for name in names:
+        groups.setdefault(name.casefold(), [])
+        if name not in groups[name.casefold()]:
+            groups[name.casefold()].append(name)
+    return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
+def is_tiny_box(w: float, h: float) -> bool:
+    """A box of at most ``TINY_BOX_SIZE`` px on a side (w, h in continuous pixels)."""
+    return w <= TINY_BOX_SIZE or h <= TINY_BOX_SIZE
+
+
+def find_image(image_dir: str, stem: str, names_in_dir: set | None = None) -> str | None:
+    """File name (not path) of the image ``<stem><ext>`` in ``image_dir``, trying ``IMAGE_EXTENSIONS``.
+
+    ``names_in_dir`` (the folder's listing) avoids a stat per extension for large folders.
+    """
+    found = find_images(image_dir, stem, names_in_dir)
+    return found[0] if found else None

@@ -21,7 +21,17 @@ tools write them) go through the same formula.
 What real files contain, and what happens (every case is counted by reason in the summary):
 
 - ``difficult`` objects are kept with ``"difficult": 1``; a missing ``<difficult>`` means 0 (noted).
-- A missing or invalid ``<size>``: the size is read from the image header (noted).
+- Every image's header is read (no decode; about 0.1 ms per image): an image that cannot be read or
+  is cut short ("unreadable image file"), or whose size differs from ``<size>`` ("<size> differs from
+  the image", both sizes named; the boxes were drawn on an image of another size), is skipped. A
+  missing or invalid ``<size>``: the size is read from the image header (noted).
+- Boxes of at most 1 px on a side (``<xmin>`` equal to ``<xmax>``) are kept and noted by file, or
+  dropped and counted with ``--tiny_boxes drop``.
+- Two image files for one XML (``a.jpg`` and ``a.png``): the first in ``IMAGE_EXTENSIONS`` order is
+  used, noted with a warning. Class names that differ only in case (``Cat``, ``cat``) stay separate
+  classes, noted with a warning; an object whose name differs only in case from a known class is
+  dropped under its own reason.
+- An image listed twice in a devkit image set file is converted once (the repeat counted).
 - Boxes poking out of the image are clipped to it ("clipped boxes: outside the image"); boxes
   left with zero area by clipping are dropped ("zero area after clipping"), as are boxes with
   xmax < xmin or ymax < ymin ("non-positive size") and boxes without readable coordinates.
@@ -43,10 +53,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
-import xml.etree.ElementTree as ET
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -58,13 +66,14 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from data.annotations import save_annotations  # noqa: E402
-from prep.common import (  # noqa: E402
-    ConversionReport,
-    find_image,
-    format_summary,
-    link_or_copy,
-    read_image_size,
-    summarize,
+from prep.common import TINY_BOX_SIZE, ConversionReport, format_summary, link_or_copy, summarize  # noqa: E402
+from prep.voc_xml import (  # noqa: E402
+    BOX_CONVENTION,
+    convert_objects,
+    find_image_file,
+    image_record,
+    parse_voc_xml,
+    warn_case_variants,
 )
 from utils.errors import UserError, run_cli  # noqa: E402
 
@@ -78,8 +87,6 @@ VOC_CLASSES = (
 # Devkit box ids are image_id * MAX_OBJECTS_PER_IMAGE + k (VOC has at most a few dozen per image).
 MAX_OBJECTS_PER_IMAGE = 1000
 
-BOX_CONVENTION = "xywh continuous px; from VOC 1-based inclusive: x1 = xmin - 1, x2 = xmax"
-
 
 def voc_image_id(year: str, image_name: str) -> int:
     """VOC2007 "000005" -> 2007000005; "2008_000002" (VOC2012) -> 2008000002."""
@@ -87,131 +94,6 @@ def voc_image_id(year: str, image_name: str) -> int:
     if not digits.isdigit():
         raise UserError(f"VOC{year}: image name {image_name!r} is not of the form 000005 or 2008_000002")
     return int(digits)
-
-
-def _text(element: ET.Element | None, tag: str) -> str | None:
-    child = element.find(tag) if element is not None else None
-    return child.text.strip() if child is not None and child.text is not None else None
-
-
-def _number(text: str | None) -> float | None:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def parse_voc_xml(path: str) -> Dict[str, Any]:
-    """Read one VOC XML file.
-
-    Returns:
-        dict with ``filename`` (str or None), ``size`` ((width, height) ints, or None when missing
-        or below 1) and ``objects``: list of dicts with ``name`` (str or None), ``difficult``
-        (0/1, or None when missing) and ``box`` ((xmin, ymin, xmax, ymax) floats as written,
-        1-based inclusive, or None when missing or unreadable).
-
-    Raises:
-        ValueError: naming the file, when it is not readable XML.
-    """
-    try:
-        root = ET.parse(path).getroot()
-    except (ET.ParseError, OSError) as e:
-        raise UserError(f"{path}: cannot parse the XML: {e}") from e
-    size = root.find("size")
-    width, height = _number(_text(size, "width")), _number(_text(size, "height"))
-    objects = []
-    for obj in root.findall("object"):
-        difficult = _number(_text(obj, "difficult"))
-        bndbox = obj.find("bndbox")  # direct child only: person-layout <part>s have their own boxes
-        coords = [_number(_text(bndbox, tag)) for tag in ("xmin", "ymin", "xmax", "ymax")]
-        objects.append(
-            {
-                "name": _text(obj, "name"),
-                "difficult": None if difficult is None else int(difficult != 0),
-                "box": None if None in coords else tuple(coords),
-            }
-        )
-    return {
-        "filename": _text(root, "filename"),
-        "size": (round(width), round(height)) if width and height and width >= 1 and height >= 1 else None,
-        "objects": objects,
-    }
-
-
-def convert_objects(
-    objects: List[Dict[str, Any]],
-    width: int,
-    height: int,
-    class_to_category_id: Dict[str, int],
-    unknown_class_reason: str,
-    report: ConversionReport,
-    where: str,
-) -> List[Dict[str, Any]]:
-    """VOC objects of one image -> annotation records without ``id`` / ``image_id``.
-
-    Boxes go from 1-based inclusive (xmin..xmax) to continuous xywh (x = xmin - 1, w = xmax - xmin + 1),
-    are clipped to [0, width] x [0, height], and every box clipped or dropped is counted in ``report``.
-    ``where`` (the XML file) names the image in the report's examples.
-    """
-    annotations = []
-    for obj in objects:
-        name = obj["name"]
-        if name not in class_to_category_id:
-            report.drop_box(unknown_class_reason, f"{where}: {name!r}")
-            continue
-        if obj["box"] is None:
-            report.drop_box("missing or unreadable <bndbox>", where)
-            continue
-        xmin, ymin, xmax, ymax = obj["box"]
-        x1, y1, x2, y2 = xmin - 1.0, ymin - 1.0, xmax, ymax
-        if x2 <= x1 or y2 <= y1:
-            report.drop_box("non-positive size (xmax < xmin or ymax < ymin)", where)
-            continue
-        cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
-        cx2, cy2 = min(max(x2, 0.0), width), min(max(y2, 0.0), height)
-        if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
-            if cx2 <= cx1 or cy2 <= cy1:
-                report.drop_box("zero area after clipping", where)
-                continue
-            report.clip_box("outside the image", where)
-        if obj["difficult"] is None:
-            report.note("missing <difficult> (taken as 0)", where)
-        w, h = cx2 - cx1, cy2 - cy1
-        annotations.append(
-            {
-                "category_id": class_to_category_id[name],
-                "bbox": [cx1, cy1, w, h],
-                "area": w * h,
-                "iscrowd": 0,
-                "difficult": obj["difficult"] or 0,
-            }
-        )
-    return annotations
-
-
-def _image_record(
-    parsed: Dict[str, Any],
-    xml_path: str,
-    image_path: str,
-    image_id: int,
-    file_name: str,
-    report: ConversionReport,
-) -> Dict[str, Any] | None:
-    """The image record, with the size from <size> or else from the image; None (counted) if unreadable."""
-    stem = os.path.splitext(os.path.basename(xml_path))[0]
-    if parsed["filename"] is not None and os.path.splitext(os.path.basename(parsed["filename"]))[0] != stem:
-        report.note("<filename> disagrees with the XML name", f"{xml_path}: {parsed['filename']!r}")
-    if parsed["size"] is not None:
-        width, height = parsed["size"]
-    else:
-        try:
-            width, height = read_image_size(image_path)
-        except ValueError:
-            report.skip_image("image file unreadable", image_path)
-            return None
-        report.note("no valid <size>: size read from the image", xml_path)
-    return {"id": image_id, "file_name": file_name, "width": width, "height": height}
 
 
 def _categories(names: List[str]) -> List[Dict[str, Any]]:
@@ -230,7 +112,9 @@ def parse_set(spec: str) -> Tuple[str, str]:
     return year, image_set
 
 
-def convert_devkit_set(devkit: str, year: str, image_set: str, output: str) -> Dict[str, Any]:
+def convert_devkit_set(
+    devkit: str, year: str, image_set: str, output: str, tiny_boxes: str = "keep"
+) -> Dict[str, Any]:
     """Convert ``VOC<year>/ImageSets/Main/<image_set>.txt`` and write ``output``; returns the summary."""
     year_dir = os.path.join(devkit, f"VOC{year}")
     ids_file = os.path.join(year_dir, "ImageSets", "Main", f"{image_set}.txt")
@@ -244,7 +128,12 @@ def convert_devkit_set(devkit: str, year: str, image_set: str, output: str) -> D
 
     report = ConversionReport()
     images, annotations = [], []
+    seen = set()
     for image_name in image_names:
+        if image_name in seen:  # listed again: the image would be converted twice under one id
+            report.skip_image("listed again in the image set file", f"{ids_file}: {image_name}")
+            continue
+        seen.add(image_name)
         image_id = voc_image_id(year, image_name)
         xml_path = os.path.join(year_dir, "Annotations", f"{image_name}.xml")
         if not os.path.isfile(xml_path):
@@ -255,17 +144,24 @@ def convert_devkit_set(devkit: str, year: str, image_set: str, output: str) -> D
         except ValueError:
             report.skip_image("unparseable XML", xml_path)
             continue
-        found = find_image(jpeg_dir, image_name, names_in_dir)
+        found = find_image_file(jpeg_dir, image_name, names_in_dir, xml_path, report)
         if found is None:
             report.skip_image("missing image file", os.path.join(jpeg_dir, f"{image_name}.jpg"))
             continue
         file_name = f"VOC{year}/JPEGImages/{found}"
-        image = _image_record(parsed, xml_path, os.path.join(jpeg_dir, found), image_id, file_name, report)
+        image = image_record(parsed, xml_path, os.path.join(jpeg_dir, found), image_id, file_name, report)
         if image is None:
             continue
         width, height = image["width"], image["height"]
         anns = convert_objects(
-            parsed["objects"], width, height, class_to_category_id, "unknown class", report, xml_path
+            parsed["objects"],
+            width,
+            height,
+            class_to_category_id,
+            "unknown class",
+            report,
+            xml_path,
+            tiny_boxes,
         )
         if len(anns) >= MAX_OBJECTS_PER_IMAGE:
             raise UserError(f"{xml_path}: {len(anns)} objects; box ids assume < {MAX_OBJECTS_PER_IMAGE}")
@@ -298,7 +194,7 @@ def convert_devkit(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     for year, image_set in sets:
         split = f"{image_set}{year}"
         output = os.path.join(dataset_dir, "annotations", f"{split}.json")
-        summaries[split] = convert_devkit_set(args.devkit, year, image_set, output)
+        summaries[split] = convert_devkit_set(args.devkit, year, image_set, output, args.tiny_boxes)
     return summaries
 
 
@@ -311,6 +207,8 @@ def read_class_list(text: str) -> List[str]:
     if os.path.isfile(text):
         with open(text) as f:
             names = [line.strip() for line in f if line.strip()]
+    elif text.lower().endswith((".txt", ".csv", ".list")):  # meant as a file
+        raise UserError(f"--classes file {text!r} does not exist")
     else:
         names = [name.strip() for name in text.split(",") if name.strip()]
     if not names or len(set(names)) != len(names):
@@ -323,7 +221,7 @@ def split_val(
 ) -> Tuple[set, List[str]]:
     """The stems that go to val, and the --split_file ids that match no XML.
 
-    With ``split_file`` the ids it lists (one per line) are val. Otherwise ``round(val_fraction * N)``
+    With ``split_file`` the ids it lists (one per line: stems, or file names such as ``a.jpg``) are val. Otherwise ``round(val_fraction * N)``
     stems drawn by a permutation seeded with ``seed`` over the sorted stems: the same files and seed
     give the same split on every machine.
     """
@@ -331,6 +229,8 @@ def split_val(
         with open(split_file) as f:
             listed = [line.strip() for line in f if line.strip()]
         known = set(stems)
+        # An entry may be a file name ("a.jpg", "xml/a.xml") as well as a stem.
+        listed = [s if s in known else os.path.splitext(os.path.basename(s))[0] for s in listed]
         return {s for s in listed if s in known}, [s for s in listed if s not in known]
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")
@@ -344,31 +244,42 @@ def convert_folder(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
         raise UserError("--dataset NAME is required with --xml_dir (the output goes to <data_root>/NAME)")
     if not os.path.isdir(args.xml_dir):
         raise UserError(f"--xml_dir {args.xml_dir!r} is not a folder")
-    dataset_dir = os.path.join(args.data_root, args.dataset)
-    images_link = os.path.join(dataset_dir, "images")
-    link_or_copy(args.image_dir, images_link, args.copy)
-
+    # Every input is checked before the image folder is linked: a bad option leaves nothing behind.
+    if args.split_file is not None and not os.path.isfile(args.split_file):
+        raise UserError(f"--split_file {args.split_file!r} does not exist")
+    if args.split_file is None and not 0.0 <= args.val_fraction < 1.0:
+        raise UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
     xml_names = sorted(f for f in os.listdir(args.xml_dir) if f.lower().endswith(".xml"))
+    if not xml_names:
+        raise UserError(f"--xml_dir {args.xml_dir!r} holds no .xml file")
     stems = [os.path.splitext(f)[0] for f in xml_names]
     if len(set(stems)) != len(stems):
         raise UserError(f"{args.xml_dir}: several XML files share a stem (e.g. a.xml and a.XML)")
+    given_classes = read_class_list(args.classes) if args.classes else None
+    dataset_dir = os.path.join(args.data_root, args.dataset)
+    images_link = os.path.join(dataset_dir, "images")
+    link_or_copy(args.image_dir, images_link, args.copy)
     parsed_by_stem: Dict[str, Any] = {}
     for xml_name, stem in zip(xml_names, stems):
         try:
             parsed_by_stem[stem] = parse_voc_xml(os.path.join(args.xml_dir, xml_name))
         except ValueError as e:
             parsed_by_stem[stem] = e  # counted in the split the image falls in
-    if args.classes:
-        class_names = read_class_list(args.classes)
-    else:
-        found = {
+    found_names = sorted(
+        {
             obj["name"]
             for p in parsed_by_stem.values()
             if isinstance(p, dict)
             for obj in p["objects"]
             if obj["name"] is not None
         }
-        class_names = sorted(found)
+    )
+    class_names = given_classes if given_classes is not None else found_names
+    if not class_names:
+        raise UserError(
+            f"--xml_dir {args.xml_dir!r}: no <object> with a <name> in any of the {len(xml_names)} XML "
+            "files, so there is no class (give --classes to convert background-only images)"
+        )
     class_to_category_id = {name: i + 1 for i, name in enumerate(class_names)}
 
     val_stems, unmatched = split_val(stems, args.split_file, args.val_fraction, args.seed)
@@ -378,6 +289,8 @@ def convert_folder(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     summaries = {}
     for split in ("train", "val"):
         report = ConversionReport()
+        if split == "train":
+            warn_case_variants(class_names, report, args.xml_dir)
         if split == "val":
             for stem in unmatched:
                 report.note("--split_file id without an XML", stem)
@@ -390,12 +303,12 @@ def convert_folder(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
             if isinstance(parsed, ValueError):
                 report.skip_image("unparseable XML", xml_path)
                 continue
-            found = find_image(images_link, stem, names_in_dir)
+            found = find_image_file(images_link, stem, names_in_dir, xml_path, report)
             if found is None:
                 report.skip_image("missing image file", os.path.join(args.image_dir, f"{stem}.*"))
                 continue
             image_path = os.path.join(images_link, found)
-            image = _image_record(parsed, xml_path, image_path, image_id_of[stem], f"images/{found}", report)
+            image = image_record(parsed, xml_path, image_path, image_id_of[stem], f"images/{found}", report)
             if image is None:
                 continue
             reason = "class not in --classes" if args.classes else "unknown class"
@@ -407,6 +320,7 @@ def convert_folder(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
                 reason,
                 report,
                 xml_path,
+                args.tiny_boxes,
             )
             for ann in anns:
                 annotations.append({"id": next_ann_id, "image_id": image["id"], **ann})
@@ -440,6 +354,13 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default=None, help="dataset folder name (default 'voc' with --devkit)")
     parser.add_argument(
         "--copy", action="store_true", help="copy the images into the dataset folder instead of linking"
+    )
+    parser.add_argument(
+        "--tiny_boxes",
+        default="keep",
+        choices=("keep", "drop"),
+        help=f"boxes at most {TINY_BOX_SIZE:g} px wide or high (e.g. <xmin> equal to <xmax>): keep them "
+        "(the default; they are reported by file) or drop them (counted)",
     )
 
     # * VOCdevkit mode

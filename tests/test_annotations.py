@@ -111,6 +111,14 @@ def test_box_within_tolerance_is_accepted_and_beyond_is_not():
         (lambda c: c["annotations"][1].update(difficult=-1), ["annotation id=11: difficult must be 0 or 1"]),
         (lambda c: c["images"][0].update(id="1"), ["images[0]: id must be an integer, got '1'"]),
         (lambda c: c["images"][0].update(file_name="/abs/a.jpg"), ["image id=1: file_name must be relative"]),
+        (
+            lambda c: c["images"][1].update(file_name="images/a.jpg"),
+            ["image file 'images/a.jpg' is listed 2 times (image ids 1, 2): merge them"],
+        ),
+        (
+            lambda c: c["images"][1].update(file_name="images//./a.jpg"),  # the same file, spelt otherwise
+            ["image file 'images/a.jpg' is listed 2 times (image ids 1, 2)"],
+        ),
         (lambda c: c.pop("categories"), ["missing or non-list top-level field 'categories'"]),
         (lambda c: c["annotations"].append(5), ["annotations[2]: expected an object, got int"]),
     ],
@@ -211,3 +219,42 @@ def test_valid_files_take_the_vectorised_path():
     coco = _valid()
     assert _looks_valid(coco["images"], coco["annotations"], coco["categories"])
     assert _looks_valid([], [], [])
+
+
+def test_an_image_file_listed_twice_is_not_valid_on_the_fast_path():
+    from data.annotations import _looks_valid
+
+    coco = _valid()
+    coco["images"][1]["file_name"] = "images/a.jpg"
+    assert not _looks_valid(coco["images"], coco["annotations"], coco["categories"])
+    coco["images"][1]["file_name"] = "images/./a.jpg"
+    assert not _looks_valid(coco["images"], coco["annotations"], coco["categories"])
+    coco["images"][1]["file_name"] = "images/a.jpg.jpg"  # another file
+    assert _looks_valid(coco["images"], coco["annotations"], coco["categories"])
+
+
+@pytest.mark.parametrize("name", [None, "", "  ", 7])
+def test_category_names_must_be_non_empty_strings(name):
+    from data.annotations import _looks_valid
+
+    coco = _valid()
+    coco["categories"][0]["name"] = name
+    assert not _looks_valid(coco["images"], coco["annotations"], coco["categories"])
+    assert validate_annotations(coco, "split.json") == [
+        f"split.json: category id=7: name must be a non-empty string, got {name!r}"
+    ]
+
+
+def test_an_unreadable_annotation_file_is_named(tmp_path, monkeypatch):
+    path = tmp_path / "train.json"
+    path.write_text("{}")
+    real_open = open
+
+    def no_permission(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_permission)
+    with pytest.raises(ValueError, match="train.json: cannot read the annotation file: Permission denied"):
+        load_annotations(str(path))

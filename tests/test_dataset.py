@@ -271,3 +271,52 @@ def test_check_same_classes_names_the_file_and_the_labels(toy):
         check_same_classes(val, ["cat", "dog", "bird"], [5, 7, 2], "the checkpoint")
     with pytest.raises(ValueError, match="3 classes here, 2 in training"):
         check_same_classes(val, ["cat", "dog"], [5, 9], "the checkpoint")
+
+
+def test_missing_split_names_the_prep_script_and_the_splits_that_exist(toy, tmp_path):
+    with pytest.raises(ValueError) as e:
+        DetectionDataset(toy, ["trian"], None)
+    message = str(e.value)
+    assert "trian.json: no split 'trian' in dataset 'toy' (it has train, val)" in message
+    assert "python prep/voc.py --xml_dir XML_DIR --image_dir IMAGE_DIR --dataset toy" in message
+    with pytest.raises(ValueError) as e:
+        DetectionDataset(str(tmp_path / "nowhere" / "voc"), ["test2007"], None)
+    assert str(e.value) == (
+        f"dataset 'voc' not found: {str(tmp_path / 'nowhere' / 'voc')!r} does not exist. Convert it first: "
+        "python prep/voc.py --devkit PATH/VOCdevkit --sets 2007:trainval 2012:trainval 2007:test "
+        "(or point --data_root at the folder that holds voc/)"
+    )
+    empty_root = tmp_path / "datasets" / "shapes"
+    empty_root.mkdir(parents=True)
+    with pytest.raises(ValueError, match="dataset 'shapes' has no converted split yet; .*prep/shapes.py"):
+        DetectionDataset(str(empty_root), ["train"], None)
+
+
+def test_no_categories_is_an_error_naming_the_file(toy):
+    write_split(toy, "nocat", [{"id": 1, "file_name": "images/a.png", "width": 60, "height": 40}], [], [])
+    with pytest.raises(ValueError, match="nocat.json: the category list is empty"):
+        DetectionDataset(toy, ["nocat"], None)
+
+
+def test_an_image_file_in_two_splits_read_together_is_refused(toy):
+    # Another id, the same file: it would train twice, once as background (this split has no box for it).
+    write_split(toy, "again", [{"id": 8, "file_name": "images/./a.png", "width": 60, "height": 40}], [])
+    with pytest.raises(ValueError) as e:
+        DetectionDataset(toy, ["train", "again"], None)
+    assert "image file 'images/./a.png' is listed by " in str(e.value)
+    assert "train.json and by " in str(e.value) and "again.json (image id 8)" in str(e.value)
+
+
+def test_usable_boxes_per_class_leave_out_difficult_and_crowd(toy):
+    train = DetectionDataset(toy, ["train"], None)
+    # a: dog, crowd cat, difficult bird; b: no box. Labels follow the category list: cat, dog, bird.
+    assert train.num_boxes_per_class.tolist() == [0, 1, 0]
+    assert train.num_images_without_boxes == 1
+    subset = DetectionDataset(toy, ["train"], None, classes=["bird"])
+    assert subset.num_boxes_per_class.tolist() == [0] and subset.num_images_without_boxes == 2
+
+
+def test_a_classes_file_that_does_not_exist_is_named():
+    with pytest.raises(ValueError, match="--classes file 'bins/bin_0.txt' does not exist"):
+        parse_classes("bins/bin_0.txt")
+    assert parse_classes("/m/01g317,/m/0dog") == ["/m/01g317", "/m/0dog"]  # MIDs hold slashes

@@ -18,6 +18,7 @@ import evaluate
 import extract_features
 import train
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
+from utils.errors import UserError
 from utils.options import run_name
 
 
@@ -68,7 +69,7 @@ def test_missing_images_fail_at_start_or_are_counted(data_root, tmp_path):
     missing = sorted(glob.glob(str(root / "shapes" / "images" / "val" / "*.png")))[2]
     os.remove(missing)
     with pytest.raises(
-        SystemExit, match=r"1 of 6 images of shapes/val do not exist, e\.g\. .*" + os.path.basename(missing)
+        UserError, match=r"1 of 6 images of shapes/val do not exist, e\.g\. .*" + os.path.basename(missing)
     ):
         run_train(str(root), tmp_path / "runs")
     assert not os.path.exists(tmp_path / "runs" / "r" / "metrics.jsonl")  # no iteration ran

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from data.image_io import ImageReadError, jpeg_stream_problem, read_image
+from data import image_io
+from data.image_io import ImageReadError, jpeg_stream_problem, read_image, read_image_size
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
 
@@ -139,3 +140,79 @@ def test_missing_file_raises_naming_file(tmp_path):
     with pytest.raises(ImageReadError, match="missing.jpg") as info:
         read_image(path)
     assert isinstance(info.value, ValueError) and info.value.path == path
+
+
+# ------------------------------------------------------------------------------------------------
+# read_image_size: the size read_image gives, from the header
+
+
+def _no_decode(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("read_image_size decoded the image")
+
+    monkeypatch.setattr(image_io, "read_image", refuse)
+
+
+@pytest.mark.parametrize("ext", ["jpg", "png", "webp"])
+@pytest.mark.parametrize("orientation", [1, 3, 5, 6, 8])
+def test_image_size_from_header_matches_the_decoded_image(tmp_path, monkeypatch, ext, orientation):
+    path = str(tmp_path / f"o{orientation}.{ext}")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(quadrant_image(32, 48)).save(path, exif=exif.tobytes())
+    h, w = read_image(path).shape[:2]  # OpenCV applies the orientation of all three formats
+    assert (h, w) == ((48, 32) if orientation >= 5 else (32, 48))
+    _no_decode(monkeypatch)
+    assert read_image_size(path) == (w, h)
+
+
+def test_image_size_of_other_formats_comes_from_the_decoder(tmp_path, monkeypatch):
+    path = str(tmp_path / "x.bmp")
+    assert cv2.imwrite(path, np.zeros((7, 11, 3), np.uint8))
+    assert read_image_size(path) == (11, 7)
+    _no_decode(monkeypatch)
+    with pytest.raises(AssertionError, match="decoded"):
+        read_image_size(path)
+
+
+def test_image_size_detects_cut_files_without_decoding(tmp_path, monkeypatch):
+    data = write_random_jpeg(str(tmp_path / "full.jpg"))
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) // 2])
+    trailer = tmp_path / "trailer.jpg"
+    trailer.write_bytes(data + b"\x00" * 10 + b"camera trailer")
+    _no_decode(monkeypatch)
+    with pytest.raises(ImageReadError, match="cut.jpg.*truncated JPEG"):
+        read_image_size(str(cut))
+    assert read_image_size(str(trailer)) == (64, 64)  # bytes after the end-of-image marker are fine
+
+
+def test_image_size_of_a_cut_png_or_webp_is_an_error(tmp_path):
+    for ext in ("png", "webp"):
+        full = tmp_path / f"full.{ext}"
+        rng = np.random.default_rng(0)
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(full)
+        data = full.read_bytes()
+        assert read_image_size(str(full)) == (40, 40)
+        cut = tmp_path / f"cut.{ext}"
+        cut.write_bytes(data[: len(data) * 2 // 3])
+        with pytest.raises(ImageReadError, match=f"cut.{ext}"):
+            read_image(str(cut))  # the decoder refuses it...
+        with pytest.raises(ImageReadError, match=f"cut.{ext}"):
+            read_image_size(str(cut))  # ...and so does the header check
+        after = tmp_path / f"after.{ext}"
+        after.write_bytes(data + b"extra")  # data after the end: the decoder decides (it reads it)
+        assert read_image_size(str(after)) == (40, 40)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "empty"), (b"this is not an image" * 20, "not a decodable image"), (b"\xff\xd8\xff\xe0", "")],
+)
+def test_image_size_of_bad_files_raises_naming_them(tmp_path, content, message):
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ImageReadError, match="bad.jpg.*" + message):
+        read_image_size(str(path))
+    with pytest.raises(ImageReadError, match="missing.jpg"):
+        read_image_size(str(tmp_path / "missing.jpg"))

@@ -44,6 +44,10 @@ def test_unknown_backbone_fails_at_parse(capsys):
     [
         (["--anchor_type", "kmeans"], "--anchor_type kmeans needs --anchor_file"),
         (["--anchor_type", "kmeans", "--anchor_file", "nope.json"], "'nope.json' does not exist"),
+        (
+            ["--anchor_file", "nope.json"],
+            r"'nope.json' is not used with --anchor_type predefined \(and the file does not exist\)",
+        ),
         (["--shared_heads", "5"], "--shared_heads must be in 0..--num_head_layers"),
         (["--pretrained", "missing.pth"], "neither 'imagenet', 'none' nor an existing file"),
         (["--positive_threshold", "0.4", "--negative_threshold", "0.5"], "must not exceed"),

@@ -163,3 +163,64 @@ def test_copy_and_bad_input(tmp_path, coco_source):
 def test_script_help_runs_from_the_repo_root():
     out = subprocess.run([sys.executable, "prep/coco.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "--image_dir" in out.stdout
+
+
+def test_image_headers_tiny_boxes_and_bad_records(tmp_path, coco_source, caplog):
+    ann_path, image_dir = coco_source
+    source = json.loads(open(ann_path).read())
+    source["images"][3].update(width=17)  # c.jpg is 16 x 16
+    with open(os.path.join(image_dir, "b.jpg"), "r+b") as f:
+        f.truncate(100)  # a cut download: its header still reads
+    source["annotations"] += [
+        _ann(200, 397133, 1, [3.0, 4.0, 0.5, 8.0]),  # half a pixel wide
+        _ann([1], 397133, 1, [3, 4, 5, 5]),  # an id that is not an integer
+        _ann(201, [397133], 1, [3, 4, 5, 5]),  # an image_id that is not an integer
+        _ann(202, 397133, [1], [3, 4, 5, 5]),  # a category_id that is not an integer
+    ]
+    source["categories"].append({"id": 3, "name": "Dog"})
+    path = tmp_path / "instances_val2017.json"
+    path.write_text(json.dumps(source))
+    data_root = str(tmp_path / "datasets")
+    s = _run("--ann", str(path), "--image_dir", image_dir, "--data_root", data_root)["val2017"]
+    assert s["num_images"] == 1  # only a.jpg is left
+    assert s["skipped_images"] == {
+        "missing image file": 1,
+        "unreadable image file": 1,
+        "recorded size differs from the image": 1,
+    }
+    assert "b.jpg (truncated JPEG" in s["examples"]["unreadable image file"][0]
+    assert s["examples"]["recorded size differs from the image"] == [
+        f"image id=6: 17 x 16 recorded, {os.path.join(image_dir, 'c.jpg')} is 16 x 16"
+    ]
+    assert s["dropped_boxes"]["annotation id is not an integer"] == 1
+    assert s["dropped_boxes"]["unknown image_id"] == 2  # 999, and [397133]
+    assert s["dropped_boxes"]["unknown category_id"] == 1  # [1] (the box of class 7 is on b.jpg, skipped)
+    assert s["notes"]["box at most 1 px wide or high (kept; --tiny_boxes drop)"] == 1
+    assert s["examples"]["box at most 1 px wide or high (kept; --tiny_boxes drop)"] == [
+        "annotation id=200: 0.5 x 8"
+    ]
+    assert s["notes"]["class names that differ only in case (separate classes)"] == 1
+    assert "class names ['Dog', 'dog'] differ only in case" in caplog.text
+    dropped = _run(
+        "--ann", str(path), "--image_dir", image_dir, "--data_root", data_root, "--tiny_boxes", "drop"
+    )
+    assert dropped["val2017"]["dropped_boxes"]["at most 1 px wide or high (--tiny_boxes drop)"] == 1
+    assert dropped["val2017"]["num_boxes"] == s["num_boxes"] - 1
+
+
+def test_one_file_under_two_image_ids_and_no_categories_are_errors(tmp_path, coco_source):
+    ann_path, image_dir = coco_source
+    source = json.loads(open(ann_path).read())
+    twice = {
+        **source,
+        "images": source["images"] + [{"id": 8, "file_name": "a.jpg", "width": 40, "height": 30}],
+    }
+    path = tmp_path / "instances_twice.json"
+    path.write_text(json.dumps(twice))
+    with pytest.raises(
+        ValueError, match=r"instances_twice.json: images\[4\] \(id 8\) and image id 397133 are both 'a.jpg'"
+    ):
+        _run("--ann", str(path), "--image_dir", image_dir, "--data_root", str(tmp_path / "d"))
+    path.write_text(json.dumps({**source, "categories": [], "annotations": []}))
+    with pytest.raises(ValueError, match="instances_twice.json: the category list is empty"):
+        _run("--ann", str(path), "--image_dir", image_dir, "--data_root", str(tmp_path / "d"))

@@ -285,3 +285,10 @@ def test_grouped_batch_sampler_small_group_is_repeated_and_epoch_forwarded():
     grouped = GroupedBatchSampler(base, np.zeros(100, np.int64), 8)
     grouped.set_epoch(5)
     assert base.epoch == 5 and len(grouped) == len(base) // 8
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.1, float("nan"), float("inf")])
+def test_repeat_threshold_must_be_finite_and_positive(threshold):
+    labels = [np.array([0]), np.array([1])]
+    with pytest.raises(ValueError, match="repeat_threshold must be finite and > 0"):
+        RepeatFactorSampler(labels, repeat_threshold=threshold)

@@ -16,6 +16,7 @@ from typing import List
 
 import torch
 
+from data.image_check import CHECK_MODES
 from data.transforms import AUGMENTATIONS
 
 BASENETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -102,6 +103,13 @@ def get_common_parser() -> argparse.ArgumentParser:
         "--skip_bad_images",
         action="store_true",
         help="skip missing/corrupt images with a warning (counted, reported at the end) instead of failing",
+    )
+    g.add_argument(
+        "--check_images",
+        default="headers",
+        choices=CHECK_MODES,
+        help="train.py, at start: read every train and val image's header (readable, complete, of the "
+        "annotated size; no decode), only look for missing files (exist), or check nothing (none)",
     )
     g.add_argument(
         "--augment",
@@ -365,6 +373,12 @@ def check_common_args(args: argparse.Namespace) -> None:
             errors.append("--anchor_type kmeans needs --anchor_file (write one with kmeans_for_anchors.py)")
         elif not os.path.isfile(args.anchor_file):
             errors.append(f"--anchor_file {args.anchor_file!r} does not exist")
+    if args.anchor_file and args.anchor_type != "kmeans":
+        exists = "" if os.path.isfile(args.anchor_file) else " (and the file does not exist)"
+        errors.append(
+            f"--anchor_file {args.anchor_file!r} is not used with --anchor_type {args.anchor_type}{exists}: "
+            "add --anchor_type kmeans to use it, or leave --anchor_file out"
+        )
     if args.pretrained not in ("imagenet", "none") and not os.path.isfile(args.pretrained):
         errors.append(f"--pretrained {args.pretrained!r} is neither 'imagenet', 'none' nor an existing file")
     if not 0 <= args.freeze_upto <= 4:
