@@ -330,7 +330,8 @@ def cluster_and_report(
             raise UserError(
                 f"--method original clusters 3 anchors per level (its default set's), got --k {k}"
             )
-        clustered, level_summaries = cluster_anchor_whs_original(whs, input_side, max_iter, strides)
+        gt_boxes = train_set["gt_boxes"][keep]
+        clustered, level_summaries = cluster_anchor_whs_original(gt_boxes, input_side, max_iter, strides)
     else:
         init_whs = [w.double().numpy() for w in predefined_anchor_whs(1, kmeans_aspect_ratios(k))]
         clustered, level_summaries = cluster_anchor_whs(

@@ -26,6 +26,7 @@ import math
 import os
 from typing import Dict, List, NamedTuple, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,12 +62,18 @@ def feature_sizes(input_side: int, strides: Sequence[int] = DEFAULT_STRIDES) -> 
     return [math.ceil(input_side / s) for s in strides]
 
 
-def original_anchor_whs(name: str, input_side: int, strides: Sequence[int] = DEFAULT_STRIDES) -> List[Tensor]:
-    """The original's anchor set ``name`` (pdf9, pdf6 or default) for a square input of ``input_side``.
+def original_anchor_fractions(
+    name: str, input_side: int, strides: Sequence[int] = DEFAULT_STRIDES
+) -> List[np.ndarray]:
+    """The original's anchor set ``name`` as fractions of the input side, in its float64 arithmetic.
+
+    The operations are the original's, in its order (``s = c * side / f``, ``s *= s``, ``h = sqrt(s / ar)``,
+    ``w = ar * h``, times the scale, divided by the side), so that their float32 roundings are its
+    float32 values bit for bit (its k-means breaks IoU ties by them).
 
     Returns:
-        list (one per level, P3 first) of Tensor[len(ar) * len(scales), 2] float32 (w, h) in input
-        pixels, aspect ratio major then scale within the cell.
+        list (one per level, P3 first) of ndarray[len(ar) * len(scales), 2] float64 (w, h), aspect ratio
+        major then scale within the cell.
     """
     if name not in ORIGINAL_SETS:
         raise UserError(f"unknown original anchor set {name!r} (expected one of {sorted(ORIGINAL_SETS)})")
@@ -75,15 +82,28 @@ def original_anchor_whs(name: str, input_side: int, strides: Sequence[int] = DEF
         raise UserError(
             f"the original's {name} set has {len(spec.base_scales)} levels, got strides {strides}"
         )
-    ratios = torch.tensor(spec.aspect_ratios, dtype=torch.float64)[:, None]  # [R, 1] w / h
-    scales = torch.tensor(spec.scales, dtype=torch.float64)[None, :]  # [1, S]
-    whs_per_level = []
+    ratios = np.asarray(spec.aspect_ratios, dtype=np.float64)[:, None]  # [R, 1] w / h
+    scales = np.asarray(spec.scales, dtype=np.float64)[None, :]  # [1, S]
+    fractions_per_level = []
     for c, f in zip(spec.base_scales, feature_sizes(input_side, strides)):
-        area = (c * input_side / f) ** 2
-        h = torch.sqrt(area / ratios) * scales  # [R, S]
-        w = ratios * torch.sqrt(area / ratios) * scales
-        whs_per_level.append(torch.stack([w, h], dim=-1).reshape(-1, 2).float())
-    return whs_per_level
+        side = c * input_side / f
+        h = np.sqrt(side * side / ratios)  # [R, 1]
+        w = ratios * h
+        whs = np.stack(np.broadcast_arrays(w * scales, h * scales), axis=-1)  # [R, S, 2]
+        fractions_per_level.append(whs.reshape(-1, 2) / input_side)
+    return fractions_per_level
+
+
+def original_anchor_whs(name: str, input_side: int, strides: Sequence[int] = DEFAULT_STRIDES) -> List[Tensor]:
+    """The original's anchor set ``name`` (pdf9, pdf6 or default) for a square input of ``input_side``.
+
+    Returns:
+        list (one per level, P3 first) of Tensor[len(ar) * len(scales), 2] float32 (w, h) in input
+        pixels, aspect ratio major then scale within the cell.
+    """
+    return [
+        torch.from_numpy(f * input_side).float() for f in original_anchor_fractions(name, input_side, strides)
+    ]
 
 
 def shipped_anchor_file(dataset: str) -> str | None:

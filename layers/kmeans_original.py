@@ -17,10 +17,12 @@ The clustering (:func:`original_kmeans`, ``kmeans_for_anchors.py --method origin
 ``kmeans_for_anchors.py``: ONE k-means over all 15 centres of the five levels, seeded with the
 ``default`` set's 15 shapes (3 per level); each box goes to the centre of highest IoU, each centre
 moves to the MEAN (w, h) of its boxes, 10 iterations. Centre i stays the anchor of seed i, i.e. level
-i // 3, slot i % 3: the order of the original's shipped sets. Where ours differs: the original seeds
-in ``np.unique`` order (sorted by w, then h), which only decides which centre wins an exact IoU tie
-(ours: the lower seed index); an empty cluster keeps its previous centre (the original's mean of no
-boxes is NaN); and we stop early once the assignments no longer change, which gives the same centres.
+i // 3, slot i % 3: the order of the original's shipped sets. It runs in the original's units and
+float32 arithmetic, so that the many exact IoU ties of the first step (a level's seeds share one area)
+go where the original's went. Where ours differs: an empty cluster keeps its previous centre (the
+original's mean of no boxes is NaN); the means are accumulated in float64 (the original's float32 sums
+can differ in the last bit); and we stop early once the assignments no longer change, which gives the
+same centres.
 """
 
 import logging
@@ -29,7 +31,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from layers.anchor_sets import original_anchor_whs
+from layers.anchor_sets import original_anchor_fractions
 from layers.anchors import DEFAULT_STRIDES
 from layers.kmeans import centred_iou
 from utils.errors import UserError
@@ -96,35 +98,64 @@ class OriginalKMeansResult:
     history: list
 
 
-def original_kmeans(whs: np.ndarray, init_centres: np.ndarray, max_iter: int = 10) -> OriginalKMeansResult:
+def origin_iou(whs: np.ndarray, centre_whs: np.ndarray) -> np.ndarray:
+    """IoU at a common origin in the inputs' dtype, with the original's ``jaccard`` arithmetic.
+
+    inter = min(w) * min(h), union = (area_a + area_b) - inter, IoU = inter / union: in float32 this is
+    bit for bit what its torch code computes (tests/test_kmeans_original.py checks it).
+
+    Args:
+        whs (ndarray[N, 2]), centre_whs (ndarray[K, 2]): (w, h), same dtype. Returns ndarray[N, K].
+    """
+    inter = np.minimum(whs[:, None, 0], centre_whs[None, :, 0]) * np.minimum(
+        whs[:, None, 1], centre_whs[None, :, 1]
+    )
+    union = (whs[:, 0] * whs[:, 1])[:, None] + (centre_whs[:, 0] * centre_whs[:, 1])[None, :] - inter
+    return inter / union
+
+
+def original_kmeans(
+    whs: np.ndarray, init_centres: np.ndarray, max_iter: int = 10, dtype: type = np.float32
+) -> OriginalKMeansResult:
     """The original's IoU k-means with the mean update (see the module docstring).
 
     One step: assign every box to its centre of highest IoU (ties: lower index), then move every centre
     to the mean (w, h) of its boxes (an empty one stays). At most ``max_iter`` steps; stops early when a
     step's assignment equals the previous one (the centres would not move again).
 
+    Exact ties are common at the start: the seeds of a level have the same area, so a box that fits
+    inside several of them has the same IoU (box area / seed area) with each. The original breaks them
+    by float32 rounding; ``dtype=np.float32`` (the default) computes the IoU in float32 as it does, so
+    with boxes and seeds in its units (fractions of the input side, see
+    :func:`cluster_anchor_whs_original`) the assignments are its assignments. The means are
+    accumulated in float64.
+
     Args:
         whs (ndarray[N, 2]): box (w, h), > 0. init_centres (ndarray[K, 2]): seeds (w, h), > 0.
+        dtype: the IoU arithmetic (np.float32 as the original, or np.float64).
 
     Returns:
-        OriginalKMeansResult.
+        OriginalKMeansResult (centres in float64).
     """
-    whs = np.asarray(whs, dtype=np.float64).reshape(-1, 2)
-    centres = np.array(init_centres, dtype=np.float64).reshape(-1, 2)
+    whs = np.asarray(whs, dtype=dtype).reshape(-1, 2)
+    centres = np.array(init_centres, dtype=dtype).reshape(-1, 2)
     k = centres.shape[0]
     if k == 0:
         raise UserError("original_kmeans needs at least one initial centre")
     if max_iter < 1:
         raise UserError(f"max_iter must be >= 1, got {max_iter}")
     if whs.shape[0] == 0:
-        return OriginalKMeansResult(centres, np.zeros(0, dtype=np.int64), 0, True, k, float("nan"), [])
+        return OriginalKMeansResult(
+            centres.astype(np.float64), np.zeros(0, dtype=np.int64), 0, True, k, float("nan"), []
+        )
+    rows = np.arange(whs.shape[0])
     history = []
     previous = None
     num_iters, converged = 0, False
     while num_iters < max_iter:
-        iou = centred_iou(whs, centres)  # [N, K]
-        assignments = iou.argmax(axis=1)
-        own = iou[np.arange(whs.shape[0]), assignments]
+        iou = origin_iou(whs, centres)  # [N, K]
+        assignments = iou.argmax(axis=1)  # first maximum, as torch's max
+        own = iou[rows, assignments].astype(np.float64)
         history.append({"mean_iou": float(own.mean()), "recall_pct": 100.0 * float((own > 0.5).mean())})
         if previous is not None and np.array_equal(assignments, previous):
             converged = True
@@ -134,43 +165,55 @@ def original_kmeans(whs: np.ndarray, init_centres: np.ndarray, max_iter: int = 1
         sums = np.stack([np.bincount(assignments, weights=whs[:, d], minlength=k) for d in range(2)], 1)
         filled = counts > 0
         centres = centres.copy()
-        centres[filled] = sums[filled] / counts[filled, None]
+        centres[filled] = (sums[filled] / counts[filled, None]).astype(dtype)
         previous = assignments
-    iou = centred_iou(whs, centres)
+    iou = origin_iou(whs, centres)
     assignments = iou.argmax(axis=1)
-    own = iou[np.arange(whs.shape[0]), assignments]
+    own = iou[rows, assignments].astype(np.float64)
     converged = converged or (previous is not None and np.array_equal(assignments, previous))
     num_empty = int((np.bincount(assignments, minlength=k) == 0).sum())
     return OriginalKMeansResult(
-        centres, assignments, num_iters, converged, num_empty, float(own.mean()), history
+        centres.astype(np.float64), assignments, num_iters, converged, num_empty, float(own.mean()), history
     )
 
 
 def cluster_anchor_whs_original(
-    whs: np.ndarray, input_side: int, max_iter: int = 10, strides: Sequence[int] = DEFAULT_STRIDES
+    gt_boxes: np.ndarray, input_side: int, max_iter: int = 10, strides: Sequence[int] = DEFAULT_STRIDES
 ) -> Tuple[List[np.ndarray], List[Dict]]:
     """The original's clustering of a box set into 3 anchors per level (``--method original``).
 
+    It runs in the original's units and arithmetic: boxes as float32 fractions of the input side (its
+    annotations hold x1, y1, x2, y2 as fractions of the image, and w = x2 - x1 in float32; on our square
+    input, pixels / input_side are those fractions), seeds as float32 fractions, seeds in its order
+    (``np.unique``: sorted by w, then h) so that float32 ties go where they went; the result is returned
+    in seed order and in pixels.
+
     Args:
-        whs (ndarray[N, 2]): box (w, h) in input pixels. input_side: the square input side the seeds
-            (the ``default`` set, ``layers.anchor_sets``) are computed for.
+        gt_boxes (ndarray[N, 4]): xyxy input pixels. input_side: the square input side; the seeds are
+            the ``default`` set (``layers.anchor_sets``) at that side.
 
     Returns:
-        (anchor_whs_per_level: list of ndarray[3, 2], centre i of the joint k-means at level i // 3,
-         summary_per_level: list of dicts as ``layers.kmeans.cluster_anchor_whs``'s, where num_boxes counts
-         the boxes assigned to the level's centres and mean_iou_init is their best IoU with any seed).
+        (anchor_whs_per_level: list of ndarray[3, 2] input pixels, centre i of the joint k-means at level
+         i // 3, slot i % 3; summary_per_level: list of dicts as ``layers.kmeans.cluster_anchor_whs``'s,
+         where num_boxes counts the boxes assigned to the level's centres and mean_iou_init is their best
+         IoU with any seed).
     """
-    seeds_per_level = [w.double().numpy() for w in original_anchor_whs("default", input_side, strides)]
+    seeds_per_level = original_anchor_fractions("default", input_side, strides)
     k = seeds_per_level[0].shape[0]
-    seeds = np.concatenate(seeds_per_level)  # [L * k, 2], level-major
-    whs = np.asarray(whs, dtype=np.float64).reshape(-1, 2)
-    result = original_kmeans(whs, seeds, max_iter=max_iter)
+    seeds = np.concatenate(seeds_per_level).astype(np.float32)  # [L * k, 2] level-major, fractions
+    unique_order = np.lexsort((seeds[:, 1], seeds[:, 0]))  # np.unique's row order: w, then h
+    fractions = (np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4) / input_side).astype(np.float32)
+    whs = fractions[:, 2:] - fractions[:, :2]  # float32, as the original subtracts
+    result = original_kmeans(whs, seeds[unique_order], max_iter=max_iter)
     if whs.shape[0] and result.num_empty:
         logger.warning("original k-means: %d centre(s) without boxes kept their seed", result.num_empty)
-    level_of_box = result.assignments // k
-    counts = np.bincount(result.assignments, minlength=seeds.shape[0]).reshape(-1, k)  # [L, k]
+    centres = np.empty_like(result.centres)
+    centres[unique_order] = result.centres * input_side  # back to seed order, pixels
+    assignments = unique_order[result.assignments]
+    level_of_box = assignments // k
+    counts = np.bincount(assignments, minlength=seeds.shape[0]).reshape(-1, k)  # [L, k]
     init_iou = best_shape_iou(whs, seeds)  # [N]
-    own_iou = centred_iou(whs, result.centres)[np.arange(whs.shape[0]), result.assignments]  # [N]
+    own_iou = centred_iou(whs, centres / input_side)[np.arange(whs.shape[0]), assignments]  # [N]
     summaries = []
     for level in range(len(seeds_per_level)):
         members = level_of_box == level
@@ -186,5 +229,4 @@ def cluster_anchor_whs_original(
                 "mean_iou": float(own_iou[members].mean()) if members.any() else None,
             }
         )
-    centres = result.centres.reshape(len(seeds_per_level), k, 2)
-    return [c for c in centres], summaries
+    return list(centres.reshape(len(seeds_per_level), k, 2)), summaries

@@ -8,6 +8,7 @@ import torch
 from torchvision.ops import box_iou
 
 import kmeans_for_anchors
+from layers.anchor_sets import original_anchor_whs
 from layers.anchors import AnchorGenerator, load_anchor_file, predefined_anchor_whs
 from layers.kmeans import (
     anchor_quality,
@@ -20,6 +21,14 @@ from layers.kmeans import (
 )
 
 ROOT = kmeans_for_anchors.__file__.rsplit("/", 1)[0]
+ROW_FIELDS = {
+    "type",
+    "num_anchors_per_location",
+    "average_iou",
+    "recall_pct",
+    "average_iou_shape",
+    "recall_pct_shape",
+}
 
 # Three planted shapes with 3% multiplicative noise, 400 boxes each.
 PLANTED = np.array([[10.0, 20.0], [30.0, 30.0], [60.0, 20.0]])
@@ -228,11 +237,12 @@ def test_best_anchor_iou_equals_exhaustive_box_iou(input_hw):
     xy = torch.rand(300, 2, 2) * torch.tensor([w * 1.2, h * 1.2]) - torch.tensor([w * 0.1, h * 0.1])
     gt = torch.cat([xy.min(1).values, xy.max(1).values + 1.0], dim=1)
     gen_whs = [predefined_anchor_whs(3), [w * torch.rand(4, 2) + 2.0 for _ in range(5)]]
-    for whs in gen_whs:
-        gen = AnchorGenerator(whs)
-        exhaustive = box_iou(gt, gen.anchors_for_input(h, w)).max(1).values
-        fast = best_anchor_iou(gt, gen, h, w, chunk_size=128)
-        torch.testing.assert_close(fast, exhaustive, rtol=0, atol=1e-6)
+    for whs in gen_whs + [original_anchor_whs("pdf9", min(h, w))]:
+        for layout in ("stride", "original"):  # the original's centres are (j + 0.5) * (input / f)
+            gen = AnchorGenerator(whs, layout=layout)
+            exhaustive = box_iou(gt, gen.anchors_for_input(h, w)).max(1).values
+            fast = best_anchor_iou(gt, gen, h, w, chunk_size=128)
+            torch.testing.assert_close(fast, exhaustive, rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +352,15 @@ def test_end_to_end_on_shapes_and_anchor_file_round_trip(tiny_shapes, tmp_path, 
 
     for split in ("train", "val"):
         rows = {(r["type"], r["num_scales"]): r for r in report["splits"][split]["rows"]}
-        assert [r["num_anchors_per_location"] for r in report["splits"][split]["rows"]] == [9, 6, 3, 3]
+        split_rows = report["splits"][split]["rows"]
+        assert [r["num_anchors_per_location"] for r in split_rows] == [9, 6, 3, 9, 6, 3, 3]
+        assert [r["type"] for r in split_rows] == ["original"] * 3 + ["predefined"] * 3 + ["clustered"]
+        assert [r["name"] for r in split_rows[:3]] == ["pdf9", "pdf6", "default"]
+        assert [r["layout"] for r in split_rows] == ["original"] * 3 + ["stride"] * 4
+        for r in split_rows:
+            assert ROW_FIELDS <= set(r)
+            # The shape measure ignores positions: its best IoU is never below the grid's.
+            assert r["average_iou_shape"] >= r["average_iou"]
         assert rows[("clustered", 1)]["total_anchors"] == 3 * 341
         assert rows[("clustered", 1)]["recall_pct"] >= rows[("predefined", 1)]["recall_pct"]
         assert rows[("clustered", 1)]["num_gt"] == report["splits"][split]["num_boxes"] > 0
@@ -359,8 +377,8 @@ def test_end_to_end_on_shapes_and_anchor_file_round_trip(tiny_shapes, tmp_path, 
         whs,
         (8, 16, 32, 64, 128),
     )
-    assert q["recall_pct"] == report["splits"]["train"]["rows"][3]["recall_pct"]
-    assert q["average_iou"] == report["splits"]["train"]["rows"][3]["average_iou"]
+    assert q["recall_pct"] == report["splits"]["train"]["rows"][6]["recall_pct"]
+    assert q["average_iou"] == report["splits"]["train"]["rows"][6]["average_iou"]
     assert (
         sum(level["num_boxes"] for level in report["clustering"]["levels"])
         == report["clustering"]["num_boxes"]
