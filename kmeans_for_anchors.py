@@ -238,27 +238,18 @@ def anchor_sets_for_report(
     for keep-aspect).
     """
     sets = [
-        dict(type="original", name=name, num_scales=num_scales, num_aspect_ratios=3, layout="original")
-        for name, num_scales in (("pdf9", 3), ("pdf6", 2), ("default", 1))
-    ]
-    for entry in sets:
-        entry["whs"] = original_anchor_whs(entry["name"], input_side, strides)
-    for num_scales in (3, 2, 1):
-        whs = predefined_anchor_whs(num_scales, REPORT_ASPECT_RATIOS)
-        sets.append(
-            dict(type="predefined", name=f"predefined{num_scales * 3}", num_scales=num_scales, whs=whs)
-        )
-        sets[-1].update(num_aspect_ratios=len(REPORT_ASPECT_RATIOS), layout="stride")
-    sets.append(
-        dict(
-            type="clustered",
-            name="clustered",
-            num_scales=1,
-            num_aspect_ratios=int(clustered_whs[0].shape[0]),
-            layout=clustered_layout,
-            whs=list(clustered_whs),
-        )
-    )
+        dict(type="original", name=name, num_scales=n, num_aspect_ratios=3, layout="original",
+             whs=original_anchor_whs(name, input_side, strides))
+        for name, n in (("pdf9", 3), ("pdf6", 2), ("default", 1))
+    ]  # fmt: skip
+    sets += [
+        dict(type="predefined", name=f"predefined{n * 3}", num_scales=n, num_aspect_ratios=3, layout="stride",
+             whs=predefined_anchor_whs(n, REPORT_ASPECT_RATIOS))
+        for n in (3, 2, 1)
+    ]  # fmt: skip
+    k = int(clustered_whs[0].shape[0])
+    sets.append(dict(type="clustered", name="clustered", num_scales=1, num_aspect_ratios=k,
+                     layout=clustered_layout, whs=list(clustered_whs)))  # fmt: skip
     return sets
 
 
