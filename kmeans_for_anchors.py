@@ -1,33 +1,48 @@
-"""Cluster a dataset's training boxes into per-level anchor shapes (IoU k-means) and report anchor quality.
+"""Cluster a dataset's training boxes into anchor shapes (IoU k-means) and report anchor quality.
 
 Run-book:
     python prep/shapes.py --data_root datasets
     python kmeans_for_anchors.py --dataset shapes --train_sets train --val_sets val --input_dim 256 \
         --out anchors/shapes.json
     python train.py ... --input_dim 256 --anchor_type kmeans --anchor_file anchors/shapes.json
+    # the original codebase's clustering, on VOC07+12 as it ran it (its result: anchors/original_voc.json)
+    python kmeans_for_anchors.py --dataset voc --train_sets train2007,val2007,train2012,val2012 \
+        --val_sets test2007 --method original --out anchors/voc_original_method.json
 
 Boxes come from ``<data_root>/<dataset>/annotations/<split>.json`` and are rescaled exactly as training
 resizes their image (``data.transforms.compute_resize``: square ``--input_dim``, or keep-aspect
 ``--min_size/--max_size``), so train with the same input options as the anchor file (it records them).
-Difficult and crowd boxes are left out of the clustering and of the report, and counted.
+Difficult and crowd boxes are left out of the clustering and of the report, and counted. Every split file
+is read and checked before any clustering starts.
 
-The clustering (``layers/kmeans.py`` has the details): each box goes to the pyramid level whose
-predefined one-scale anchors give it the highest centred IoU, then per level ``--k`` clusters (default 3,
-so 15 anchors for P3..P7) of (w, h) with the distance 1 - IoU at a common centre, starting from the
-predefined anchors (k ratios log-uniform in [0.5, 2]), median update, until the assignments stop changing
-(at most ``--max_iter`` steps).
+Two clusterings (``--method``):
+- ``per_level`` (ours, the default; ``layers/kmeans.py``): each box goes to the pyramid level whose
+  predefined one-scale anchors give it the highest centred IoU, then per level ``--k`` clusters (default
+  3, so 15 anchors for P3..P7) of (w, h) with the distance 1 - IoU at a common centre, starting from the
+  predefined anchors (k ratios log-uniform in [0.5, 2]), median update, until the assignments stop
+  changing (at most ``--max_iter`` steps, default 300). The file is for our stride centre layout.
+- ``original`` (the original codebase's; ``layers/kmeans_original.py``): one joint k-means over 15
+  centres seeded with its ``default`` set's 15 shapes, highest-IoU assignment at a common origin, mean
+  update, ``--max_iter`` steps (default 10, as it ran). The file is for the original's centre layout.
 
-The report, on the train splits and on the val splits when given, is the original codebase's table:
+The report, on the train splits and on the val splits when given, has one row per anchor set: the
+original's sets (``original``: 9 = pdf9, 6 = pdf9's ratios with scales 1 and 1.5, 3 = default), RetinaNet's
+predefined 9 / 6 / 3 (``predefined``) and this run's clustered set (``clustered``), each measured twice:
 
-    | Type | SR | AR | #Anchors/level | Total | Average IoU | Recall % |
+    | Type | Set | SR | AR | #Anchors/level | Total | Grid IoU | Grid recall % | Shape IoU | Shape recall % |
+
+- Grid (ours): per gt box the best IoU with any anchor of the real anchor grid of its image's input
+  size, positions included (in the set's own centre layout; keep-aspect: the resized size padded to a
+  multiple of 32, as the batch collation does); recall = share of boxes with a best IoU >= 0.5, the
+  matcher's positive threshold. This is what training sees.
+- Shape (the original's, the measure of its README table): boxes and anchors moved to a common origin,
+  per box the best IoU with any shape of the set; recall = share of boxes with a best IoU > 0.5.
 
 SR / AR = scales / aspect ratios per location, #Anchors/level = anchors per location on each level,
-Total = anchors per image at the training input size (keep-aspect: the mean over the images). Recall is
-the share of gt boxes with at least one anchor of IoU >= 0.5 (the matcher's positive threshold), average
-IoU the mean over gt boxes of their best anchor IoU, both on the real anchor grid (positions included)
-of each image's input size: the resized size padded to a multiple of 32 for keep-aspect, as the batch
-collation does (a batch with larger images only adds anchors beyond the image).
-``--json`` prints the report as one JSON object on the last line.
+Total = anchors per image at the training input size (keep-aspect: the mean over the images).
+``--json`` prints the report as one JSON object on the last line; every row of ``splits.<split>.rows``
+has ``type``, ``name``, ``num_anchors_per_location``, ``average_iou``, ``recall_pct`` (grid) and
+``average_iou_shape``, ``recall_pct_shape`` (shape).
 """
 
 import argparse
@@ -42,8 +57,10 @@ import torch
 
 from data.annotations import load_annotations
 from data.transforms import compute_resize
+from layers.anchor_sets import SHIPPED_KMEANS_FILES, original_anchor_whs
 from layers.anchors import DEFAULT_STRIDES, load_anchor_file, predefined_anchor_whs, save_anchor_file
 from layers.kmeans import INIT_MODES, anchor_quality, cluster_anchor_whs, kmeans_aspect_ratios
+from layers.kmeans_original import cluster_anchor_whs_original, shape_quality
 from utils.errors import UserError, run_cli
 from utils.options import split_names
 
@@ -52,6 +69,8 @@ logger = logging.getLogger("kmeans_for_anchors")
 # Keep-aspect batches are padded to a multiple of this (data.collate.Collate); square inputs are not.
 KEEP_ASPECT_SIZE_DIVISIBILITY = 32
 REPORT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
+METHODS = ("per_level", "original")
+DEFAULT_MAX_ITER = {"per_level": 300, "original": 10}
 
 
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
@@ -70,8 +89,22 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--max_size", type=int, default=1000, help="keep_aspect: long side at most")
     # * Clustering
     g = parser.add_argument_group("clustering")
-    g.add_argument("--k", type=int, default=3, help="anchors per location (clusters per level)")
-    g.add_argument("--max_iter", type=int, default=300, help="k-means iterations at most, per level")
+    g.add_argument(
+        "--method",
+        default="per_level",
+        choices=METHODS,
+        help="per_level: ours (levels first, then median k-means per level); original: the original "
+        "codebase's joint k-means of 15 centres seeded with its default set, mean update",
+    )
+    g.add_argument(
+        "--k", type=int, default=3, help="anchors per location (clusters per level; 3 for original)"
+    )
+    g.add_argument(
+        "--max_iter",
+        type=int,
+        default=None,
+        help="k-means iterations at most (default: 300 per_level, 10 original)",
+    )
     g.add_argument(
         "--init",
         default="predefined",
@@ -195,41 +228,65 @@ def box_counts(box_set: Dict) -> Dict:
     }
 
 
-def report_rows(box_set: Dict, clustered_whs: Sequence[torch.Tensor], strides: Sequence[int]) -> List[Dict]:
-    """The table rows (predefined 3x3, 2x3, 1x3 and clustered 1xk) measured on ``box_set``."""
+def anchor_sets_for_report(
+    clustered_whs: Sequence[torch.Tensor], clustered_layout: str, input_side: int, strides: Sequence[int]
+) -> List[Dict]:
+    """The report's anchor sets, in row order: original 9 / 6 / 3, predefined 9 / 6 / 3, clustered.
+
+    Each: type, name, num_scales, num_aspect_ratios, layout, whs (list of Tensor[k, 2] input pixels).
+    ``input_side`` is the square side the original's sets are computed for (--input_dim, or --min_size
+    for keep-aspect).
+    """
+    sets = [
+        dict(type="original", name=name, num_scales=n, num_aspect_ratios=3, layout="original",
+             whs=original_anchor_whs(name, input_side, strides))
+        for name, n in (("pdf9", 3), ("pdf6", 2), ("default", 1))
+    ]  # fmt: skip
+    sets += [
+        dict(type="predefined", name=f"predefined{n * 3}", num_scales=n, num_aspect_ratios=3, layout="stride",
+             whs=predefined_anchor_whs(n, REPORT_ASPECT_RATIOS))
+        for n in (3, 2, 1)
+    ]  # fmt: skip
+    k = int(clustered_whs[0].shape[0])
+    sets.append(dict(type="clustered", name="clustered", num_scales=1, num_aspect_ratios=k,
+                     layout=clustered_layout, whs=list(clustered_whs)))  # fmt: skip
+    return sets
+
+
+def report_rows(box_set: Dict, anchor_sets: Sequence[Dict], strides: Sequence[int]) -> List[Dict]:
+    """The table rows of ``anchor_sets`` measured on ``box_set``: grid and shape measures."""
     keep = kept_boxes(box_set)
     gt_boxes = torch.as_tensor(box_set["gt_boxes"][keep], dtype=torch.float32)
     gt_size_idxs = torch.as_tensor(box_set["gt_input_size_idxs"][keep], dtype=torch.int64)
+    whs = box_set["gt_boxes"][keep, 2:] - box_set["gt_boxes"][keep, :2]  # [G, 2] float64
     sizes = [tuple(int(v) for v in s) for s in box_set["input_sizes"]]
     num_images = [int(n) for n in box_set["num_images_per_size"]]
-    anchor_sets = [
-        (
-            "predefined",
-            num_scales,
-            len(REPORT_ASPECT_RATIOS),
-            predefined_anchor_whs(num_scales, REPORT_ASPECT_RATIOS),
-        )
-        for num_scales in (3, 2, 1)
-    ]
-    anchor_sets.append(("clustered", 1, clustered_whs[0].shape[0], clustered_whs))
     rows = []
-    for kind, num_scales, num_ratios, whs in anchor_sets:
-        quality = anchor_quality(gt_boxes, gt_size_idxs, sizes, num_images, whs, strides)
-        rows.append({"type": kind, "num_scales": num_scales, "num_aspect_ratios": num_ratios, **quality})
+    for entry in anchor_sets:
+        grid = anchor_quality(
+            gt_boxes, gt_size_idxs, sizes, num_images, entry["whs"], strides, layout=entry["layout"]
+        )
+        row = {k: v for k, v in entry.items() if k != "whs"}
+        rows.append({**row, **grid, **shape_quality(whs, entry["whs"])})
     return rows
 
 
 def format_table(rows: Sequence[Dict]) -> str:
     lines = [
-        "| Type | SR | AR | #Anchors/level | Total | Average IoU | Recall % |",
-        "|---|---|---|---|---|---|---|",
+        "| Type | Set | SR | AR | #Anchors/level | Total "
+        "| Grid IoU | Grid recall % | Shape IoU | Shape recall % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def fmt(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
     for r in rows:
-        avg = "n/a" if r["average_iou"] is None else f"{r['average_iou']:.4f}"
-        rec = "n/a" if r["recall_pct"] is None else f"{r['recall_pct']:.2f}"
         lines.append(
-            f"| {r['type']} | {r['num_scales']} | {r['num_aspect_ratios']} | {r['num_anchors_per_location']} "
-            f"| {r['total_anchors']} | {avg} | {rec} |"
+            f"| {r['type']} | {r['name']} | {r['num_scales']} | {r['num_aspect_ratios']} "
+            f"| {r['num_anchors_per_location']} | {r['total_anchors']} | {fmt(r['average_iou'], '.4f')} "
+            f"| {fmt(r['recall_pct'], '.2f')} | {fmt(r['average_iou_shape'], '.4f')} "
+            f"| {fmt(r['recall_pct_shape'], '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -238,38 +295,58 @@ def cluster_and_report(
     train_set: Dict,
     val_set: Dict | None,
     k: int = 3,
-    max_iter: int = 300,
+    max_iter: int | None = None,
     init: str = "predefined",
     seed: int = 0,
     out: str | None = None,
     anchor_file_meta: Dict | None = None,
     strides: Sequence[int] = DEFAULT_STRIDES,
+    method: str = "per_level",
+    input_side: int = 600,
 ) -> Dict:
     """Cluster the kept train boxes, write the anchor file (when ``out``) and measure the report rows.
 
     The clustered row uses the anchors as read back from the file (rounded as stored), i.e. exactly
     what ``train.py --anchor_type kmeans`` will use.
     """
+    if method not in METHODS:
+        raise UserError(f"unknown --method {method!r} (expected one of {METHODS})")
+    max_iter = DEFAULT_MAX_ITER[method] if max_iter is None else max_iter
+    layout = "original" if method == "original" else "stride"
     keep = kept_boxes(train_set)
     whs = train_set["gt_boxes"][keep, 2:] - train_set["gt_boxes"][keep, :2]  # [N, 2]
-    init_whs = [w.double().numpy() for w in predefined_anchor_whs(1, kmeans_aspect_ratios(k))]
     t0, c0 = time.perf_counter(), time.process_time()
-    clustered, level_summaries = cluster_anchor_whs(whs, init_whs, max_iter=max_iter, init=init, seed=seed)
+    if method == "original":
+        if k != 3:
+            raise UserError(
+                f"--method original clusters 3 anchors per level (its default set's), got --k {k}"
+            )
+        gt_boxes = train_set["gt_boxes"][keep]
+        clustered, level_summaries = cluster_anchor_whs_original(gt_boxes, input_side, max_iter, strides)
+    else:
+        init_whs = [w.double().numpy() for w in predefined_anchor_whs(1, kmeans_aspect_ratios(k))]
+        clustered, level_summaries = cluster_anchor_whs(
+            whs, init_whs, max_iter=max_iter, init=init, seed=seed
+        )
     kmeans_seconds, kmeans_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     clustered_whs = [torch.as_tensor(c, dtype=torch.float32) for c in clustered]
     if out:
-        save_anchor_file(out, clustered_whs, strides=list(strides), **(anchor_file_meta or {}))
+        meta = dict(anchor_file_meta or {}, method=method, layout=layout)
+        save_anchor_file(out, clustered_whs, strides=list(strides), **meta)
         clustered_whs, _ = load_anchor_file(out, expected_strides=strides)
     for summary, stride, centres in zip(level_summaries, strides, clustered_whs):
         summary["stride"] = int(stride)
         summary["anchor_whs"] = [[round(w, 2), round(h, 2)] for w, h in centres.tolist()]
+    anchor_sets = anchor_sets_for_report(clustered_whs, layout, input_side, strides)
     t0, c0 = time.perf_counter(), time.process_time()
-    splits = {"train": {**box_counts(train_set), "rows": report_rows(train_set, clustered_whs, strides)}}
+    splits = {"train": {**box_counts(train_set), "rows": report_rows(train_set, anchor_sets, strides)}}
     if val_set is not None:
-        splits["val"] = {**box_counts(val_set), "rows": report_rows(val_set, clustered_whs, strides)}
+        splits["val"] = {**box_counts(val_set), "rows": report_rows(val_set, anchor_sets, strides)}
     report_seconds, report_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     return {
         "anchor_file": out,
+        "method": method,
+        "layout": layout,
         "k": k,
         "init": init,
         "seed": seed,
@@ -290,8 +367,8 @@ def print_report(report: Dict) -> None:
     c = report["clustering"]
     print(
         f"Clustered {c['num_boxes']} boxes of {report['dataset']}/{'+'.join(report['train_sets'])} "
-        f"in {c['seconds']:.2f} s ({report['resize_mode']}, input_dim {report['input_dim']}, "
-        f"min/max size {report['min_size']}/{report['max_size']})"
+        f"({report['method']} k-means) in {c['seconds']:.2f} s ({report['resize_mode']}, input_dim "
+        f"{report['input_dim']}, min/max size {report['min_size']}/{report['max_size']})"
     )
     for s in c["levels"]:
         init_iou = "n/a" if s["mean_iou_init"] is None else f"{s['mean_iou_init']:.3f}"
@@ -301,7 +378,7 @@ def print_report(report: Dict) -> None:
             f"{'converged' if s['converged'] else 'NOT converged'}, reseeded {s['num_reseeded']}, "
             f"centred IoU {init_iou} -> {iou}, anchors (w, h) {s['anchor_whs']}"
         )
-    print(f"Wrote {report['anchor_file']}")
+    print(f"Wrote {report['anchor_file']} ({report['layout']} centre layout)")
     for name, split in report["splits"].items():
         sets = report["train_sets"] if name == "train" else report["val_sets"]
         print(
@@ -311,29 +388,54 @@ def print_report(report: Dict) -> None:
             f"{split['num_input_sizes']} input size(s)"
         )
         print(format_table(split["rows"]))
+    print(
+        "\nGrid: best IoU on the real anchor grid, recall at IoU >= 0.5 (ours). Shape: best IoU of (w, h) "
+        "at a common origin, recall at IoU > 0.5 (the original codebase's table)."
+    )
+
+
+def check_inputs(args: argparse.Namespace, paths: Sequence[str], out: str) -> None:
+    """Every split file exists and the output can be written: one error naming all problems, at start."""
+    problems = [f"{p}: annotation file not found" for p in paths if not os.path.isfile(p)]
+    if os.path.abspath(out) in {os.path.abspath(p) for p in SHIPPED_KMEANS_FILES.values()}:
+        problems.append(f"--out {out}: would overwrite the original codebase's shipped anchor set")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        problems.append(f"--out {out}: cannot create it under {parent}")
+    if problems:
+        raise UserError(
+            "kmeans_for_anchors.py cannot start (convert the dataset with a script in prep/; "
+            f"--data_root {args.data_root}, --dataset {args.dataset}):\n  " + "\n  ".join(problems)
+        )
 
 
 def main(args: argparse.Namespace) -> Dict:
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
-    if args.max_iter < 1:
+    if args.max_iter is not None and args.max_iter < 1:
         raise UserError(f"--max_iter must be >= 1, got {args.max_iter}")
+    if args.method == "original" and (args.k != 3 or args.init != "predefined"):
+        raise UserError("--method original clusters 3 per level from its default set: leave --k 3, --init")
     train_sets, val_sets = split_names(args.train_sets), split_names(args.val_sets)
     if not train_sets:
         raise UserError("--train_sets names no split")
     ann_dir = os.path.join(args.data_root, args.dataset, "annotations")
+    train_files = [os.path.join(ann_dir, f"{s}.json") for s in train_sets]
+    val_files = [os.path.join(ann_dir, f"{s}.json") for s in val_sets]
+    out = args.out or os.path.join("anchors", f"{args.dataset}.json")
+    check_inputs(args, train_files + val_files, out)
     resize = dict(
         resize_mode=args.resize_mode, input_dim=args.input_dim, min_size=args.min_size, max_size=args.max_size
     )
-    train_set = load_boxes([os.path.join(ann_dir, f"{s}.json") for s in train_sets], **resize)
-    val_set = (
-        load_boxes([os.path.join(ann_dir, f"{s}.json") for s in val_sets], **resize) if val_sets else None
-    )
+    # Both box sets are read (and validated) before the clustering starts.
+    train_set = load_boxes(train_files, **resize)
+    val_set = load_boxes(val_files, **resize) if val_sets else None
     if not kept_boxes(train_set).any():
         raise UserError(
             f"--train_sets {args.train_sets}: no box to cluster in {train_set['annotation_files']}"
         )
-    out = args.out or os.path.join("anchors", f"{args.dataset}.json")
     meta = dict(resize, dataset=args.dataset, train_sets=train_sets)
     report = cluster_and_report(
         train_set,
@@ -344,6 +446,8 @@ def main(args: argparse.Namespace) -> Dict:
         seed=args.seed,
         out=out,
         anchor_file_meta=meta,
+        method=args.method,
+        input_side=args.min_size if args.resize_mode == "keep_aspect" else args.input_dim,
     )
     report = {**meta, "val_sets": val_sets, **report}
 

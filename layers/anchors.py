@@ -1,8 +1,19 @@
 """Anchor boxes for the P3..P7 pyramid, and the anchor file written by kmeans_for_anchors.py.
 
 Order of the anchors (it MUST match the order in which the heads emit predictions): level-major
-(P3 first), then feature cell row-major (y, then x), then anchor type within the cell. The centre of
-cell (x, y) on the level with stride s is ((x + 0.5) * s, (y + 0.5) * s), in input pixels.
+(P3 first), then feature cell row-major (y, then x), then anchor type within the cell, in the order of
+the level's (w, h) list. This is also the original codebase's order (its ``anchorBox.forward`` loops
+levels, then ``product(range(f), repeat=2)`` = (row i, column j), then the shapes of the cell), so the
+original's head outputs, permuted and flattened the same way, map onto the same anchors.
+
+Two centre layouts (``AnchorGenerator(layout=...)``), for a level with feature size (f_h, f_w) on an
+input of H x W pixels:
+- ``"stride"`` (ours, RetinaNet's): the centre of cell (x, y) is ((x + 0.5) * s, (y + 0.5) * s) with s the
+  level's stride.
+- ``"original"`` (the original codebase's): ((x + 0.5) / f_w * W, (y + 0.5) / f_h * H). The same as
+  "stride" when s divides the input, not otherwise: at 600, P4 has f = 38 and a spacing of
+  600 / 38 = 15.79 px instead of 16, P6 f = 10 and 60 px instead of 64. Used with the original's anchor
+  sets (``layers/anchor_sets.py``) so that its checkpoints predict the same boxes.
 
 The per-level anchor sizes (w, h) are buffers of :class:`AnchorGenerator`, so they travel inside a
 model checkpoint: a model trained with k-means anchors rebuilds them from its own state dict.
@@ -26,6 +37,10 @@ DEFAULT_STRIDES = (8, 16, 32, 64, 128)
 DEFAULT_BASE_SIZES = (32, 64, 128, 256, 512)
 ANCHOR_FILE_FORMAT = "fpn-ohem-anchors"
 ANCHOR_FILE_VERSION = 1
+LAYOUTS = ("stride", "original")
+# Units of an anchor file's sizes: input pixels (kmeans_for_anchors.py), or fractions of the input side
+# (the original codebase's shipped sets, so they scale with --input_dim as in the original).
+ANCHOR_FILE_UNITS = ("pixels", "input_fraction")
 
 
 def predefined_anchor_whs(
@@ -68,6 +83,8 @@ class AnchorGenerator(nn.Module):
         anchor_whs_per_level (list of Tensor[k, 2]): (w, h) of the k anchor types of each level, in
             input pixels. k must be the same on all levels (the heads share one output layout).
         strides (sequence of int): stride of each level, P3 first.
+        layout: "stride" or "original", where the cell centres are (see the module docstring). With
+            "original", ``forward`` needs ``image_size``.
 
     The sizes are stored as one buffer ``anchor_whs`` (Tensor[L, k, 2]) so they are saved in the model's
     state dict. Loading a state dict whose ``anchor_whs`` has the same shape (other sizes, same k) works
@@ -80,10 +97,14 @@ class AnchorGenerator(nn.Module):
         anchor_whs_per_level: Sequence[Tensor],
         strides: Sequence[int] = DEFAULT_STRIDES,
         max_cache_entries: int = 16,
+        layout: str = "stride",
     ):
         super().__init__()
         whs = [torch.as_tensor(w, dtype=torch.float32) for w in anchor_whs_per_level]
         _check_anchor_whs(whs, strides, source="AnchorGenerator")
+        if layout not in LAYOUTS:
+            raise UserError(f"anchor layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
         self.strides = tuple(int(s) for s in strides)
         self.register_buffer("anchor_whs", torch.stack(whs))  # [L, k, 2]
         self.max_cache_entries = max_cache_entries
@@ -111,17 +132,37 @@ class AnchorGenerator(nn.Module):
         return [int(gh) * int(gw) * k for gh, gw in grid_sizes]
 
     def anchors_for_input(self, h: int, w: int, device: torch.device | None = None) -> Tensor:
-        return self(self.grid_sizes_for_input(h, w), device)
+        return self(self.grid_sizes_for_input(h, w), device, image_size=(h, w))
+
+    def cell_sizes(
+        self, grid_sizes: Sequence[Tuple[int, int]], image_size: Tuple[int, int] | None = None
+    ) -> List[Tuple[float, float]]:
+        """Spacing (cell_h, cell_w) of the cell centres of each level, in input pixels.
+
+        The stride for ``layout="stride"``; (H / f_h, W / f_w) for ``"original"`` (needs ``image_size``).
+        """
+        if self.layout == "stride":
+            return [(float(s), float(s)) for s in self.strides]
+        if image_size is None:
+            raise UserError("anchor layout 'original' needs the input size (image_size=(H, W))")
+        h, w = image_size
+        return [(float(h) / int(gh), float(w) / int(gw)) for gh, gw in grid_sizes]
 
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def forward(self, grid_sizes: Sequence[Tuple[int, int]], device: torch.device | None = None) -> Tensor:
+    def forward(
+        self,
+        grid_sizes: Sequence[Tuple[int, int]],
+        device: torch.device | None = None,
+        image_size: Tuple[int, int] | None = None,
+    ) -> Tensor:
         """Anchors for the given feature map sizes.
 
         Args:
             grid_sizes (list of (h_l, w_l)): one per level, P3 first.
             device: where the anchors live (default: the buffer's device).
+            image_size ((H, W), network input pixels): needed by ``layout="original"``, unused by "stride".
 
         Returns:
             Tensor[A, 4] float32, xyxy input pixels, A = sum_l h_l * w_l * k. Treat it as read-only:
@@ -130,15 +171,18 @@ class AnchorGenerator(nn.Module):
         if len(grid_sizes) != self.num_levels:
             raise UserError(f"got {len(grid_sizes)} grid sizes for {self.num_levels} anchor levels")
         device = torch.device(device) if device is not None else self.anchor_whs.device
-        key = (tuple((int(gh), int(gw)) for gh, gw in grid_sizes), str(device))
+        grids = tuple((int(gh), int(gw)) for gh, gw in grid_sizes)
+        cells = self.cell_sizes(grids, image_size)
+        size_key = None if self.layout == "stride" else tuple(int(v) for v in image_size)
+        key = (grids, size_key, str(device))
         anchors = self._cache.get(key)
         if anchors is not None:
             self._cache.move_to_end(key)
             return anchors
         anchors = torch.cat(
             [
-                _grid_anchors(gh, gw, stride, whs.to(device))
-                for (gh, gw), stride, whs in zip(key[0], self.strides, self.anchor_whs)
+                _grid_anchors(gh, gw, cell, whs.to(device))
+                for (gh, gw), cell, whs in zip(grids, cells, self.anchor_whs)
             ]
         )
         self._cache[key] = anchors
@@ -152,14 +196,18 @@ class AnchorGenerator(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"strides={self.strides}, num_anchors_per_location={self.num_anchors_per_location}"
+        return (
+            f"strides={self.strides}, num_anchors_per_location={self.num_anchors_per_location}, "
+            f"layout={self.layout!r}"
+        )
 
 
-def _grid_anchors(grid_h: int, grid_w: int, stride: int, whs: Tensor) -> Tensor:
-    """Tensor[grid_h * grid_w * k, 4] xyxy, cell row-major then anchor type."""
+def _grid_anchors(grid_h: int, grid_w: int, cell: Tuple[float, float], whs: Tensor) -> Tensor:
+    """Tensor[grid_h * grid_w * k, 4] xyxy, cell row-major then anchor type; centres (j + 0.5) * cell."""
     device = whs.device
-    cx = (torch.arange(grid_w, dtype=torch.float32, device=device) + 0.5) * stride
-    cy = (torch.arange(grid_h, dtype=torch.float32, device=device) + 0.5) * stride
+    # Centres in float64 on the CPU (cached, so cheap): (j + 0.5) * (600 / 38) rounded once, not twice.
+    cx = ((torch.arange(grid_w, dtype=torch.float64) + 0.5) * cell[1]).float().to(device)
+    cy = ((torch.arange(grid_h, dtype=torch.float64) + 0.5) * cell[0]).float().to(device)
     cy, cx = torch.meshgrid(cy, cx, indexing="ij")  # [H, W] each, row-major
     centres = torch.stack([cx, cy], dim=-1).reshape(-1, 1, 2)  # [H*W, 1, 2]
     half = 0.5 * whs.float()[None]  # [1, k, 2]
@@ -214,12 +262,15 @@ def save_anchor_file(path: str, anchor_whs_per_level: Sequence[Tensor], **meta: 
     Args:
         path: output .json file.
         anchor_whs_per_level (list of Tensor[k, 2] or nested lists): (w, h) per level, input pixels.
-        meta: extra fields (``strides`` defaults to (8, 16, 32, 64, 128); kmeans_for_anchors.py adds
-            resize_mode, input_dim, min_size, max_size, dataset, train_sets).
+        meta: extra fields (``strides`` defaults to (8, 16, 32, 64, 128); ``layout`` "stride" (default)
+            or "original", the centre layout the set is meant for; ``units`` "pixels" (default) or
+            "input_fraction"; kmeans_for_anchors.py adds resize_mode, input_dim, min_size, max_size,
+            dataset, train_sets, method).
     """
     strides = [int(s) for s in meta.pop("strides", DEFAULT_STRIDES)]
     whs = [torch.as_tensor(w, dtype=torch.float32) for w in anchor_whs_per_level]
     _check_anchor_whs(whs, strides, source=path)
+    _check_layout_and_units(meta, path)
     for reserved in ("format", "version", "anchors_per_level"):
         if reserved in meta:
             raise UserError(f"{path}: {reserved!r} is written by save_anchor_file, not passed as meta")
@@ -240,11 +291,25 @@ def save_anchor_file(path: str, anchor_whs_per_level: Sequence[Tensor], **meta: 
     os.replace(tmp, path)
 
 
-def load_anchor_file(path: str, expected_strides: Sequence[int] | None = None) -> Tuple[List[Tensor], Dict]:
+def _check_layout_and_units(record: Dict, path: str) -> None:
+    if record.get("layout", "stride") not in LAYOUTS:
+        raise UserError(f"{path}: layout must be one of {LAYOUTS}, got {record.get('layout')!r}")
+    if record.get("units", "pixels") not in ANCHOR_FILE_UNITS:
+        raise UserError(f"{path}: units must be one of {ANCHOR_FILE_UNITS}, got {record.get('units')!r}")
+
+
+def load_anchor_file(
+    path: str, expected_strides: Sequence[int] | None = None, input_side: float | None = None
+) -> Tuple[List[Tensor], Dict]:
     """Read and validate an anchor file.
 
+    Args:
+        input_side: the square input side (pixels) that ``"units": "input_fraction"`` sizes are fractions
+            of; required by such files, ignored by pixel files.
+
     Returns:
-        (anchor_whs_per_level: list of Tensor[k, 2] float32, meta: dict of the other fields, incl. strides)
+        (anchor_whs_per_level: list of Tensor[k, 2] float32 in input pixels, meta: dict of the other
+        fields, incl. strides, layout ("stride" when the file does not say) and units)
 
     Raises:
         ValueError naming ``path``: not JSON, wrong format or version, level count that does not match the
@@ -280,10 +345,19 @@ def load_anchor_file(path: str, expected_strides: Sequence[int] | None = None) -
             raise UserError(f"{path}: level {level} must be a list of [w, h] number pairs")
         whs.append(torch.tensor(pairs, dtype=torch.float32).reshape(-1, 2))
     _check_anchor_whs(whs, strides, source=path)
+    _check_layout_and_units(record, path)
     if expected_strides is not None and [int(s) for s in strides] != [int(s) for s in expected_strides]:
         raise UserError(
             f"{path}: anchors were made for strides {strides}, the model uses {list(expected_strides)}"
         )
     meta = {k: v for k, v in record.items() if k not in ("format", "version", "anchors_per_level")}
     meta["strides"] = [int(s) for s in strides]
+    meta.setdefault("layout", "stride")
+    meta.setdefault("units", "pixels")
+    if meta["units"] == "input_fraction":
+        if input_side is None or not input_side > 0:
+            raise UserError(
+                f"{path}: sizes are fractions of the input side; give the input side to scale them"
+            )
+        whs = [w * float(input_side) for w in whs]
     return whs, meta

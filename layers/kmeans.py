@@ -1,4 +1,6 @@
-"""IoU k-means for anchor shapes, and the anchor-quality numbers of the kmeans_for_anchors.py report.
+"""Per-level IoU k-means for anchor shapes (``--method per_level``), and the grid anchor-quality measure.
+
+The original codebase's joint k-means and its shape measure are in ``layers/kmeans_original.py``.
 
 Clustering (numpy, float64). Boxes are (w, h) pairs in network-input pixels; the distance between a box
 and a cluster centre is ``1 - IoU`` of the two boxes aligned at a common centre (YOLOv2's k-means
@@ -13,8 +15,9 @@ distance), so big boxes do not dominate as they would with a Euclidean distance.
   uses the clustering's own distance, so the two steps cannot disagree about what "close" means.
 - Initial centres. The predefined one-scale anchors of each level, ``predefined_anchor_whs(num_scales=1,
   aspect_ratios=...)`` with ``k`` ratios spread log-uniformly over [0.5, 2] (``kmeans_aspect_ratios``;
-  k = 3 gives exactly (0.5, 1, 2), k = 1 gives (1,)), as the original codebase did. ``init="random"``
-  draws k distinct boxes of the level with a seeded generator instead (YOLO's initialisation).
+  k = 3 gives exactly (0.5, 1, 2), k = 1 gives (1,)). ``init="random"`` draws k distinct boxes of the
+  level with a seeded generator instead (YOLO's initialisation). (The original codebase seeds one joint
+  k-means with its own ``default`` set and updates with the mean: ``--method original``.)
 - Update. Centre = per-coordinate MEDIAN of the (w, h) of its boxes (as in YOLO's anchor k-means):
   box sizes are heavy-tailed and the median is not pulled by the few huge or tiny boxes of a level.
 - Empty clusters are re-seeded from the boxes with the lowest IoU to their own centre (the worst-fitted
@@ -27,10 +30,11 @@ training input size, positions included, with the same code training uses: ancho
 Comparing each box with all ~68K anchors of a 600 x 600 input costs hours for COCO's 860K boxes, so
 each box is compared with a candidate set that provably contains its best anchor: on every level and
 for every anchor type, the anchor of the cell whose centre is nearest to the box centre (per axis,
-clamped to the grid). Why that is exact: for a fixed anchor size, the intersection is the product of
-the x- and y-overlaps of intervals of fixed lengths, each non-increasing in the distance between the
-interval centres, and IoU = I / (area_gt + area_anchor - I) increases with I; so the nearest cell per
-axis maximises it. tests/test_kmeans_for_anchors.py checks it against the exhaustive box_iou.
+clamped to the grid; the centres are evenly spaced in both of ``AnchorGenerator``'s layouts). Why that
+is exact: for a fixed anchor size, the intersection is the product of the x- and y-overlaps of
+intervals of fixed lengths, each non-increasing in the distance between the interval centres, and
+IoU = I / (area_gt + area_anchor - I) increases with I; so the nearest cell per axis maximises it.
+tests/test_kmeans_for_anchors.py checks it against the exhaustive box_iou.
 """
 
 import logging
@@ -355,15 +359,16 @@ def candidate_anchor_idxs(
     """
     grid_sizes = anchor_generator.grid_sizes_for_input(input_h, input_w)
     num_per_level = anchor_generator.num_anchors_per_level(grid_sizes)
+    cells = anchor_generator.cell_sizes(grid_sizes, (input_h, input_w))
     k = anchor_generator.num_anchors_per_location
     centres = 0.5 * (gt_boxes[:, :2] + gt_boxes[:, 2:])  # [G, 2] (cx, cy)
     type_offsets = torch.arange(k, device=gt_boxes.device)
     level_start = 0
     idxs_per_level = []
-    for (grid_h, grid_w), stride, num in zip(grid_sizes, anchor_generator.strides, num_per_level):
-        # Cell centres are (j + 0.5) * stride, so the nearest one to c is j = floor(c / stride).
-        cell_x = torch.floor(centres[:, 0] / stride).long().clamp_(0, grid_w - 1)
-        cell_y = torch.floor(centres[:, 1] / stride).long().clamp_(0, grid_h - 1)
+    for (grid_h, grid_w), (cell_h, cell_w), num in zip(grid_sizes, cells, num_per_level):
+        # Cell centres are (j + 0.5) * cell, so the nearest one to c is j = floor(c / cell).
+        cell_x = torch.floor(centres[:, 0] / cell_w).long().clamp_(0, grid_w - 1)
+        cell_y = torch.floor(centres[:, 1] / cell_h).long().clamp_(0, grid_h - 1)
         first = level_start + (cell_y * grid_w + cell_x) * k  # [G]
         idxs_per_level.append(first[:, None] + type_offsets[None, :])  # [G, k]
         level_start += num
@@ -407,6 +412,7 @@ def anchor_quality(
     anchor_whs_per_level: Sequence[Tensor],
     strides: Sequence[int],
     positive_threshold: float = 0.5,
+    layout: str = "stride",
 ) -> Dict:
     """Average best IoU and recall of an anchor set on gt boxes, at their training input sizes.
 
@@ -418,13 +424,14 @@ def anchor_quality(
         anchor_whs_per_level (list of Tensor[k, 2]): the anchor set.
         strides: level strides, P3 first.
         positive_threshold: IoU a box needs with some anchor to count as recalled (the matcher's).
+        layout: the anchor centre layout ("stride", or "original" for the original codebase's sets).
 
     Returns:
         dict: num_anchors_per_location, total_anchors (mean anchors per image over the images),
         num_gt, average_iou (mean over boxes of the best anchor IoU), recall_pct (share of boxes whose
         best IoU >= positive_threshold, in %); average_iou and recall_pct are None without boxes.
     """
-    generator = AnchorGenerator(anchor_whs_per_level, strides)
+    generator = AnchorGenerator(anchor_whs_per_level, strides, layout=layout)
     gt_input_size_idxs = torch.as_tensor(gt_input_size_idxs, dtype=torch.int64)
     best = torch.zeros(gt_boxes.shape[0], dtype=torch.float32)
     order = torch.argsort(gt_input_size_idxs, stable=True)

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Callable, Dict, List, Sequence, Tuple
 
 from torch import Tensor, nn
 
+from layers.anchor_sets import ORIGINAL_ANCHOR_TYPES, original_anchor_whs, resolve_anchor_file
 from layers.anchors import DEFAULT_STRIDES, AnchorGenerator, load_anchor_file, predefined_anchor_whs
 from layers.box_coder import BoxCoder
 from layers.losses import FocalLoss, MultiBoxLoss
@@ -37,34 +39,74 @@ __all__ = [
     "ARCH_BUILDERS",
     "FPNDetector",
     "build_model",
+    "build_anchors",
     "build_anchor_whs",
     "count_parameters",
     "model_summary",
 ]
 
 
-def build_anchor_whs(args: argparse.Namespace, strides: Sequence[int] = DEFAULT_STRIDES) -> List[Tensor]:
-    """Per-level anchor (w, h) sizes from ``--anchor_type`` (predefined scales/ratios or a k-means file)."""
+def anchor_input_side(args: argparse.Namespace) -> int | None:
+    """The square side the original anchor sets are computed for: --input_dim, or --min_size (keep_aspect)."""
+    keep_aspect = getattr(args, "resize_mode", "square") == "keep_aspect"
+    return getattr(args, "min_size" if keep_aspect else "input_dim", None)
+
+
+def build_anchors(
+    args: argparse.Namespace, strides: Sequence[int] = DEFAULT_STRIDES, need_whs: bool = True
+) -> Tuple[List[Tensor] | None, str]:
+    """Per-level anchor (w, h) sizes and their centre layout ("stride" or "original") from the options.
+
+    - predefined: RetinaNet's sets from --num_scales / --aspect_ratios (h / w), stride layout.
+    - pdf9 / default: the original codebase's sets (layers/anchor_sets.py), original layout.
+    - kmeans: --anchor_file (or, without one, the original's clustered set of --dataset voc / coco),
+      in the layout the file records (kmeans_for_anchors.py --method per_level: stride).
+
+    ``need_whs=False`` (anchors from a checkpoint): only the layout is derived; a kmeans file that is
+    no longer there then counts as the stride layout, with a warning.
+    """
+    side = anchor_input_side(args)
     if args.anchor_type == "kmeans":
-        if not args.anchor_file:
-            raise UserError("--anchor_type kmeans needs --anchor_file (write one with kmeans_for_anchors.py)")
-        whs, meta = load_anchor_file(args.anchor_file, expected_strides=strides)
-        # Anchors fitted to another input size are misplaced in scale; say so rather than fail.
+        path = resolve_anchor_file(args.anchor_file, getattr(args, "dataset", None))
+        if not path:
+            raise UserError(
+                f"--anchor_type kmeans needs --anchor_file for --dataset {getattr(args, 'dataset', None)!r} "
+                "(write one with kmeans_for_anchors.py; voc and coco have the original's sets built in)"
+            )
+        if not need_whs and not os.path.isfile(path):
+            logger.warning(
+                "anchor file %s not found: assuming the stride layout for the checkpoint's anchors", path
+            )
+            return None, "stride"
+        whs, meta = load_anchor_file(path, expected_strides=strides, input_side=side)
+        # Pixel anchors fitted to another input size are misplaced in scale; say so rather than fail.
         mode = getattr(args, "resize_mode", None)
         keys = ("resize_mode",) + (("input_dim",) if mode == "square" else ("min_size", "max_size"))
-        for key in keys:
+        for key in keys if meta["units"] == "pixels" else ():
             if key in meta and hasattr(args, key) and meta[key] != getattr(args, key):
                 logger.warning(
                     "anchor file %s was made for %s=%s, this run uses %s",
-                    args.anchor_file,
+                    path,
                     key,
                     meta[key],
                     getattr(args, key),
                 )
-        return whs
+        return whs, meta["layout"]
     if args.anchor_type == "predefined":
-        return predefined_anchor_whs(args.num_scales, args.aspect_ratios)
-    raise UserError(f"--anchor_type must be 'predefined' or 'kmeans', got {args.anchor_type!r}")
+        return predefined_anchor_whs(args.num_scales, args.aspect_ratios), "stride"
+    if args.anchor_type in ORIGINAL_ANCHOR_TYPES:
+        if side is None:
+            raise UserError(f"--anchor_type {args.anchor_type} needs the input size (--input_dim)")
+        return original_anchor_whs(args.anchor_type, side, strides), "original"
+    raise UserError(
+        f"--anchor_type must be one of predefined, kmeans, {', '.join(ORIGINAL_ANCHOR_TYPES)}; "
+        f"got {args.anchor_type!r}"
+    )
+
+
+def build_anchor_whs(args: argparse.Namespace, strides: Sequence[int] = DEFAULT_STRIDES) -> List[Tensor]:
+    """Per-level anchor (w, h) sizes from ``--anchor_type`` (see ``build_anchors``, which adds the layout)."""
+    return build_anchors(args, strides)[0]
 
 
 def build_fpn_ohem(
@@ -95,10 +137,13 @@ def build_fpn_ohem(
     fpn = FPN(backbone.out_channels, args.fpn_channels, extra_levels="p6p7", p6_from=args.p6_from)
 
     if anchor_whs_per_level is None:
-        anchor_whs_per_level = build_anchor_whs(args)
+        anchor_whs_per_level, layout = build_anchors(args)
     else:
-        logger.info("anchors from the checkpoint (--anchor_type %s ignored)", args.anchor_type)
-    anchor_generator = AnchorGenerator(anchor_whs_per_level, strides=DEFAULT_STRIDES)
+        logger.info(
+            "anchors from the checkpoint (--anchor_type %s gives their layout only)", args.anchor_type
+        )
+        _, layout = build_anchors(args, need_whs=False)
+    anchor_generator = AnchorGenerator(anchor_whs_per_level, strides=DEFAULT_STRIDES, layout=layout)
 
     head = DetectionHead(
         args.fpn_channels,

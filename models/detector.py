@@ -70,7 +70,7 @@ class FPNDetector(nn.Module):
         outputs = {
             "pred_logits": head_outputs["pred_logits"],
             "pred_box_deltas": head_outputs["pred_box_deltas"],
-            "anchors": self.anchor_generator(grid_sizes, images.device),
+            "anchors": self.anchor_generator(grid_sizes, images.device, image_size=tuple(images.shape[-2:])),
             "num_anchors_per_level": self.anchor_generator.num_anchors_per_level(grid_sizes),
             "grid_sizes": grid_sizes,
         }

@@ -1,9 +1,13 @@
+import importlib.util
 import json
 import math
+import os
 
 import pytest
 import torch
+from torchvision.ops import box_convert
 
+from layers.anchor_sets import feature_sizes, original_anchor_whs, shipped_anchor_file
 from layers.anchors import (
     AnchorGenerator,
     anchor_whs_from_state_dict,
@@ -183,3 +187,220 @@ def test_save_rejects_bad_anchors(tmp_path):
     path = str(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="bad.json"):
         save_anchor_file(path, [torch.ones(2, 2), torch.ones(2, 2)])  # 2 levels, 5 default strides
+
+
+# ---------------------------------------------------------------------------------------------
+# the original codebase's anchor sets and centre layout (layers/anchor_sets.py)
+
+VOC_ORIGINAL = [
+    (0.0433, 0.1438), (0.0398, 0.0629), (0.0983, 0.0683), (0.0736, 0.2678), (0.0875, 0.1306),
+    (0.2076, 0.1170), (0.1426, 0.4120), (0.1401, 0.2035), (0.2647, 0.2684), (0.2297, 0.6208),
+    (0.3709, 0.4549), (0.6085, 0.2921), (0.4404, 0.7740), (0.8366, 0.8730), (0.7577, 0.5387),
+]  # fmt: skip
+COCO_ORIGINAL = [
+    (0.0303, 0.0847), (0.0178, 0.0297), (0.0636, 0.0395), (0.0578, 0.2030), (0.0771, 0.0975),
+    (0.1852, 0.0742), (0.1184, 0.3661), (0.1385, 0.1778), (0.3055, 0.1610), (0.2054, 0.6091),
+    (0.2756, 0.3349), (0.6240, 0.2592), (0.4125, 0.6808), (0.8336, 0.8634), (0.7504, 0.4907),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, k, expected", [("pdf9", 9, 67995), ("pdf6", 6, 45330), ("default", 3, 22665)])
+def test_original_sets_counts_at_600(name, k, expected):
+    gen = AnchorGenerator(original_anchor_whs(name, 600), layout="original")
+    assert gen.num_anchors_per_location == k
+    assert gen.anchors_for_input(600, 600).shape == (expected, 4)
+    assert feature_sizes(600) == [75, 38, 19, 10, 5]
+
+
+def test_original_sets_hand_computed_shapes_and_order():
+    pdf9 = original_anchor_whs("pdf9", 600)
+    # P3: c = 2.4, f = 75 -> base side 2.4 * 600 / 75 = 19.2. ar = w / h = 0.5: h = 19.2 / sqrt(0.5).
+    h = 19.2 / math.sqrt(0.5)
+    # Ratio major, then scale: (0.5, 1), (0.5, 1.34), (0.5, 1.67), (1, 1), ...
+    expected_p3 = [(0.5 * h * s, h * s) for s in (1, 1.34, 1.67)] + [
+        (19.2 * s, 19.2 * s) for s in (1, 1.34, 1.67)
+    ]
+    h15 = 19.2 / math.sqrt(1.5)
+    expected_p3 += [(1.5 * h15 * s, h15 * s) for s in (1, 1.34, 1.67)]
+    torch.testing.assert_close(
+        pdf9[0].double(), torch.tensor(expected_p3, dtype=torch.float64), rtol=1e-6, atol=1e-4
+    )
+    default = original_anchor_whs("default", 600)
+    # P4: c = 3, f = 38 -> side 3 * 600 / 38 = 47.368; ar 0.54: h = side / sqrt(0.54), w = 0.54 h.
+    side = 3 * 600 / 38
+    expected_p4 = [(0.54 * side / math.sqrt(0.54), side / math.sqrt(0.54)), (side, side)]
+    expected_p4.append((1.45 * side / math.sqrt(1.45), side / math.sqrt(1.45)))
+    torch.testing.assert_close(
+        default[1].double(), torch.tensor(expected_p4, dtype=torch.float64), rtol=1e-6, atol=1e-4
+    )
+    # P7: c = 3.4, f = 5 -> 408 px squares for ratio 1.
+    torch.testing.assert_close(default[4][1], torch.tensor([408.0, 408.0]))
+
+
+def test_original_sets_scale_with_the_input():
+    # At 300 the real feature sizes are 38, 19, 10, 5, 3 (not the original's hard-coded 75, 38, ...).
+    assert feature_sizes(300) == [38, 19, 10, 5, 3]
+    p3 = original_anchor_whs("default", 300)[0]
+    torch.testing.assert_close(p3[1], torch.tensor([2.8 * 300 / 38] * 2))
+    # Where the strides divide the input the base side is c * stride.
+    torch.testing.assert_close(original_anchor_whs("pdf9", 512)[2][3], torch.tensor([3.0 * 32] * 2))
+
+
+def test_original_layout_centres_at_600():
+    whs = original_anchor_whs("default", 600)
+    orig = AnchorGenerator(whs, layout="original").anchors_for_input(600, 600)
+    ours = AnchorGenerator(whs).anchors_for_input(600, 600)
+    centres = (orig[:, :2] + orig[:, 2:]) / 2
+    counts = [75 * 75 * 3, 38 * 38 * 3, 19 * 19 * 3, 10 * 10 * 3, 5 * 5 * 3]
+    starts = [sum(counts[:i]) for i in range(5)]
+    # Last cell of P4: (37 + 0.5) / 38 * 600 = 592.105 (stride layout: 600); row-major, so x and y.
+    last_p4 = starts[1] + counts[1] - 1
+    torch.testing.assert_close(centres[last_p4], torch.tensor([37.5 / 38 * 600] * 2))
+    # P6: 10 cells of 60 px: last centre 570 (stride layout: 9.5 * 64 = 608).
+    torch.testing.assert_close(centres[starts[3] + counts[3] - 1], torch.tensor([570.0, 570.0]))
+    assert ours[starts[3] + counts[3] - 1].tolist() == [608 - whs[3][2][0] / 2, 608 - whs[3][2][1] / 2] + [
+        608 + whs[3][2][0] / 2,
+        608 + whs[3][2][1] / 2,
+    ]
+    # P3 (600 / 75 = 8 = its stride): both layouts agree.
+    torch.testing.assert_close(orig[: counts[0]], ours[: counts[0]])
+    # Second cell of P5 (row 0, column 1), its 3 anchors: centre x = 1.5 / 19 * 600.
+    torch.testing.assert_close(centres[starts[2] + 3 : starts[2] + 6, 0], torch.full((3,), 1.5 / 19 * 600))
+    torch.testing.assert_close(centres[starts[2] + 3 : starts[2] + 6, 1], torch.full((3,), 0.5 / 19 * 600))
+
+
+def test_original_layout_needs_the_input_size_and_is_cached_per_size():
+    gen = AnchorGenerator(original_anchor_whs("default", 600), layout="original")
+    with pytest.raises(ValueError, match="input size"):
+        gen(gen.grid_sizes_for_input(600, 600))
+    # Two inputs with the same grids (593 and 600 both give 75, 38, ...) get different centres.
+    a = gen.anchors_for_input(600, 600)
+    b = gen.anchors_for_input(593, 593)
+    assert a.shape == b.shape and not torch.equal(a, b)
+    assert gen.anchors_for_input(600, 600) is a
+    with pytest.raises(ValueError, match="layout"):
+        AnchorGenerator(original_anchor_whs("default", 600), layout="centre")
+
+
+@pytest.mark.parametrize("dataset, numbers", [("voc", VOC_ORIGINAL), ("coco", COCO_ORIGINAL)])
+def test_shipped_kmeans_sets_are_the_originals(dataset, numbers):
+    path = shipped_anchor_file(dataset)
+    assert os.path.basename(path) == f"original_{dataset}.json"
+    whs, meta = load_anchor_file(path, expected_strides=(8, 16, 32, 64, 128), input_side=600)
+    assert meta["layout"] == "original" and meta["units"] == "input_fraction"
+    assert "gurkirt/FPN.pytorch1.0" in meta["source"]
+    expected = torch.tensor(numbers, dtype=torch.float32).reshape(5, 3, 2) * 600  # P3 first
+    torch.testing.assert_close(torch.stack(whs), expected)
+    # Fractions of the input side: they scale with it.
+    half, _ = load_anchor_file(path, input_side=300)
+    torch.testing.assert_close(torch.stack(half), expected / 2)
+    with pytest.raises(ValueError, match="fractions of the input side"):
+        load_anchor_file(path)
+
+
+def _cli(*argv):
+    from utils.options import get_common_parser, resolve_defaults
+
+    args = resolve_defaults(get_common_parser().parse_args(list(argv)))
+    args.num_classes = 3
+    return args
+
+
+def test_kmeans_without_file_uses_the_shipped_set_for_voc_and_coco_only():
+    from models import build_anchors
+    from utils.options import check_common_args, run_name
+
+    args = _cli("--dataset", "voc", "--anchor_type", "kmeans", "--input_dim", "600")
+    check_common_args(args)
+    assert args.anchor_file == shipped_anchor_file("voc")
+    assert "kmeans-original_voc" in run_name(args)
+    whs, layout = build_anchors(_cli("--dataset", "coco", "--anchor_type", "kmeans"))
+    assert layout == "original"
+    torch.testing.assert_close(whs[0][1], torch.tensor(COCO_ORIGINAL[1]) * 600)
+    args = _cli("--dataset", "shapes", "--anchor_type", "kmeans")
+    with pytest.raises(SystemExit, match="kmeans_for_anchors.py --dataset shapes"):
+        check_common_args(args)
+    with pytest.raises(ValueError, match="kmeans_for_anchors.py"):
+        build_anchors(args)
+
+
+def test_build_anchors_layouts_and_checkpoint_rebuild(tmp_path, caplog):
+    from models import build_anchors
+
+    whs, layout = build_anchors(_cli("--anchor_type", "pdf9", "--input_dim", "600"))
+    assert layout == "original" and [tuple(w.shape) for w in whs] == [(9, 2)] * 5
+    torch.testing.assert_close(torch.stack(whs), torch.stack(original_anchor_whs("pdf9", 600)))
+    # keep_aspect: the original's sets are computed for a square of --min_size.
+    whs, _ = build_anchors(
+        _cli("--anchor_type", "default", "--resize_mode", "keep_aspect", "--min_size", "512")
+    )
+    torch.testing.assert_close(torch.stack(whs), torch.stack(original_anchor_whs("default", 512)))
+    assert build_anchors(_cli())[1] == "stride"
+    # A kmeans file written by kmeans_for_anchors.py --method per_level: stride layout.
+    path = str(tmp_path / "mine.json")
+    save_anchor_file(path, predefined_anchor_whs(1), resize_mode="square", input_dim=600)
+    assert build_anchors(_cli("--anchor_type", "kmeans", "--anchor_file", path))[1] == "stride"
+    # Anchors from a checkpoint whose file is gone: the layout alone, with a warning.
+    args = _cli("--anchor_type", "kmeans", "--anchor_file", str(tmp_path / "gone.json"))
+    with caplog.at_level("WARNING"):
+        assert build_anchors(args, need_whs=False) == (None, "stride")
+    assert "gone.json" in caplog.text
+    # A shipped file's path from another checkout resolves to ours.
+    args = _cli("--anchor_type", "kmeans", "--anchor_file", "/elsewhere/anchors/original_voc.json")
+    assert build_anchors(args)[1] == "original"
+
+
+def test_detector_uses_the_original_layout():
+    from models import build_model
+
+    args = _cli(
+        "--anchor_type", "pdf9", "--input_dim", "100", "--basenet", "resnet18", "--pretrained", "none",
+        "--fpn_channels", "32", "--num_head_layers", "1",
+    )  # fmt: skip
+    model = build_model(args)[0].eval()
+    assert model.anchor_generator.layout == "original"
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 100, 100))
+    # 100 px: grids 13, 7, 4, 2, 1; P7's single cell is centred on the image (50, 50), not at 64.
+    assert out["grid_sizes"] == [(13, 13), (7, 7), (4, 4), (2, 2), (1, 1)]
+    assert torch.equal(out["anchors"], model.anchor_generator.anchors_for_input(100, 100))
+    last = out["anchors"][-9:]
+    torch.testing.assert_close((last[:, :2] + last[:, 2:]) / 2, torch.full((9, 2), 50.0))
+    assert out["pred_box_deltas"].shape[1] == out["anchors"].shape[0] == 9 * (169 + 49 + 16 + 4 + 1)
+
+
+ORIGINAL_REPO = os.environ.get("FPN_ORIGINAL_REPO")
+
+
+def _load_original(module):
+    path = os.path.join(ORIGINAL_REPO, "modules", f"{module}.py")
+    spec = importlib.util.spec_from_file_location(f"original_{module}", path)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+@pytest.mark.skipif(not ORIGINAL_REPO, reason="set FPN_ORIGINAL_REPO to a checkout of gurkirt/FPN.pytorch1.0")
+@pytest.mark.parametrize(
+    "anchor_type, dataset", [("pdf9", None), ("default", None), ("kmeans", "voc"), ("kmeans", "coco")]
+)
+def test_anchors_equal_the_original_codebase(anchor_type, dataset):
+    """The original's anchorBox output (cx, cy, w, h as fractions of 600), in its order, equals ours."""
+    from models import build_anchors
+
+    if anchor_type == "kmeans":
+        expected = _load_original("anchor_box_kmeans").anchorBox(input_dim=600, dataset=dataset).forward()
+        kmeaned = _load_original("anchor_box_kmeans").anchor_boxes_kmeaned[dataset][:, 2:]
+        torch.testing.assert_close(
+            torch.tensor(kmeaned, dtype=torch.float32),
+            torch.tensor(dict(voc=VOC_ORIGINAL, coco=COCO_ORIGINAL)[dataset]),
+        )
+    else:
+        expected = _load_original("anchor_box_base").anchorBox(anchor_type, input_dim=600).forward()
+    argv = ["--anchor_type", anchor_type, "--input_dim", "600"] + (["--dataset", dataset] if dataset else [])
+    whs, layout = build_anchors(_cli(*argv))
+    ours = AnchorGenerator(whs, layout=layout).anchors_for_input(600, 600)
+    assert ours.shape == expected.shape
+    torch.testing.assert_close(
+        ours, box_convert(expected.double() * 600, "cxcywh", "xyxy").float(), atol=2e-3, rtol=0
+    )

@@ -8,6 +8,7 @@ import torch
 from torchvision.ops import box_iou
 
 import kmeans_for_anchors
+from layers.anchor_sets import SHIPPED_KMEANS_FILES, original_anchor_whs
 from layers.anchors import AnchorGenerator, load_anchor_file, predefined_anchor_whs
 from layers.kmeans import (
     anchor_quality,
@@ -20,6 +21,14 @@ from layers.kmeans import (
 )
 
 ROOT = kmeans_for_anchors.__file__.rsplit("/", 1)[0]
+ROW_FIELDS = {
+    "type",
+    "num_anchors_per_location",
+    "average_iou",
+    "recall_pct",
+    "average_iou_shape",
+    "recall_pct_shape",
+}
 
 # Three planted shapes with 3% multiplicative noise, 400 boxes each.
 PLANTED = np.array([[10.0, 20.0], [30.0, 30.0], [60.0, 20.0]])
@@ -228,11 +237,12 @@ def test_best_anchor_iou_equals_exhaustive_box_iou(input_hw):
     xy = torch.rand(300, 2, 2) * torch.tensor([w * 1.2, h * 1.2]) - torch.tensor([w * 0.1, h * 0.1])
     gt = torch.cat([xy.min(1).values, xy.max(1).values + 1.0], dim=1)
     gen_whs = [predefined_anchor_whs(3), [w * torch.rand(4, 2) + 2.0 for _ in range(5)]]
-    for whs in gen_whs:
-        gen = AnchorGenerator(whs)
-        exhaustive = box_iou(gt, gen.anchors_for_input(h, w)).max(1).values
-        fast = best_anchor_iou(gt, gen, h, w, chunk_size=128)
-        torch.testing.assert_close(fast, exhaustive, rtol=0, atol=1e-6)
+    for whs in gen_whs + [original_anchor_whs("pdf9", min(h, w))]:
+        for layout in ("stride", "original"):  # the original's centres are (j + 0.5) * (input / f)
+            gen = AnchorGenerator(whs, layout=layout)
+            exhaustive = box_iou(gt, gen.anchors_for_input(h, w)).max(1).values
+            fast = best_anchor_iou(gt, gen, h, w, chunk_size=128)
+            torch.testing.assert_close(fast, exhaustive, rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +352,15 @@ def test_end_to_end_on_shapes_and_anchor_file_round_trip(tiny_shapes, tmp_path, 
 
     for split in ("train", "val"):
         rows = {(r["type"], r["num_scales"]): r for r in report["splits"][split]["rows"]}
-        assert [r["num_anchors_per_location"] for r in report["splits"][split]["rows"]] == [9, 6, 3, 3]
+        split_rows = report["splits"][split]["rows"]
+        assert [r["num_anchors_per_location"] for r in split_rows] == [9, 6, 3, 9, 6, 3, 3]
+        assert [r["type"] for r in split_rows] == ["original"] * 3 + ["predefined"] * 3 + ["clustered"]
+        assert [r["name"] for r in split_rows[:3]] == ["pdf9", "pdf6", "default"]
+        assert [r["layout"] for r in split_rows] == ["original"] * 3 + ["stride"] * 4
+        for r in split_rows:
+            assert ROW_FIELDS <= set(r)
+            # The shape measure ignores positions: its best IoU is never below the grid's.
+            assert r["average_iou_shape"] >= r["average_iou"]
         assert rows[("clustered", 1)]["total_anchors"] == 3 * 341
         assert rows[("clustered", 1)]["recall_pct"] >= rows[("predefined", 1)]["recall_pct"]
         assert rows[("clustered", 1)]["num_gt"] == report["splits"][split]["num_boxes"] > 0
@@ -359,9 +377,84 @@ def test_end_to_end_on_shapes_and_anchor_file_round_trip(tiny_shapes, tmp_path, 
         whs,
         (8, 16, 32, 64, 128),
     )
-    assert q["recall_pct"] == report["splits"]["train"]["rows"][3]["recall_pct"]
-    assert q["average_iou"] == report["splits"]["train"]["rows"][3]["average_iou"]
+    assert q["recall_pct"] == report["splits"]["train"]["rows"][6]["recall_pct"]
+    assert q["average_iou"] == report["splits"]["train"]["rows"][6]["average_iou"]
     assert (
         sum(level["num_boxes"] for level in report["clustering"]["levels"])
         == report["clustering"]["num_boxes"]
     )
+
+
+def test_method_original_end_to_end(tiny_shapes, tmp_path, capsys):
+    out = tmp_path / "shapes_original.json"
+    argv = ["--data_root", str(tiny_shapes), "--input_dim", "128", "--method", "original"]
+    report = kmeans_for_anchors.main(
+        kmeans_for_anchors.get_args_parser().parse_args(argv + ["--out", str(out)])
+    )
+    assert report["method"] == "original" and report["layout"] == "original" and report["max_iter"] == 10
+    whs, meta = load_anchor_file(str(out))
+    assert meta["layout"] == "original" and meta["method"] == "original"
+    assert [tuple(w.shape) for w in whs] == [(3, 2)] * 5
+    levels = report["clustering"]["levels"]
+    assert sum(s["num_boxes"] for s in levels) == report["clustering"]["num_boxes"]
+    assert all(s["num_iters"] <= 10 for s in levels)
+    clustered = report["splits"]["train"]["rows"][-1]
+    assert clustered["type"] == "clustered" and clustered["layout"] == "original"
+    # Its clustered set beats the set it was seeded with, on the measure it optimises.
+    default = report["splits"]["train"]["rows"][2]
+    assert default["name"] == "default" and clustered["average_iou_shape"] > default["average_iou_shape"]
+    # The file is what train.py --anchor_type kmeans loads, with the original's centres.
+    from models import build_anchors
+    from utils.options import get_common_parser
+
+    args = get_common_parser().parse_args(
+        ["--anchor_type", "kmeans", "--anchor_file", str(out), "--input_dim", "128"]
+    )
+    built, layout = build_anchors(args)
+    assert layout == "original"
+    torch.testing.assert_close(torch.stack(built), torch.stack(whs))
+    assert "Shape recall %" in capsys.readouterr().out
+    for bad in (["--k", "4"], ["--init", "random"]):
+        with pytest.raises(ValueError, match="--method original"):
+            kmeans_for_anchors.main(kmeans_for_anchors.get_args_parser().parse_args(argv + bad))
+
+
+def test_every_input_file_is_checked_before_clustering(tiny_shapes, tmp_path, monkeypatch):
+    def no_clustering(*args, **kwargs):
+        raise AssertionError("clustered before the inputs were checked")
+
+    monkeypatch.setattr(kmeans_for_anchors, "cluster_anchor_whs", no_clustering)
+    monkeypatch.setattr(kmeans_for_anchors, "cluster_anchor_whs_original", no_clustering)
+    base = ["--data_root", str(tiny_shapes), "--input_dim", "128", "--out", str(tmp_path / "a.json")]
+    # A missing val split and a missing second train split are both named, in one error.
+    argv = base + ["--train_sets", "train,extra", "--val_sets", "val,test"]
+    with pytest.raises(ValueError) as e:
+        kmeans_for_anchors.main(kmeans_for_anchors.get_args_parser().parse_args(argv))
+    assert "extra.json: annotation file not found" in str(e.value)
+    assert "test.json: annotation file not found" in str(e.value)
+    assert "val.json" not in str(e.value)
+    # A broken val file stops the run before any clustering too.
+    broken = tmp_path / "data"
+    (broken / "shapes" / "annotations").mkdir(parents=True)
+    (broken / "shapes" / "annotations" / "train.json").write_text(
+        (tiny_shapes / "shapes" / "annotations" / "train.json").read_text()
+    )
+    (broken / "shapes" / "annotations" / "val.json").write_text("{not json")
+    argv = ["--data_root", str(broken), "--input_dim", "128", "--out", str(tmp_path / "b.json")]
+    with pytest.raises(ValueError, match="val.json: not a valid JSON"):
+        kmeans_for_anchors.main(kmeans_for_anchors.get_args_parser().parse_args(argv))
+    # The original's shipped sets are never overwritten.
+    argv = base[:-1] + [SHIPPED_KMEANS_FILES["voc"]]
+    with pytest.raises(ValueError, match="shipped"):
+        kmeans_for_anchors.main(kmeans_for_anchors.get_args_parser().parse_args(argv))
+
+
+def test_script_prints_one_line_errors(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "kmeans_for_anchors.py", "--data_root", str(tmp_path), "--val_sets", "val"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "train.json: annotation file not found" in done.stderr and "val.json" in done.stderr

@@ -18,6 +18,7 @@ import torch
 
 from data.image_check import CHECK_MODES
 from data.transforms import AUGMENTATIONS
+from layers.anchor_sets import shipped_anchor_file
 
 BASENETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 ARCHS = ("fpn_ohem", "faster_rcnn_fpn")
@@ -178,8 +179,20 @@ def get_common_parser() -> argparse.ArgumentParser:
 
     # * Anchors
     g = parser.add_argument_group("anchors")
-    g.add_argument("--anchor_type", default="predefined", choices=("predefined", "kmeans"))
-    g.add_argument("--anchor_file", default=None, help="anchor JSON written by kmeans_for_anchors.py")
+    g.add_argument(
+        "--anchor_type",
+        default="predefined",
+        choices=("predefined", "kmeans", "pdf9", "default"),
+        help="predefined: RetinaNet's 32..512 px sets from --num_scales/--aspect_ratios (ratio = h/w); "
+        "kmeans: --anchor_file, or for --dataset voc/coco without one the original codebase's clustered "
+        "sets (anchors/original_*.json); pdf9 / default: the original's 9 / 3 per location (ratio = w/h). "
+        "The original's sets use its cell centres (j + 0.5) / f * input",
+    )
+    g.add_argument(
+        "--anchor_file",
+        default=None,
+        help="anchor JSON written by kmeans_for_anchors.py (kmeans; voc/coco default: the original's set)",
+    )
     g.add_argument(
         "--num_scales", type=int, default=3, choices=(1, 2, 3), help="predefined anchors: scales per level"
     )
@@ -317,6 +330,8 @@ def run_name(args: argparse.Namespace, world_size: int = 1) -> str:
         anchors = "rpn"
     elif args.anchor_type == "kmeans":
         anchors = f"kmeans-{os.path.splitext(os.path.basename(args.anchor_file))[0]}"
+    elif args.anchor_type in ("pdf9", "default"):
+        anchors = args.anchor_type
     else:
         anchors = f"pre{args.num_scales}x{len(args.aspect_ratios)}"
     size = f"sq{args.input_dim}" if args.resize_mode == "square" else f"ka{args.min_size}-{args.max_size}"
@@ -369,8 +384,14 @@ def check_common_args(args: argparse.Namespace) -> None:
     """Fail at start, with the option's name, rather than an hour into a run."""
     errors: List[str] = []
     if args.anchor_type == "kmeans":
+        if not args.anchor_file and shipped_anchor_file(args.dataset):
+            args.anchor_file = shipped_anchor_file(args.dataset)  # the original's clustered voc / coco set
         if not args.anchor_file:
-            errors.append("--anchor_type kmeans needs --anchor_file (write one with kmeans_for_anchors.py)")
+            errors.append(
+                f"--anchor_type kmeans needs --anchor_file for --dataset {args.dataset}: write one with "
+                f"`python kmeans_for_anchors.py --dataset {args.dataset} --out anchors/{args.dataset}.json` "
+                "(voc and coco use the original's clustered sets without one)"
+            )
         elif not os.path.isfile(args.anchor_file):
             errors.append(f"--anchor_file {args.anchor_file!r} does not exist")
     if args.anchor_file and args.anchor_type != "kmeans":
