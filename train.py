@@ -47,6 +47,7 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.errors import run_cli
+from utils.launch import relaunch_with_torchrun
 from utils.logger import JsonLinesWriter, MetricLogger, Progress, ScalarSinks, setup_logging
 from utils.options import (
     OptionParser,
@@ -62,14 +63,9 @@ logger = logging.getLogger("train")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    # Schedule, logging and run options are in the common parser (utils/options.py); only the sampling
-    # options are train.py's own.
-    parser = OptionParser("Train an FPN detector", add_help=add_help, parents=[get_common_parser()])
-    g = parser.add_argument_group("sampling")
-    g.add_argument("--sampler", default="random", choices=("random", "class_balanced", "repeat_factor"))
-    g.add_argument("--num_bins", type=int, default=1, help="class_balanced: frequency bins")
-    g.add_argument("--repeat_threshold", type=float, default=0.001, help="repeat_factor: LVIS threshold t")
-    g.add_argument("--aspect_ratio_group", action="store_true", help="batch images of similar aspect ratio")
+    # Every option of train.py is in the common parser (utils/options.py), so that evaluate.py, demo.py
+    # and extract_features.py accept a training command line (and its args.json as --config).
+    parser = OptionParser(description=__doc__, add_help=add_help, parents=[get_common_parser()])
     return parser
 
 
@@ -176,6 +172,7 @@ def anchors_of(model: torch.nn.Module) -> List[List[List[float]]] | None:
 
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
+    relaunch_with_torchrun(args)  # --ngpu N (the original's option): N processes under torchrun
     resolve_defaults(args)
     check_common_args(args)
     check_train_args(args)
@@ -207,11 +204,11 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         except ValueError as e:
             raise SystemExit(str(e)) from None
     check_images_exist([train_set] if val_set is None else [train_set, val_set], args.skip_bad_images)
-    if val_set is not None and args.val_metric == "oid":
+    if val_set is not None and args.metric == "oid":
         hierarchy_path = os.path.join(args.data_root, args.dataset, "hierarchy.json")
         if not os.path.isfile(hierarchy_path):
             raise SystemExit(
-                f"--val_metric oid needs the class hierarchy {hierarchy_path!r} (prep/openimages.py)"
+                f"--metric oid needs the class hierarchy {hierarchy_path!r} (prep/openimages.py)"
             )
         with open(hierarchy_path) as f:
             val_set.hierarchy = json.load(f)
@@ -310,7 +307,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             val_loader,
             val_set,
             device,
-            args.val_metric,
+            args.metric,
+            args.iou_thresh,
             amp_dtype=amp_dtype,
         )
         summary = {}
