@@ -41,7 +41,6 @@ from utils import distributed as dist_utils
 from utils.checkpoint import (
     anchors_from_checkpoint,
     args_to_dict,
-    latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
@@ -56,6 +55,7 @@ from utils.options import (
     get_common_parser,
     resolve_defaults,
     resolve_device,
+    resume_checkpoint_path,
     run_folder,
 )
 
@@ -83,7 +83,7 @@ def check_train_args(args: argparse.Namespace) -> None:
         errors.append(f"--batch_size and --lr must be positive, got {args.batch_size} and {args.lr}")
     if args.warmup_iters < 0 or args.save_step <= 0 or args.log_step <= 0 or args.val_step < 0:
         errors.append("--warmup_iters/--val_step must be >= 0 and --save_step/--log_step > 0")
-    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+    if args.resume not in (None, "auto") and not args.resume.isdigit() and not os.path.isfile(args.resume):
         errors.append(f"--resume {args.resume!r} does not exist (give a checkpoint path or 'auto')")
     on_cpu = (args.device or "").startswith("cpu") or (args.device is None and not torch.cuda.is_available())
     if args.amp_dtype == "fp16" and args.amp and on_cpu:
@@ -213,7 +213,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         with open(hierarchy_path) as f:
             val_set.hierarchy = json.load(f)
 
-    resume_path = latest_checkpoint(run_dir) if args.resume == "auto" else args.resume
+    resume_path = resume_checkpoint_path(args.resume, run_dir)  # a path, 'auto' or an iteration
     checkpoint = load_checkpoint(resume_path) if resume_path else None
     anchor_whs = anchors_from_checkpoint(checkpoint) if checkpoint is not None else None
     # The checkpoint holds every weight: build frozen as --pretrained implies, but read no weight file.

@@ -288,7 +288,9 @@ def get_common_parser() -> argparse.ArgumentParser:
     # line can be reused as it is, e.g. by evaluate.py to find the run folder)
     g = parser.add_argument_group("schedule")
     g.add_argument("--batch_size", type=int, default=24, help="images per process and iteration")
-    g.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    g.add_argument(
+        "--optimizer", default="sgd", choices=("sgd", "adamw"), help="sgd (with --momentum) or adamw"
+    )
     g.add_argument(
         "--lr",
         "--learning-rate",
@@ -319,7 +321,11 @@ def get_common_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--keep_checkpoints", type=int, default=3, help="keep the last N checkpoints (0: all)")
     g.add_argument(
-        "--resume", default=None, help="checkpoint path, or 'auto' for the newest in the run folder"
+        "--resume",
+        default=None,
+        type=resume_option,
+        help="checkpoint path, 'auto' for the newest in the run folder, or (as in the original) an "
+        "iteration N for the run folder's model_N checkpoint; 0: start afresh",
     )
     g.add_argument(
         "--val_step", type=int, default=5000, help="validate every N iterations (0: only at the end)"
@@ -381,6 +387,22 @@ def get_common_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resume_option(text: str) -> str | None:
+    """--resume: a path, 'auto', or the original's iteration number (0: start afresh, as there)."""
+    return None if text.strip() in ("0", "") else text
+
+
+def resume_checkpoint_path(resume: str | None, run_dir: str) -> str | None:
+    """The checkpoint --resume names: None, the run folder's newest ('auto') or its model_N (an iteration)."""
+    from utils.checkpoint import CHECKPOINT_PATTERN, latest_checkpoint  # utils.checkpoint imports torch only
+
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    if resume is not None and resume.isdigit():
+        return os.path.join(run_dir, CHECKPOINT_PATTERN.format(int(resume)))
+    return resume
+
+
 def run_name(args: argparse.Namespace, world_size: int = 1) -> str:
     """Run folder name from the options, as in the original (backbone, anchors, loss, input, batch, lr).
 
@@ -389,7 +411,9 @@ def run_name(args: argparse.Namespace, world_size: int = 1) -> str:
     if args.arch == "faster_rcnn_fpn":
         anchors = "rpn"
     elif args.anchor_type == "kmeans":
-        anchors = f"kmeans-{os.path.splitext(os.path.basename(args.anchor_file))[0]}"
+        # No --anchor_file: the dataset's shipped set (anchors/<dataset>.json), as the original's kmeans.
+        anchor_file = args.anchor_file or f"{args.dataset}.json"
+        anchors = f"kmeans-{os.path.splitext(os.path.basename(anchor_file))[0]}"
     else:
         anchors = f"pre{args.num_scales}x{len(args.aspect_ratios)}"
     size = f"sq{args.input_dim}" if args.resize_mode == "square" else f"ka{args.min_size}-{args.max_size}"
