@@ -493,3 +493,34 @@ def test_namespace_without_record_still_resolves():
     )
     resolve_defaults(args)
     assert args.conf_thresh == 0.001 and args.explicit_options is None
+
+
+@pytest.mark.slow
+def test_ngpu_trains_under_torchrun_end_to_end(tmp_path):
+    """`train.py --ngpu 2 --batch_size 4` on the CPU: two gloo processes of batch 2 (the same total batch),
+    in the run folder named for the total batch, each process's options saying batch 2."""
+    import subprocess
+
+    import torch
+    from tiny_shapes import MODEL_OPTS, ROOT, make_tiny_shapes
+
+    data_root = make_tiny_shapes(str(tmp_path / "data"))
+    argv = MODEL_OPTS + ["--data_root", data_root, "--lr", "0.01", "--max_iter", "2", "--step_values", ""]
+    argv += ["--warmup_iters", "0", "--save_step", "2", "--log_step", "1", "--no_val"]
+    argv += ["--save_root", str(tmp_path / "runs"), "--ngpu=2", "--batch_size=4"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *argv],
+        cwd=ROOT,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--ngpu 2: starting 2 processes of --batch_size 2 each (total 4" in done.stderr
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir()]
+    assert "_bs4_" in run_dir.name
+    checkpoint = torch.load(run_dir / "model_000002.pth", weights_only=True)
+    assert (checkpoint["args"]["batch_size"], checkpoint["args"]["ngpu"]) == (2, 1)
+    assert len(checkpoint["rng_states"]) == 2  # saved by two processes

@@ -1,11 +1,17 @@
 """The one option parser every script shares, and the checks that make bad values fail at start.
 
-Scripts build their parser as ``OptionParser(parents=[get_common_parser()])`` and add only what is
-theirs (OptionParser records which options were typed, for merging with a checkpoint's). Groups: data,
-input, model, anchors, loss, evaluation, schedule, logging and runtime. Every script accepts every group,
+Scripts build their parser as ``OptionParser(description=__doc__, parents=[get_common_parser()])`` and
+add only what is theirs (OptionParser, in utils/cli.py, records which options were given, reads
+``--config FILE`` and shows defaults in ``--help``). Groups: data, sampling, input, model, anchors, loss,
+evaluation, schedule, logging, runtime and the original's options. Every script accepts every group,
 so a training command line works unchanged with evaluate.py (which finds the run folder from it), as in
-the original. Option names follow the original codebase (``--basenet``, ``--shared_heads``,
-``--anchor_type``, ``--loss_type``, ``--max_iter``, ``--step_values``, ``--val_step``).
+the original; demo.py and extract_features.py hide the training groups from ``--help``.
+
+Option names follow the original codebase (``--basenet``, ``--shared_heads``, ``--anchor_type``,
+``--loss_type``, ``--max_iter``, ``--step_values``, ``--val_step``, ``--man_seed``), and every option of
+its four scripts parses: its other spellings are aliases (``--learning-rate``, ``--jaccard_threshold``,
+``--num_nodes``), its booleans take ``=True/False/1/0`` (``BoolAction``) and ``--ngpu`` launches torchrun
+(utils/launch.py). One spelling per concept: the first option string is the one ``--help`` shows.
 """
 
 from __future__ import annotations
