@@ -369,6 +369,9 @@ def test_protocol_original_values_and_overrides():
         parser_of("evaluate").parse_args(["--protocol", "original", "--nms_thresh", "0.5"])
     )
     assert typed.nms_thresh == 0.5 and typed.conf_thresh == 0.001
+    # extract_features.py keeps its 10 detections per image (the original's --num_nodes).
+    extract = parser_of("extract_features").parse_args(["--checkpoint", "c.pth", "--protocol", "original"])
+    assert (resolve_defaults(extract).topk, extract.nms_thresh) == (10, 0.45)
     # They win over the values of a checkpoint trained with ours.
     checkpoint = {"args": {"conf_thresh": 0.05, "pre_nms_topk": 1000, "nms_thresh": 0.5, "topk": 100}}
     merged = args_from_checkpoint(checkpoint, args, parser_of("evaluate"))

@@ -43,6 +43,7 @@ TRAINING_OPTIONS = ("train_sets", "augment", "crop_rule", "pretrained", "freeze_
 COMMON_SPLITS = {"train_sets": "train", "val_sets": "val"}
 ORIGINAL_SPLITS = {"voc": ("trainval2007,trainval2012", "test2007"), "coco": ("train2017", "val2017")}
 ORIGINAL_PROTOCOL = {"conf_thresh": 0.001, "pre_nms_topk": 200, "nms_thresh": 0.45, "topk": 0}
+OURS_PROTOCOL = {"conf_thresh": 0.05, "pre_nms_topk": 1000, "nms_thresh": 0.5, "topk": 100}  # the defaults
 
 
 def float_list(text: str) -> List[float]:
@@ -251,21 +252,29 @@ def get_common_parser() -> argparse.ArgumentParser:
         "levels, NMS 0.45 on unclipped boxes, at most 50 per class for VOC and 20 for COCO, no cap per "
         "image); options given explicitly override the protocol's values",
     )
-    g.add_argument("--conf_thresh", type=float, default=0.05, help="score threshold before NMS (strict >)")
     g.add_argument(
-        "--nms_thresh", type=float, default=0.5, help="NMS IoU threshold (an IoU above it suppresses)"
+        "--conf_thresh",
+        type=float,
+        default=OURS_PROTOCOL["conf_thresh"],
+        help="score threshold before NMS (strict >)",
+    )
+    g.add_argument(
+        "--nms_thresh",
+        type=float,
+        default=OURS_PROTOCOL["nms_thresh"],
+        help="NMS IoU threshold (an IoU above it suppresses)",
     )
     g.add_argument(
         "--pre_nms_topk",
         type=int,
-        default=1000,
+        default=OURS_PROTOCOL["pre_nms_topk"],
         help="candidates before NMS: per level (--protocol ours) or per class (--protocol original)",
     )
     g.add_argument(
         "--topk",
         "--num_nodes",
         type=int,
-        default=100,
+        default=OURS_PROTOCOL["topk"],
         help="detections kept per image after NMS, best first (0: no cap)",
     )
     g.add_argument(
@@ -476,7 +485,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     protocol = getattr(args, "protocol", "ours")
     if protocol == "original":
         for key, value in ORIGINAL_PROTOCOL.items():
-            if typed is None or key not in typed:
+            # Not given, and the common default (extract_features.py keeps its own --topk 10).
+            if (typed is None or key not in typed) and getattr(args, key) == OURS_PROTOCOL[key]:
                 setattr(args, key, value)
     if typed is not None and (protocol == "original" or "protocol" in typed):
         args.explicit_options = sorted(set(typed) | set(ORIGINAL_PROTOCOL) | {"protocol", "max_per_class"})
