@@ -415,3 +415,23 @@ def test_original_crop_rule_in_the_pipeline():
     assert (cropper.iou_rule, cropper.max_trials) == ("any", 50)
     with pytest.raises(ValueError, match="iou_rule"):
         RandomSampleCrop(iou_rule="most")
+
+
+def test_crop_rule_hand_computed(monkeypatch):
+    """Scripted draws: candidate 1 is [10,10,60,60] (IoU 1 with box 0, 400/4600 = 0.09 with box 1),
+    candidate 2 is [20,20,80,80] (1600/4500 = 0.36 with both). At min IoU 0.3, "any" takes candidate 1 (and
+    removes box 1, whose centre is outside), "all" rejects it and takes candidate 2."""
+    image = np.zeros((100, 100, 3), np.uint8)
+    boxes = np.array([[10, 10, 60, 60], [40, 40, 90, 90]], np.float32)
+    target = {"boxes": boxes, "labels": np.array([0, 1]), "difficult": np.zeros(2, bool)}
+    for rule, expected in (
+        ("any", [[0, 0, 50, 50]]),
+        ("all", [[0, 0, 40, 40], [20, 20, 60, 60]]),
+    ):
+        draws = iter([50.0, 50.0, 10.0, 10.0, 60.0, 60.0, 20.0, 20.0])  # w, h, left, top per candidate
+        monkeypatch.setattr(np.random, "randint", lambda n: 0)  # the first option: min IoU 0.3
+        monkeypatch.setattr(np.random, "uniform", lambda *a, draws=draws: next(draws))
+        out_image, out = RandomSampleCrop(min_ious=(0.3,), iou_rule=rule)(image, target)
+        assert out_image.shape[:2] == ((50, 50) if rule == "any" else (60, 60))
+        np.testing.assert_array_equal(out["boxes"], expected)
+        assert out.get("num_cropped_out", 0) == (1 if rule == "any" else 0)  # box 1's centre (65, 65) is out
