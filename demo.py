@@ -27,6 +27,8 @@ from utils.checkpoint import build_model_from_checkpoint
 from utils.errors import run_cli
 from utils.logger import setup_logging
 from utils.options import (
+    TRAINING_GROUPS,
+    TRAINING_OPTIONS,
     OptionParser,
     amp_dtype_of,
     check_common_args,
@@ -39,12 +41,37 @@ logger = logging.getLogger("demo")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = OptionParser("Run a detector on images", add_help=add_help, parents=[get_common_parser()])
-    g = parser.add_argument_group("demo")
-    g.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
-    g.add_argument("--images", nargs="+", default=["demo_data/samples"], help="image files or folders")
-    g.add_argument("--save_path", default="demo_data/outputs", help="where annotated images are written")
-    g.add_argument("--score_thresh", type=float, default=0.5, help="final score threshold for drawing")
+    parser = OptionParser(
+        description=__doc__,
+        add_help=add_help,
+        parents=[get_common_parser()],
+        hidden_groups=TRAINING_GROUPS,
+        hidden_options=TRAINING_OPTIONS,
+    )
+    g = parser.add_argument_group("demo (the original's names are aliases)")
+    g.add_argument("--checkpoint", "--model_path", required=True, help="a checkpoint written by train.py")
+    g.add_argument(
+        "--images",
+        "--samples_path",
+        nargs="+",
+        default=["demo_data/samples"],
+        help="image files or folders",
+    )
+    g.add_argument(
+        "--save_path",
+        "--outputs_path",
+        "--out",
+        "--output",
+        default="demo_data/outputs",
+        help="where annotated images are written",
+    )
+    g.add_argument(
+        "--score_thresh",
+        "--final_thresh",
+        type=float,
+        default=0.5,
+        help="final score threshold for drawing",
+    )
     return parser
 
 

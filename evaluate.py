@@ -46,9 +46,9 @@ logger = logging.getLogger("evaluate")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = OptionParser("Evaluate a detector", add_help=add_help, parents=[get_common_parser()])
+    parser = OptionParser(description=__doc__, add_help=add_help, parents=[get_common_parser()])
     g = parser.add_argument_group("what to evaluate")
-    g.add_argument("--checkpoint", default=None, help="a checkpoint written by train.py")
+    g.add_argument("--checkpoint", "--model_path", default=None, help="a checkpoint written by train.py")
     g.add_argument(
         "--run_dir", default=None, help="a run folder; with --eval_iters, several of its checkpoints"
     )
@@ -64,12 +64,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=None,
         help="score an existing COCO results JSON or Open Images submission CSV (.csv), no model needed",
     )
-    g = parser.add_argument_group("metrics and outputs")
-    g.add_argument("--metric", default="voc", choices=("voc", "coco", "oid", "all"))
-    g.add_argument("--iou_thresh", type=float, default=0.5, help="VOC IoU threshold")
+    g = parser.add_argument_group("metrics and outputs (--metric, --iou_thresh: see evaluation)")
     g.add_argument("--hierarchy", default=None, help="Open Images class hierarchy JSON (for --metric oid)")
     g.add_argument(
         "--save_path",
+        "--out",
+        "--output",
         default=None,
         help="folder for results JSON and metrics (default: next to the checkpoint)",
     )

@@ -40,6 +40,8 @@ from utils.checkpoint import build_model_from_checkpoint
 from utils.errors import run_cli
 from utils.logger import setup_logging
 from utils.options import (
+    TRAINING_GROUPS,
+    TRAINING_OPTIONS,
     OptionParser,
     amp_dtype_of,
     check_common_args,
@@ -52,14 +54,26 @@ logger = logging.getLogger("extract_features")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = OptionParser("Extract detection features", add_help=add_help, parents=[get_common_parser()])
-    g = parser.add_argument_group("extraction")
-    g.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
-    g.add_argument(
-        "--images", nargs="*", default=None, help="image files/folders (default: --val_sets of --dataset)"
+    parser = OptionParser(
+        description=__doc__,
+        add_help=add_help,
+        parents=[get_common_parser()],
+        hidden_groups=TRAINING_GROUPS,
+        hidden_options=TRAINING_OPTIONS,
     )
-    g.add_argument("--save_path", default="features", help="output folder, one .pth per image")
-    g.add_argument("--num_nodes", type=int, default=10, help="detections kept per image")
+    g = parser.add_argument_group("extraction (the original's names are aliases)")
+    g.add_argument("--checkpoint", "--model_path", required=True, help="a checkpoint written by train.py")
+    g.add_argument(
+        "--images",
+        "--samples_path",
+        nargs="*",
+        default=None,
+        help="image files/folders (default: --val_sets of --dataset)",
+    )
+    g.add_argument(
+        "--save_path", "--out", "--output", default="features", help="output folder, one .pth per image"
+    )
+    parser.set_defaults(topk=10)  # --topk / --num_nodes (utils/options.py): detections kept per image
     return parser
 
 
@@ -132,6 +146,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     setup_logging()
     resolve_defaults(args)
     check_common_args(args)
+    args.num_nodes = args.topk  # --num_nodes is an alias of --topk
     if args.num_nodes < 1:
         raise SystemExit(f"--num_nodes must be >= 1, got {args.num_nodes}")
     device = resolve_device(args.device)

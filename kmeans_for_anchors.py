@@ -61,6 +61,7 @@ from layers.anchor_sets import SHIPPED_KMEANS_FILES, original_anchor_whs
 from layers.anchors import DEFAULT_STRIDES, load_anchor_file, predefined_anchor_whs, save_anchor_file
 from layers.kmeans import INIT_MODES, anchor_quality, cluster_anchor_whs, kmeans_aspect_ratios
 from layers.kmeans_original import cluster_anchor_whs_original, shape_quality
+from utils.cli import HelpFormatter
 from utils.errors import UserError, run_cli
 from utils.options import split_names
 
@@ -74,7 +75,11 @@ DEFAULT_MAX_ITER = {"per_level": 300, "original": 10}
 
 
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("IoU k-means anchors and anchor-quality report", add_help=add_help)
+    parser = argparse.ArgumentParser(
+        description="IoU k-means anchors and anchor-quality report",
+        add_help=add_help,
+        formatter_class=HelpFormatter,
+    )
     # * Data (same names and defaults as the shared parser)
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="shapes", help="dataset folder name under --data_root")
@@ -83,7 +88,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--val_sets", default="val", help="comma-separated splits to report on ('' for none)")
     # * Input: boxes are rescaled as training resizes the images
     g = parser.add_argument_group("input")
-    g.add_argument("--resize_mode", default="square", choices=("square", "keep_aspect"))
+    g.add_argument(
+        "--resize_mode", default="square", choices=("square", "keep_aspect"), help="as in train.py"
+    )
     g.add_argument("--input_dim", type=int, default=600, help="square input size")
     g.add_argument("--min_size", type=int, default=600, help="keep_aspect: short side")
     g.add_argument("--max_size", type=int, default=1000, help="keep_aspect: long side at most")
@@ -111,10 +118,17 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
         choices=INIT_MODES,
         help="initial centres: predefined one-scale anchors, or k random boxes (uses --seed)",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed of --init random")
+    g.add_argument("--man_seed", "--seed", dest="seed", type=int, default=0, help="seed of --init random")
     # * Output
     g = parser.add_argument_group("output")
-    g.add_argument("--out", default=None, help="anchor file to write (default anchors/<dataset>.json)")
+    g.add_argument(
+        "--save_path",
+        "--out",
+        "--output",
+        dest="out",
+        default=None,
+        help="anchor file to write (default anchors/<dataset>.json)",
+    )
     g.add_argument("--json", action="store_true", help="print the report as one JSON object (last line)")
     return parser
 
@@ -459,4 +473,4 @@ def main(args: argparse.Namespace) -> Dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_cli(main, argparse.ArgumentParser(parents=[get_args_parser()]))
+    run_cli(main, get_args_parser(add_help=True))

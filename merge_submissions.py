@@ -16,6 +16,7 @@ import logging
 import os
 from typing import Any, Dict
 
+from utils.cli import HelpFormatter
 from utils.errors import run_cli
 from utils.oid_eval import merge_oid_submissions
 
@@ -23,9 +24,18 @@ logger = logging.getLogger("merge_submissions")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Merge Open Images submission CSVs", add_help=add_help)
+    parser = argparse.ArgumentParser(
+        description="Merge Open Images submission CSVs", add_help=add_help, formatter_class=HelpFormatter
+    )
     parser.add_argument("--inputs", nargs="+", required=True, help="submission CSVs, in merge order")
-    parser.add_argument("--output", required=True, help="merged submission CSV (written atomically)")
+    parser.add_argument(
+        "--save_path",
+        "--output",
+        "--out",
+        dest="output",
+        required=True,
+        help="merged submission CSV (written atomically)",
+    )
     return parser
 
 

@@ -44,13 +44,13 @@ from utils import distributed as dist_utils
 from utils.checkpoint import (
     anchors_from_checkpoint,
     args_to_dict,
-    latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
 )
 from utils.ema import ModelEMA
 from utils.errors import run_cli
+from utils.launch import relaunch_with_torchrun
 from utils.logger import JsonLinesWriter, MetricLogger, Progress, ScalarSinks, setup_logging
 from utils.options import (
     OptionParser,
@@ -59,6 +59,7 @@ from utils.options import (
     get_common_parser,
     resolve_defaults,
     resolve_device,
+    resume_checkpoint_path,
     run_folder,
 )
 
@@ -66,14 +67,9 @@ logger = logging.getLogger("train")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    # Schedule, logging and run options are in the common parser (utils/options.py); only the sampling
-    # options are train.py's own.
-    parser = OptionParser("Train an FPN detector", add_help=add_help, parents=[get_common_parser()])
-    g = parser.add_argument_group("sampling")
-    g.add_argument("--sampler", default="random", choices=("random", "class_balanced", "repeat_factor"))
-    g.add_argument("--num_bins", type=int, default=1, help="class_balanced: frequency bins")
-    g.add_argument("--repeat_threshold", type=float, default=0.001, help="repeat_factor: LVIS threshold t")
-    g.add_argument("--aspect_ratio_group", action="store_true", help="batch images of similar aspect ratio")
+    # Every option of train.py is in the common parser (utils/options.py), so that evaluate.py, demo.py
+    # and extract_features.py accept a training command line (and its args.json as --config).
+    parser = OptionParser(description=__doc__, add_help=add_help, parents=[get_common_parser()])
     return parser
 
 
@@ -91,7 +87,7 @@ def check_train_args(args: argparse.Namespace) -> None:
         errors.append(f"--batch_size and --lr must be positive, got {args.batch_size} and {args.lr}")
     if args.warmup_iters < 0 or args.save_step <= 0 or args.log_step <= 0 or args.val_step < 0:
         errors.append("--warmup_iters/--val_step must be >= 0 and --save_step/--log_step > 0")
-    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+    if args.resume not in (None, "auto") and not args.resume.isdigit() and not os.path.isfile(args.resume):
         errors.append(f"--resume {args.resume!r} does not exist (give a checkpoint path or 'auto')")
     on_cpu = (args.device or "").startswith("cpu") or (args.device is None and not torch.cuda.is_available())
     if args.amp_dtype == "fp16" and args.amp and on_cpu:
@@ -173,6 +169,7 @@ def anchors_of(model: torch.nn.Module) -> List[List[List[float]]] | None:
 
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
+    relaunch_with_torchrun(args)  # --ngpu N (the original's option): N processes under torchrun
     resolve_defaults(args)
     check_common_args(args)
     check_train_args(args)
@@ -212,16 +209,16 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         args.check_images,
         args.num_workers,
     )
-    if val_set is not None and args.val_metric == "oid":
+    if val_set is not None and args.metric == "oid":
         hierarchy_path = os.path.join(args.data_root, args.dataset, "hierarchy.json")
         if not os.path.isfile(hierarchy_path):
             raise SystemExit(
-                f"--val_metric oid needs the class hierarchy {hierarchy_path!r} (prep/openimages.py)"
+                f"--metric oid needs the class hierarchy {hierarchy_path!r} (prep/openimages.py)"
             )
         with open(hierarchy_path) as f:
             val_set.hierarchy = json.load(f)
 
-    resume_path = latest_checkpoint(run_dir) if args.resume == "auto" else args.resume
+    resume_path = resume_checkpoint_path(args.resume, run_dir)  # a path, 'auto' or an iteration
     checkpoint = load_checkpoint(resume_path) if resume_path else None
     anchor_whs = anchors_from_checkpoint(checkpoint) if checkpoint is not None else None
     # The checkpoint holds every weight: build frozen as --pretrained implies, but read no weight file.
@@ -332,7 +329,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             val_loader,
             val_set,
             device,
-            args.val_metric,
+            args.metric,
+            args.iou_thresh,
             amp_dtype=amp_dtype,
         )
         summary = {}

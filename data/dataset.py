@@ -411,6 +411,7 @@ def build_dataset(args: argparse.Namespace, split: str | Sequence[str], train: b
         min_size=args.min_size,
         max_size=args.max_size,
         augment=getattr(args, "augment", "ssd"),
+        crop_rule=getattr(args, "crop_rule", "any"),
     )
     return DetectionDataset(
         os.path.join(args.data_root, args.dataset),

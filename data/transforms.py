@@ -35,6 +35,8 @@ MEAN_PIXEL = tuple(255.0 * m for m in IMAGENET_MEAN)
 
 BOX_FIELDS = ("boxes", "labels", "difficult", "iscrowd")
 RESIZE_MODES = ("square", "keep_aspect")
+# RandomSampleCrop's min-IoU rule: any (Caffe SSD, ours) or all (the original codebase), see there.
+CROP_RULES = ("any", "all")
 
 Target = Dict[str, Any]
 
@@ -224,9 +226,11 @@ class RandomSampleCrop:
 
     Each call picks one option uniformly: keep the whole image (None), a free patch (min IoU -inf)
     or a patch with min IoU 0.1 / 0.3 / 0.5 / 0.7 / 0.9. A candidate patch has sides uniform in
-    [0.3, 1] of the image's, aspect ratio h / w in [0.5, 2] and integer corners. As in Caffe SSD, it
-    satisfies min IoU when at least one object overlaps it that much (ssd.pytorch's check never
-    rejects anything), and it must contain at least one object centre. Objects are the boxes that
+    [0.3, 1] of the image's, aspect ratio h / w in [0.5, 2] and integer corners. With
+    ``iou_rule="any"`` (the default, as in Caffe SSD) it satisfies min IoU when at least one object
+    overlaps it that much (ssd.pytorch's check never rejects anything); with ``iou_rule="all"`` (the
+    original codebase's data/augmentations.py, with its max_trials=20) every object must. It must
+    also contain at least one object centre. Objects are the boxes that
     are not ignored (label >= 0, not difficult, not crowd), or all boxes when every box is ignored;
     an image without boxes is cropped freely. After max_trials failed candidates a new option is
     drawn (eventually None; after max_rounds draws the image is returned whole). Boxes whose centre
@@ -240,7 +244,11 @@ class RandomSampleCrop:
         min_scale: float = 0.3,
         max_trials: int = 50,
         max_rounds: int = 100,
+        iou_rule: str = "any",
     ):
+        if iou_rule not in CROP_RULES:
+            raise UserError(f"unknown crop iou_rule {iou_rule!r} (expected one of {CROP_RULES})")
+        self.iou_rule = iou_rule
         self.min_ious = tuple(min_ious)
         self.min_scale = min_scale
         self.max_trials = max_trials
@@ -279,7 +287,8 @@ class RandomSampleCrop:
                     continue
                 if len(boxes) == 0:
                     return crop(image, target, rect)
-                if box_iou_numpy(boxes[objects], rect).max() < min_iou:
+                ious = box_iou_numpy(boxes[objects], rect)
+                if (ious.min() if self.iou_rule == "all" else ious.max()) < min_iou:
                     continue
                 if not (centers_inside(boxes, rect) & objects).any():
                     continue
@@ -287,7 +296,10 @@ class RandomSampleCrop:
         return image, target
 
     def __repr__(self) -> str:
-        return f"RandomSampleCrop(min_ious={self.min_ious}, min_scale={self.min_scale})"
+        return (
+            f"RandomSampleCrop(min_ious={self.min_ious}, min_scale={self.min_scale}, "
+            f"iou_rule={self.iou_rule}, max_trials={self.max_trials})"
+        )
 
 
 class RandomHorizontalFlip:
@@ -397,6 +409,7 @@ def build_transforms(
     min_size: int = 600,
     max_size: int = 1000,
     augment: bool | str = True,
+    crop_rule: str = "any",
 ) -> Compose:
     """The pipeline ``(image np.uint8[H, W, 3] RGB, target of numpy arrays) -> (Tensor[3, h, w], target)``.
 
@@ -404,6 +417,8 @@ def build_transforms(
     RandomSampleCrop, RandomHorizontalFlip; "flip" is RandomHorizontalFlip alone (short schedules on
     small sets, where zoom-out and crops cost more iterations than they give back); "none" (or False)
     adds nothing. Every pipeline ends with Resize, ToTensorNormalize, as evaluation does.
+    ``crop_rule`` "all" gives RandomSampleCrop the original codebase's rule (every box reaches the min IoU,
+    20 trials per option) instead of "any" (one box, 50 trials).
     """
     if resize_mode not in RESIZE_MODES:
         raise UserError(f"unknown resize_mode {resize_mode!r} (expected one of {RESIZE_MODES})")
@@ -413,7 +428,10 @@ def build_transforms(
         raise UserError(f"unknown augment {augment!r} (expected one of {AUGMENTATIONS})")
     steps: List[Any] = []
     if train and augment == "ssd":
-        steps += [PhotometricDistort(), Expand(MEAN_PIXEL), RandomSampleCrop(), RandomHorizontalFlip()]
+        cropper = (
+            RandomSampleCrop(iou_rule="all", max_trials=20) if crop_rule == "all" else RandomSampleCrop()
+        )
+        steps += [PhotometricDistort(), Expand(MEAN_PIXEL), cropper, RandomHorizontalFlip()]
     elif train and augment == "flip":
         steps += [RandomHorizontalFlip()]
     steps += [Resize(resize_mode, input_dim, min_size, max_size), ToTensorNormalize()]

@@ -53,9 +53,15 @@ class _AnchorLoss(nn.Module):
     """Matching and the box term shared by both losses."""
 
     def __init__(
-        self, box_coder: BoxCoder, positive_threshold: float, negative_threshold: float, smooth_l1_beta: float
+        self,
+        box_coder: BoxCoder,
+        positive_threshold: float,
+        negative_threshold: float,
+        smooth_l1_beta: float,
+        best_anchor_match: str = "ties",
     ):
         super().__init__()
+        self.best_anchor_match = best_anchor_match  # see layers.matcher.match_anchors
         if negative_threshold > positive_threshold:
             raise ValueError(
                 f"negative_threshold {negative_threshold} > positive_threshold {positive_threshold}"
@@ -77,6 +83,7 @@ class _AnchorLoss(nn.Module):
             self.positive_threshold,
             self.negative_threshold,
             allow_low_quality=True,
+            best_anchor_match=self.best_anchor_match,
         )
         positive = matched_idxs >= 0
         idx = matched_idxs.clamp(min=0)
@@ -134,8 +141,9 @@ class MultiBoxLoss(_AnchorLoss):
         negative_threshold: float = 0.5,
         neg_pos_ratio: float = 3,
         smooth_l1_beta: float = 1.0,
+        best_anchor_match: str = "ties",
     ):
-        super().__init__(box_coder, positive_threshold, negative_threshold, smooth_l1_beta)
+        super().__init__(box_coder, positive_threshold, negative_threshold, smooth_l1_beta, best_anchor_match)
         self.neg_pos_ratio = neg_pos_ratio
 
     def forward(self, outputs: Dict[str, Tensor], targets: List[Dict]) -> Dict[str, Tensor]:
@@ -239,8 +247,9 @@ class FocalLoss(_AnchorLoss):
         alpha: float = 0.25,
         gamma: float = 2.0,
         smooth_l1_beta: float = 1.0 / 9,
+        best_anchor_match: str = "ties",
     ):
-        super().__init__(box_coder, positive_threshold, negative_threshold, smooth_l1_beta)
+        super().__init__(box_coder, positive_threshold, negative_threshold, smooth_l1_beta, best_anchor_match)
         self.alpha = alpha
         self.gamma = gamma
 

@@ -12,6 +12,8 @@ from torch import Tensor
 
 BACKGROUND = -1
 IGNORE = -2
+# How each gt box claims its best anchor(s) (rule 2 of match_anchors).
+BEST_ANCHOR_MATCHES = ("ties", "one")
 
 
 def pad_targets(targets: List[Dict], device: torch.device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -95,6 +97,7 @@ def match_anchors(
     positive_threshold: float,
     negative_threshold: float,
     allow_low_quality: bool = True,
+    best_anchor_match: str = "ties",
 ) -> Tensor:
     """Label every anchor of every image as matched gt index, BACKGROUND or IGNORE.
 
@@ -104,6 +107,10 @@ def match_anchors(
             ``pad_targets``. Padded (invalid) slots never match anything.
         positive_threshold, negative_threshold: IoU thresholds, negative <= positive.
         allow_low_quality: also make each usable gt's best anchor(s) positive (SSD), see below.
+        best_anchor_match: "ties" (rule 2 as below) or "one": each usable gt with best IoU > 0 claims only
+            its first best anchor (lowest index), and when several gts claim one anchor the gt of highest
+            index wins, whatever the IoUs: the original codebase's (and ssd.pytorch's) ``match``, whose
+            loop over gts lets a later gt overwrite an earlier one's claim.
 
     Returns:
         matched_idxs (Tensor[N, A] int64): >= 0 index into G of the matched gt, -1 BACKGROUND, -2 IGNORE.
@@ -121,6 +128,8 @@ def match_anchors(
     """
     if negative_threshold > positive_threshold:
         raise ValueError(f"negative_threshold {negative_threshold} > positive_threshold {positive_threshold}")
+    if best_anchor_match not in BEST_ANCHOR_MATCHES:
+        raise ValueError(f"best_anchor_match must be one of {BEST_ANCHOR_MATCHES}, got {best_anchor_match!r}")
     num_images, num_gt = gt_valid.shape
     num_anchors = anchors.shape[0]
     matched_idxs = torch.full((num_images, num_anchors), BACKGROUND, dtype=torch.int64, device=anchors.device)
@@ -139,7 +148,15 @@ def match_anchors(
     positive = max_iou >= positive_threshold
     matched_idxs = torch.where(positive, best_gt, matched_idxs)
 
-    if allow_low_quality:
+    if allow_low_quality and best_anchor_match == "one":
+        best_iou_per_gt, best_anchor = iou.max(dim=2)  # [N, G]: the first best anchor of each gt
+        gt_idxs = torch.arange(num_gt, device=iou.device).expand(num_images, num_gt)
+        claimer_idxs = torch.where(best_iou_per_gt > 0, gt_idxs, -1)  # [N, G]; -1: claims nothing
+        claim_gt = torch.full_like(matched_idxs, -1).scatter_reduce_(1, best_anchor, claimer_idxs, "amax")
+        claimed = claim_gt >= 0  # [N, A]; the highest claiming gt index won
+        matched_idxs = torch.where(claimed, claim_gt, matched_idxs)
+        positive |= claimed
+    elif allow_low_quality:
         best_iou_per_gt = iou.amax(dim=2, keepdim=True)  # [N, G, 1]; -1 for unusable slots
         claims = (iou == best_iou_per_gt).logical_and_(best_iou_per_gt > 0)  # [N, G, A]
         claim_iou, claim_gt = iou.masked_fill_(claims.logical_not_(), -1.0).max(dim=1)  # [N, A]

@@ -1,7 +1,7 @@
 """Detections from head outputs: per-level threshold and top-k, decode, clip, NMS, back to original pixels."""
 
 import logging
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,15 @@ class PostProcess(nn.Module):
     Args:
         box_coder: decodes the deltas (same variances as in training).
         score_type: "softmax" (K + 1 columns, column 0 = background, dropped) or "sigmoid" (K columns).
-        conf_thresh, pre_nms_topk, nms_thresh, max_detections, class_agnostic: as named.
+        conf_thresh, pre_nms_topk, nms_thresh, max_detections, class_agnostic: as named; max_detections 0
+            (or None) keeps every detection.
+        per_class_topk: step 1 keeps, per image and class, the ``pre_nms_topk`` best anchors above
+            ``conf_thresh`` over all levels, instead of the best (anchor, class) pairs per level.
+        max_per_class: after NMS keep at most this many per image and class (0: no cap).
+        clip_before_nms: clip the decoded boxes before NMS (False: NMS on unclipped boxes, clip after).
+        The original codebase's evaluation (``--protocol original``) is per_class_topk=True with
+        pre_nms_topk 200, conf_thresh 0.001, nms_thresh 0.45, max_per_class 50 (VOC) or 20 (COCO),
+        max_detections 0 and clip_before_nms=False.
 
     Inputs (forward):
         outputs: pred_logits (Tensor[N, A, C]), pred_box_deltas (Tensor[N, A, 4]), anchors (Tensor[A, 4],
@@ -44,15 +52,19 @@ class PostProcess(nn.Module):
         conf_thresh: float = 0.05,
         pre_nms_topk: int = 1000,
         nms_thresh: float = 0.5,
-        max_detections: int = 100,
+        max_detections: int | None = 100,
         class_agnostic: bool = False,
+        per_class_topk: bool = False,
+        max_per_class: int = 0,
+        clip_before_nms: bool = True,
     ):
         super().__init__()
         if score_type not in ("softmax", "sigmoid"):
             raise ValueError(f"score_type must be 'softmax' or 'sigmoid', got {score_type!r}")
-        if pre_nms_topk < 1 or max_detections < 1:
+        if pre_nms_topk < 1 or (max_detections or 0) < 0 or max_per_class < 0:
             raise ValueError(
-                f"pre_nms_topk ({pre_nms_topk}) and max_detections ({max_detections}) must be >= 1"
+                f"pre_nms_topk ({pre_nms_topk}) must be >= 1, max_detections ({max_detections}) and "
+                f"max_per_class ({max_per_class}) >= 0"
             )
         self.box_coder = box_coder
         self.score_type = score_type
@@ -61,12 +73,17 @@ class PostProcess(nn.Module):
         self.nms_thresh = nms_thresh
         self.max_detections = max_detections
         self.class_agnostic = class_agnostic
+        self.per_class_topk = per_class_topk
+        self.max_per_class = max_per_class
+        self.clip_before_nms = clip_before_nms
 
     def extra_repr(self) -> str:
         return (
             f"score_type={self.score_type}, conf_thresh={self.conf_thresh}, "
             f"pre_nms_topk={self.pre_nms_topk}, nms_thresh={self.nms_thresh}, "
-            f"max_detections={self.max_detections}, class_agnostic={self.class_agnostic}"
+            f"max_detections={self.max_detections}, class_agnostic={self.class_agnostic}, "
+            f"per_class_topk={self.per_class_topk}, max_per_class={self.max_per_class}, "
+            f"clip_before_nms={self.clip_before_nms}"
         )
 
     @torch.no_grad()
@@ -94,8 +111,12 @@ class PostProcess(nn.Module):
         # pair at least as good), so only those anchors' K scores are computed: one max-reduction over
         # the level instead of scores, a mask and a top-k over all A_l * K pairs.
         cand_scores, cand_anchor_idxs, cand_labels = [], [], []
+        if self.per_class_topk:  # instead: per class, the best anchors over all levels
+            cand_scores, cand_anchor_idxs, cand_labels = _per_class_candidates(
+                pred_logits, softmax, self.pre_nms_topk, self.conf_thresh
+            )
         start = 0
-        for num_level in num_anchors_per_level:
+        for num_level in [] if self.per_class_topk else num_anchors_per_level:
             logits = pred_logits[:, start : start + num_level]  # [N, A_l, C]
             if softmax:
                 log_norm = torch.logsumexp(logits.float(), dim=2)  # [N, A_l]
@@ -126,7 +147,8 @@ class PostProcess(nn.Module):
         # 2. Decode and clip to the valid (unpadded) image area.
         sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets]).to(device)  # [N, 2] (h, w)
         boxes = self.box_coder.decode(pred_box_deltas[image_idxs, anchor_idxs], anchors[anchor_idxs])
-        boxes = _clip_xyxy(boxes, sizes[image_idxs].float())
+        if self.clip_before_nms:
+            boxes = _clip_xyxy(boxes, sizes[image_idxs].float())
 
         # 3. NMS per image and class (or per image). On CPU: one nms() per group on contiguous slices
         # after one sort (batched_nms would scan all boxes once per group); on GPU: one batched_nms.
@@ -153,14 +175,18 @@ class PostProcess(nn.Module):
         else:
             keep = batched_nms(boxes.double(), scores.double(), nms_groups, self.nms_thresh)
 
+        if self.max_per_class:  # keep is sorted by decreasing score: the first of each group are its best
+            keep = keep[_first_k_per_group(image_idxs[keep] * num_classes + labels[keep], self.max_per_class)]
+
         # 4. The max_detections best per image: stable sort by image keeps the score order within each.
         keep = keep[torch.sort(image_idxs[keep], stable=True).indices]
         kept_image_idxs = image_idxs[keep]
         counts = torch.bincount(kept_image_idxs, minlength=num_images)
         first = torch.cumsum(counts, 0) - counts
         rank = torch.arange(keep.numel(), device=device) - first[kept_image_idxs]
-        keep = keep[rank < self.max_detections]
-        counts = counts.clamp(max=self.max_detections)
+        if self.max_detections:
+            keep = keep[rank < self.max_detections]
+            counts = counts.clamp(max=self.max_detections)
 
         # 5. Back to original image pixels.
         scales, orig_sizes = _scales_and_orig_sizes(targets, sizes)
@@ -177,6 +203,41 @@ class PostProcess(nn.Module):
                 anchor_idxs[keep].split(split),
             )
         ]
+
+
+def _per_class_candidates(
+    pred_logits: Tensor, softmax: bool, topk: int, conf_thresh: float
+) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+    """Per image and class, the ``topk`` best anchors over all levels (the original's selection).
+
+    pred_logits (Tensor[N, A, C]). Returns one-element lists (the layout of the per-level selection) of
+    scores (Tensor[N, K * k], -1 where not above ``conf_thresh``), anchor indices and labels (Tensor[N,
+    K * k] int64), k = min(topk, A), class-major.
+    """
+    num_images = pred_logits.shape[0]
+    if softmax:
+        scores = pred_logits.float().softmax(dim=2)[..., 1:]  # [N, A, K]
+    else:
+        scores = pred_logits.float().sigmoid()
+    num_classes = scores.shape[2]
+    top_scores, top_anchors = scores.transpose(1, 2).topk(min(topk, scores.shape[1]), dim=2)  # [N, K, k]
+    top_scores = top_scores.masked_fill(top_scores <= conf_thresh, -1.0)
+    labels = torch.arange(num_classes, device=pred_logits.device)[None, :, None].expand_as(top_anchors)
+    return (
+        [top_scores.reshape(num_images, -1)],
+        [top_anchors.reshape(num_images, -1)],
+        [labels.reshape(num_images, -1)],
+    )
+
+
+def _first_k_per_group(groups: Tensor, k: int) -> Tensor:
+    """Bool mask [M]: the first ``k`` elements of each group value in ``groups`` (Tensor[M] int64)."""
+    order = torch.sort(groups, stable=True).indices
+    counts = torch.unique_consecutive(groups[order], return_counts=True)[1]
+    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    mask = torch.empty_like(groups, dtype=torch.bool)
+    mask[order] = torch.arange(groups.numel(), device=groups.device) - first < k
+    return mask
 
 
 def _clip_xyxy(boxes: Tensor, sizes_hw: Tensor) -> Tensor:

@@ -172,6 +172,7 @@ def build_fpn_ohem(
             alpha=args.focal_alpha,
             gamma=args.focal_gamma,
             smooth_l1_beta=smooth_l1_beta,
+            best_anchor_match=getattr(args, "best_anchor_match", "ties"),
         )
     else:
         criterion = MultiBoxLoss(
@@ -180,7 +181,14 @@ def build_fpn_ohem(
             negative_threshold=negative_threshold,
             neg_pos_ratio=args.neg_pos_ratio,
             smooth_l1_beta=smooth_l1_beta,
+            best_anchor_match=getattr(args, "best_anchor_match", "ties"),
         )
+    # --protocol original: per class candidates over all levels, NMS on unclipped boxes, per-class caps
+    # of 50 (VOC) / 20 (COCO: the original's evaluate.py tests dataset == "coco") unless --max_per_class.
+    original = getattr(args, "protocol", "ours") == "original"
+    max_per_class = getattr(args, "max_per_class", None)
+    if max_per_class is None:
+        max_per_class = (20 if str(args.dataset).lower().startswith("coco") else 50) if original else 0
     postprocessor = PostProcess(
         box_coder,
         score_type="sigmoid" if focal else "softmax",
@@ -189,6 +197,9 @@ def build_fpn_ohem(
         nms_thresh=args.nms_thresh,
         max_detections=args.topk,
         class_agnostic=args.class_agnostic_nms,
+        per_class_topk=original,
+        max_per_class=max_per_class,
+        clip_before_nms=not original,
     )
     return model, criterion, postprocessor
 

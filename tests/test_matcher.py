@@ -209,3 +209,87 @@ def test_rejects_inverted_thresholds():
     gt_boxes, _, gt_valid, gt_ignore = pad_targets([HAND_TARGET], torch.device("cpu"))
     with pytest.raises(ValueError, match="negative_threshold"):
         match_anchors(HAND_ANCHORS, gt_boxes, gt_valid, gt_ignore, 0.4, 0.5)
+
+
+# --best_anchor_match one (the original's SSD matching) -------------------------------------------------
+
+ONE_ANCHORS = torch.tensor(
+    [[0, 0, 10, 10], [10, 0, 20, 10], [0, 20, 10, 30], [30, 0, 40, 10]], dtype=torch.float32
+)
+# gt0 overlaps a0 and a1 equally (IoU 50/150 = 1/3); gt1's best anchor is a0 too (IoU 20/100 = 0.2); gt2
+# reaches a3 at 0.8 (a positive by threshold).
+ONE_TARGET = _target([[5, 0, 15, 10], [0, 0, 10, 2], [30, 0, 38, 10]])
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        # ties: gt0 claims both tied anchors and wins a0 from gt1 by its higher IoU; gt1 gets nothing.
+        ("ties", [0, 0, BACKGROUND, 2]),
+        # one: gt0 claims only its first best anchor a0, and gt1 (the later box) takes it over.
+        ("one", [1, BACKGROUND, BACKGROUND, 2]),
+    ],
+)
+def test_best_anchor_match_hand_computed(mode, expected):
+    gt_boxes, _, gt_valid, gt_ignore = pad_targets([ONE_TARGET, _target([])], torch.device("cpu"))
+    matched = match_anchors(
+        ONE_ANCHORS, gt_boxes, gt_valid, gt_ignore, 0.5, 0.5, True, best_anchor_match=mode
+    )
+    assert matched[0].tolist() == expected
+    assert matched[1].tolist() == [BACKGROUND] * 4
+
+
+def test_best_anchor_match_one_ignores_unusable_and_padding():
+    t = _target([[5, 0, 15, 10], [0, 0, 10, 2]], difficult=[False, True])  # gt1 is an ignore region
+    gt_boxes, _, gt_valid, gt_ignore = pad_targets([t, ONE_TARGET], torch.device("cpu"))
+    matched = match_anchors(
+        ONE_ANCHORS, gt_boxes, gt_valid, gt_ignore, 0.5, 0.1, True, best_anchor_match="one"
+    )
+    # gt0 claims a0; the difficult gt1 claims nothing (its IoU 0.2 >= 0.1 would only make anchors IGNORE).
+    assert matched[0].tolist() == [0, IGNORE, BACKGROUND, BACKGROUND]
+    with pytest.raises(ValueError, match="best_anchor_match"):
+        match_anchors(ONE_ANCHORS, gt_boxes, gt_valid, gt_ignore, 0.5, 0.5, True, best_anchor_match="all")
+
+
+def _original_match():
+    """modules/box_utils.match_anchors of the original codebase (FPN_ORIGINAL_REPO or /work/original)."""
+    import importlib.util
+    import os
+
+    root = os.environ.get("FPN_ORIGINAL_REPO", "/work/original")
+    path = os.path.join(root, "modules", "box_utils.py")
+    if not os.path.isfile(path):
+        pytest.skip("the original codebase is not checked out (set FPN_ORIGINAL_REPO)")
+    spec = importlib.util.spec_from_file_location("original_box_utils", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.match_anchors
+
+
+def test_best_anchor_match_one_equals_the_original():
+    """Labels per anchor against the original's match_anchors (threshold 0.5, no ignore zone), on random
+    boxes with duplicates (the later duplicate takes the shared best anchor)."""
+    original_match = _original_match()
+    gen = AnchorGenerator(predefined_anchor_whs(2, base_sizes=(12, 24, 48)), strides=(8, 16, 32))
+    anchors = gen.anchors_for_input(64, 64)
+    cxcywh = torch.cat([(anchors[:, :2] + anchors[:, 2:]) / 2, anchors[:, 2:] - anchors[:, :2]], dim=1)
+    generator = torch.Generator().manual_seed(5)
+    num_claims_that_differ = 0
+    for _ in range(20):
+        g = int(torch.randint(2, 9, (1,), generator=generator))
+        xy = torch.rand(g, 2, generator=generator) * 50
+        boxes = torch.cat([xy, xy + 4 + torch.rand(g, 2, generator=generator) * 30], dim=1)
+        boxes[1] = boxes[0]
+        labels = torch.randint(0, 5, (g,), generator=generator)
+        t = {"boxes": boxes, "labels": labels}
+        gt_boxes, gt_labels, gt_valid, gt_ignore = pad_targets([t], torch.device("cpu"))
+        ours = {}
+        for mode in ("one", "ties"):
+            matched = match_anchors(
+                anchors, gt_boxes, gt_valid, gt_ignore, 0.5, 0.5, True, best_anchor_match=mode
+            )[0]
+            ours[mode] = torch.where(matched >= 0, labels[matched.clamp(min=0)] + 1, 0)
+        conf, _ = original_match(boxes.clone(), labels.clone(), cxcywh.clone(), iou_threshold=0.5)
+        assert torch.equal(ours["one"], conf)
+        num_claims_that_differ += int((ours["ties"] != conf).sum())
+    assert num_claims_that_differ > 0  # the case tells the two rules apart

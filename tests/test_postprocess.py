@@ -198,3 +198,142 @@ def test_no_detections():
     results = PostProcess(BoxCoder(), "softmax", conf_thresh=0.999)(outputs, TARGETS[:2])
     assert [len(r["scores"]) for r in results] == [0, 0]
     assert results[0]["boxes"].shape == (0, 4)
+
+
+# --protocol original (the original codebase's evaluate.py / train.py validate) --------------------------
+
+ORIGINAL_KWARGS = dict(
+    conf_thresh=0.001,
+    pre_nms_topk=3,
+    nms_thresh=0.45,
+    max_detections=0,
+    per_class_topk=True,
+    max_per_class=2,
+    clip_before_nms=False,
+)
+
+
+def _hand_built_case():
+    """Six anchors (= boxes: zero deltas) in two levels of three, two sigmoid classes with exact scores.
+
+    a0 [0,0,10,10]; a1 [1,0,11,10] (IoU 90/110 = 0.82 with a0); a2, a3, a4 apart; a5 [-20,0,5,10] leaves
+    the 100 x 100 image: unclipped its IoU with a0 is 50/300 = 0.17, clipped to [0,0,5,10] it is 50/100 =
+    0.5 > 0.45.
+    """
+    anchors = torch.tensor(
+        [
+            [0, 0, 10, 10],
+            [1, 0, 11, 10],
+            [20, 20, 30, 30],
+            [40, 40, 50, 50],
+            [60, 60, 70, 70],
+            [-20, 0, 5, 10],
+        ],
+        dtype=torch.float32,
+    )
+    probs = torch.tensor(
+        [  # class 0, class 1
+            [0.90, 0.0005],  # a0: class 1 below conf_thresh 0.001
+            [0.80, 0.0001],
+            [0.70, 0.95],
+            [0.60, 0.94],
+            [0.50, 0.93],
+            [0.85, 0.0001],
+        ]
+    )
+    outputs = {
+        "pred_logits": torch.logit(probs.double()).float()[None],
+        "pred_box_deltas": torch.zeros(1, 6, 4),
+        "anchors": anchors,
+        "num_anchors_per_level": [3, 3],
+    }
+    return outputs, _target([100, 100], [1.0, 1.0], [100, 100])
+
+
+def test_original_protocol_hand_built_case():
+    outputs, target = _hand_built_case()
+    result = PostProcess(BoxCoder(), "sigmoid", **ORIGINAL_KWARGS)(outputs, [target])[0]
+    # Class 0: its 3 best over both levels are a0 .90, a5 .85, a1 .80 (a2 .70 is not a candidate);
+    # NMS on unclipped boxes keeps a0 and a5, suppresses a1. Class 1: a2, a3, a4 survive NMS and the cap of
+    # 2 per class keeps a2, a3. No cap per image: all 4, by decreasing score; a5 is clipped after NMS.
+    assert result["anchor_idxs"].tolist() == [2, 3, 0, 5]
+    assert result["labels"].tolist() == [1, 1, 0, 0]
+    assert torch.allclose(result["scores"], torch.tensor([0.95, 0.94, 0.90, 0.85]))
+    assert torch.allclose(result["boxes"][3], torch.tensor([0.0, 0.0, 5.0, 10.0]))
+
+
+def test_original_protocol_differs_from_ours_where_expected():
+    outputs, target = _hand_built_case()
+    # Clipping before NMS (ours) makes a5 overlap a0 by 0.5: suppressed.
+    clipped = PostProcess(BoxCoder(), "sigmoid", **{**ORIGINAL_KWARGS, "clip_before_nms": True})
+    assert clipped(outputs, [target])[0]["anchor_idxs"].tolist() == [2, 3, 0]
+    # 2 candidates per class over all levels: class 0 a0, a5 and class 1 a2, a3, all kept.
+    per_class = PostProcess(BoxCoder(), "sigmoid", **{**ORIGINAL_KWARGS, "pre_nms_topk": 2})
+    assert per_class(outputs, [target])[0]["anchor_idxs"].tolist() == [2, 3, 0, 5]
+    # 2 per level (ours): level 0 offers a2/1, a0/0 and level 1 a3/1, a4/1: a5 is no candidate.
+    per_level = PostProcess(
+        BoxCoder(), "sigmoid", **{**ORIGINAL_KWARGS, "pre_nms_topk": 2, "per_class_topk": False}
+    )
+    assert per_level(outputs, [target])[0]["anchor_idxs"].tolist() == [2, 3, 0]
+    # A cap per image applies after the per-class caps.
+    capped = PostProcess(BoxCoder(), "sigmoid", **{**ORIGINAL_KWARGS, "max_detections": 3})
+    assert capped(outputs, [target])[0]["anchor_idxs"].tolist() == [2, 3, 0]
+    # No cap per class: class 1 keeps a4 too.
+    uncapped = PostProcess(BoxCoder(), "sigmoid", **{**ORIGINAL_KWARGS, "max_per_class": 0})
+    assert uncapped(outputs, [target])[0]["anchor_idxs"].tolist() == [2, 3, 4, 0, 5]
+
+
+def _original_nms():
+    """modules/box_utils.nms of the original codebase (FPN_ORIGINAL_REPO, or /work/original), or skip."""
+    import importlib.util
+    import os
+
+    root = os.environ.get("FPN_ORIGINAL_REPO", "/work/original")
+    path = os.path.join(root, "modules", "box_utils.py")
+    if not os.path.isfile(path):
+        pytest.skip("the original codebase is not checked out (set FPN_ORIGINAL_REPO)")
+    spec = importlib.util.spec_from_file_location("original_box_utils", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.nms
+
+
+@pytest.mark.filterwarnings("ignore:An output with one or more elements was resized")  # the original's nms
+@pytest.mark.parametrize("max_per_class", [50, 20, 3])
+def test_original_protocol_matches_the_original_evaluation_loop(max_per_class):
+    """Against the original's per-class loop (train.py validate / evaluate.py validate_coco) with its own
+    nms(): softmax, scores > conf, nms(boxes, scores, 0.45, top_k=200), the first max_per_class kept, boxes
+    clamped after NMS; run on our decoded boxes."""
+    original_nms = _original_nms()
+    g = torch.Generator().manual_seed(max_per_class)
+    outputs = _random_outputs(g, num_images=2, columns=4)
+    post = PostProcess(
+        BoxCoder(),
+        "softmax",
+        conf_thresh=0.001,
+        pre_nms_topk=200,
+        nms_thresh=0.45,
+        max_detections=0,
+        per_class_topk=True,
+        max_per_class=max_per_class,
+        clip_before_nms=False,
+    )
+    targets = [_target([64, 64], [1.0, 1.0], [64, 64]), _target([64, 64], [0.5, 0.5], [128, 128])]
+    results = post(outputs, targets)
+    for i, (result, target) in enumerate(zip(results, targets)):
+        probs = outputs["pred_logits"][i].softmax(-1)
+        boxes = BoxCoder().decode(outputs["pred_box_deltas"][i], outputs["anchors"])
+        expected = []  # (score, label, box in original pixels)
+        for cl in range(1, probs.shape[1]):
+            scores = probs[:, cl]
+            mask = scores.gt(0.001)
+            ids, count = original_nms(boxes[mask].clone(), scores[mask].clone(), 0.45, 200)
+            picked = ids[:count][:max_per_class]
+            scale = target["scale"][0].item()
+            for score, box in zip(scores[mask][picked], boxes[mask][picked] / scale):
+                expected.append((score.item(), cl - 1, box.clamp(0, target["orig_size"][0].item())))
+        expected.sort(key=lambda e: -e[0])
+        assert len(result["scores"]) == len(expected) > 0
+        assert torch.allclose(result["scores"], torch.tensor([e[0] for e in expected]))
+        assert result["labels"].tolist() == [e[1] for e in expected]
+        assert torch.allclose(result["boxes"], torch.stack([e[2] for e in expected]), atol=1e-4)

@@ -370,3 +370,68 @@ def test_flip_only_augmentation_is_the_eval_result_or_its_mirror():
     ]
     with pytest.raises(ValueError, match="unknown augment"):
         build_transforms(True, "square", augment="mosaic")
+
+
+# ---------------------------------------------------------------- the original's crop rule (--crop_rule all)
+
+
+def _crop_rect(out_image):
+    """The crop's (x1, y1, x2, y2) in the coordinate-coded input (R = x, G = y)."""
+    x1, y1 = int(out_image[0, 0, 0]), int(out_image[0, 0, 1])
+    return np.array([x1, y1, x1 + out_image.shape[1], y1 + out_image.shape[0]], np.float64)
+
+
+def _ious(boxes, rect):
+    lt, rb = np.maximum(boxes[:, :2], rect[:2]), np.minimum(boxes[:, 2:], rect[2:])
+    inter = np.clip(rb - lt, 0, None).prod(1)
+    area = (boxes[:, 2:] - boxes[:, :2]).prod(1)
+    return inter / (area + (rect[2:] - rect[:2]).prod() - inter)
+
+
+@pytest.mark.parametrize("rule", ["any", "all"])
+def test_crop_rule_any_versus_all(rule):
+    """Two boxes of a 100 x 100 image, min IoU 0.3 only: with "all" every crop reaches 0.3 with both boxes
+    (the original's overlap.min() < min_iou rejection), with "any" with at least one, and some crops miss
+    the other box (so the rules differ on this case)."""
+    np.random.seed(3)
+    ys, xs = np.mgrid[0:100, 0:100]
+    image = np.stack([xs, ys, np.full_like(xs, 255)], axis=2).astype(np.uint8)
+    boxes = np.array([[10, 10, 60, 60], [40, 40, 90, 90]], np.float32)
+    target = {"boxes": boxes, "labels": np.array([0, 1]), "difficult": np.zeros(2, bool)}
+    sampler = RandomSampleCrop(min_ious=(0.3,), iou_rule=rule)
+    min_ious = []
+    for _ in range(200):
+        out_image, out = sampler(image, target)
+        ious = _ious(boxes.astype(np.float64), _crop_rect(out_image))
+        assert (ious.min() if rule == "all" else ious.max()) >= 0.3
+        min_ious.append(ious.min())
+    assert (min(min_ious) < 0.3) == (rule == "any")
+
+
+def test_original_crop_rule_in_the_pipeline():
+    cropper = build_transforms(True, crop_rule="all").transforms[2]
+    assert (cropper.iou_rule, cropper.max_trials) == ("all", 20)  # the original's 20 trials per option
+    cropper = build_transforms(True).transforms[2]
+    assert (cropper.iou_rule, cropper.max_trials) == ("any", 50)
+    with pytest.raises(ValueError, match="iou_rule"):
+        RandomSampleCrop(iou_rule="most")
+
+
+def test_crop_rule_hand_computed(monkeypatch):
+    """Scripted draws: candidate 1 is [10,10,60,60] (IoU 1 with box 0, 400/4600 = 0.09 with box 1),
+    candidate 2 is [20,20,80,80] (1600/4500 = 0.36 with both). At min IoU 0.3, "any" takes candidate 1 (and
+    removes box 1, whose centre is outside), "all" rejects it and takes candidate 2."""
+    image = np.zeros((100, 100, 3), np.uint8)
+    boxes = np.array([[10, 10, 60, 60], [40, 40, 90, 90]], np.float32)
+    target = {"boxes": boxes, "labels": np.array([0, 1]), "difficult": np.zeros(2, bool)}
+    for rule, expected in (
+        ("any", [[0, 0, 50, 50]]),
+        ("all", [[0, 0, 40, 40], [20, 20, 60, 60]]),
+    ):
+        draws = iter([50.0, 50.0, 10.0, 10.0, 60.0, 60.0, 20.0, 20.0])  # w, h, left, top per candidate
+        monkeypatch.setattr(np.random, "randint", lambda n: 0)  # the first option: min IoU 0.3
+        monkeypatch.setattr(np.random, "uniform", lambda *a, draws=draws: next(draws))
+        out_image, out = RandomSampleCrop(min_ious=(0.3,), iou_rule=rule)(image, target)
+        assert out_image.shape[:2] == ((50, 50) if rule == "any" else (60, 60))
+        np.testing.assert_array_equal(out["boxes"], expected)
+        assert out.get("num_cropped_out", 0) == (1 if rule == "any" else 0)  # box 1's centre (65, 65) is out

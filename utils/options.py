@@ -1,27 +1,51 @@
 """The one option parser every script shares, and the checks that make bad values fail at start.
 
-Scripts build their parser as ``OptionParser(parents=[get_common_parser()])`` and add only what is
-theirs (OptionParser records which options were typed, for merging with a checkpoint's). Groups: data,
-input, model, anchors, loss, evaluation, schedule, logging and runtime. Every script accepts every group,
+Scripts build their parser as ``OptionParser(description=__doc__, parents=[get_common_parser()])`` and
+add only what is theirs (OptionParser, in utils/cli.py, records which options were given, reads
+``--config FILE`` and shows defaults in ``--help``). Groups: data, sampling, input, model, anchors, loss,
+evaluation, schedule, logging, runtime and the original's options. Every script accepts every group,
 so a training command line works unchanged with evaluate.py (which finds the run folder from it), as in
-the original. Option names follow the original codebase (``--basenet``, ``--shared_heads``,
-``--anchor_type``, ``--loss_type``, ``--max_iter``, ``--step_values``, ``--val_step``).
+the original; demo.py and extract_features.py hide the training groups from ``--help``.
+
+Option names follow the original codebase (``--basenet``, ``--shared_heads``, ``--anchor_type``,
+``--loss_type``, ``--max_iter``, ``--step_values``, ``--val_step``, ``--man_seed``), and every option of
+its four scripts parses: its other spellings are aliases (``--learning-rate``, ``--jaccard_threshold``,
+``--num_nodes``), its booleans take ``=True/False/1/0`` (``BoolAction``) and ``--ngpu`` launches torchrun
+(utils/launch.py). One spelling per concept: the first option string is the one ``--help`` shows.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import List
 
 import torch
 
 from data.image_check import CHECK_MODES
-from data.transforms import AUGMENTATIONS
+from data.transforms import AUGMENTATIONS, CROP_RULES
 from layers.anchor_sets import shipped_anchor_file
+from utils.cli import BoolAction, OptionParser, add_config_option, str2bool  # noqa: F401 (re-exported)
+
+logger = logging.getLogger(__name__)
 
 BASENETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 ARCHS = ("fpn_ohem", "faster_rcnn_fpn")
+PROTOCOLS = ("ours", "original")
+# --protocol original: the original's evaluate.py / train.py validation (modules/box_utils.nms): softmax
+# scores > 0.001, per class the 200 best over all anchors, NMS at 0.45, no cap per image (its per-class
+# caps, 50 for VOC and 20 for COCO, depend on the dataset: see --max_per_class and models.build_model).
+# Option groups of training only: demo.py and extract_features.py accept them (a training command line
+# works there unchanged) but do not list them in --help.
+TRAINING_GROUPS = ("loss", "sampling", "schedule", "logging")
+TRAINING_OPTIONS = ("train_sets", "augment", "crop_rule", "pretrained", "freeze_upto", "freeze_bn")
+# --dataset voc / coco without --train_sets / --val_sets: the original's splits (as prep/voc.py and
+# prep/coco.py name them), so that its command lines (which name no splits) run unchanged.
+COMMON_SPLITS = {"train_sets": "train", "val_sets": "val"}
+ORIGINAL_SPLITS = {"voc": ("trainval2007,trainval2012", "test2007"), "coco": ("train2017", "val2017")}
+ORIGINAL_PROTOCOL = {"conf_thresh": 0.001, "pre_nms_topk": 200, "nms_thresh": 0.45, "topk": 0}
+OURS_PROTOCOL = {"conf_thresh": 0.05, "pre_nms_topk": 1000, "nms_thresh": 0.5, "topk": 100}  # the defaults
 
 
 def float_list(text: str) -> List[float]:
@@ -40,44 +64,11 @@ def int_list(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
 
 
-def str2bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+class _OriginalBNAction(argparse.Action):
+    """--bn N: freeze_bn = (N == 0)."""
 
-
-class OptionParser(argparse.ArgumentParser):
-    """ArgumentParser that also records which options were given on the command line.
-
-    ``parse_args`` sets ``args.explicit_options`` (sorted dests), so that a checkpoint's options can be
-    overridden by a value typed on the command line even when it equals the parser default (e.g.
-    ``--data_root datasets/`` for a checkpoint trained with ``/scratch/data``).
-    """
-
-    _probing = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        parsed, extras = super().parse_known_args(args, namespace)
-        if not self._probing:
-            parsed.explicit_options = sorted(self._given_dests(args))
-        return parsed, extras
-
-    def _given_dests(self, args) -> set:
-        # Parse again with every default suppressed: only what was given ends up in the namespace.
-        defaults = [(action, action.default) for action in self._actions]
-        parser_defaults = self._defaults  # from set_defaults(), applied whatever was typed
-        self._probing, self._defaults = True, {}
-        try:
-            for action, _ in defaults:
-                action.default = argparse.SUPPRESS
-            probe, _ = super().parse_known_args(args, argparse.Namespace())
-        finally:
-            for action, default in defaults:
-                action.default = default
-            self._probing, self._defaults = False, parser_defaults
-        return set(vars(probe))
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values == 0)
 
 
 def get_common_parser() -> argparse.ArgumentParser:
@@ -92,8 +83,17 @@ def get_common_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="shapes", help="dataset folder name under --data_root")
     g.add_argument("--data_root", default="datasets/", help="root holding <dataset>/annotations/<split>.json")
-    g.add_argument("--train_sets", default="train", help="comma-separated training splits")
-    g.add_argument("--val_sets", default="val", help="comma-separated validation splits")
+    g.add_argument(
+        "--train_sets",
+        default="train",
+        help="comma-separated training splits (--dataset voc: trainval2007,trainval2012 and coco: train2017 "
+        "unless given, as in the original)",
+    )
+    g.add_argument(
+        "--val_sets",
+        default="val",
+        help="comma-separated validation splits (--dataset voc: test2007, coco: val2017 unless given)",
+    )
     g.add_argument(
         "--classes",
         default=None,
@@ -102,7 +102,7 @@ def get_common_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--skip_bad_images",
-        action="store_true",
+        action=BoolAction,
         help="skip missing/corrupt images with a warning (counted, reported at the end) instead of failing",
     )
     g.add_argument(
@@ -118,7 +118,26 @@ def get_common_parser() -> argparse.ArgumentParser:
         choices=AUGMENTATIONS,
         help="training augmentation: ssd (photometric, zoom out, IoU crop, flip), flip, or none",
     )
+    g.add_argument(
+        "--crop_rule",
+        default="any",
+        choices=CROP_RULES,
+        help="ssd augmentation's IoU crop: any (Caffe SSD: at least one box reaches the crop's minimum IoU, "
+        "50 trials) or all (the original: every box must, 20 trials)",
+    )
     g.add_argument("-j", "--num_workers", type=int, default=2, help="data loading worker processes")
+
+    # * Sampling (train.py)
+    g = parser.add_argument_group("sampling")
+    g.add_argument(
+        "--sampler",
+        default="random",
+        choices=("random", "class_balanced", "repeat_factor"),
+        help="training image order: random (shuffled epochs), class_balanced or repeat_factor (LVIS)",
+    )
+    g.add_argument("--num_bins", type=int, default=1, help="class_balanced: frequency bins")
+    g.add_argument("--repeat_threshold", type=float, default=0.001, help="repeat_factor: LVIS threshold t")
+    g.add_argument("--aspect_ratio_group", action=BoolAction, help="batch images of similar aspect ratio")
 
     # * Input size
     g = parser.add_argument_group("input")
@@ -156,7 +175,9 @@ def get_common_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--train_bn",
         dest="freeze_bn",
-        action="store_false",
+        action=BoolAction,
+        invert=True,
+        default=True,
         help="train batch norm even with pretrained weights (it is frozen by default then)",
     )
     parser.set_defaults(freeze_bn=True)
@@ -208,7 +229,20 @@ def get_common_parser() -> argparse.ArgumentParser:
         choices=("mbox", "focal"),
         help="mbox: softmax + OHEM hard negatives; focal: sigmoid focal loss",
     )
-    g.add_argument("--positive_threshold", type=float, default=0.5)
+    g.add_argument(
+        "--positive_threshold",
+        "--jaccard_threshold",
+        type=float,
+        default=0.5,
+        help="anchors with IoU >= this with a gt box are its positives (the original's --jaccard_threshold)",
+    )
+    g.add_argument(
+        "--best_anchor_match",
+        default="ties",
+        choices=("ties", "one"),
+        help="each gt box also gets its best anchor as a positive: ties: every anchor tied at its best IoU; "
+        "one: its first best anchor only, a later box winning a shared one (the original's SSD matching)",
+    )
     g.add_argument(
         "--negative_threshold",
         type=float,
@@ -217,20 +251,69 @@ def get_common_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--neg_pos_ratio", type=int, default=3, help="OHEM negatives per positive")
     g.add_argument("--smooth_l1_beta", type=float, default=None, help="default: 1.0 for mbox, 1/9 for focal")
-    g.add_argument("--focal_alpha", type=float, default=0.25)
-    g.add_argument("--focal_gamma", type=float, default=2.0)
+    g.add_argument("--focal_alpha", type=float, default=0.25, help="focal loss: weight of the positives")
+    g.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss: focusing exponent")
     g.add_argument(
         "--box_variances", type=float_list, default=[0.1, 0.2], help="box coding variances (centre, size)"
     )
 
     # * Evaluation / post-processing
     g = parser.add_argument_group("evaluation")
-    g.add_argument("--conf_thresh", type=float, default=0.05, help="per-level score threshold before NMS")
-    g.add_argument("--nms_thresh", type=float, default=0.5)
-    g.add_argument("--pre_nms_topk", type=int, default=1000, help="candidates per level before NMS")
-    g.add_argument("--topk", type=int, default=100, help="detections kept per image")
-    g.add_argument("--class_agnostic_nms", action="store_true")
-    g.add_argument("--eval_batch_size", type=int, default=8)
+    g.add_argument(
+        "--protocol",
+        default="ours",
+        choices=PROTOCOLS,
+        help="post-processing: ours (per level the --pre_nms_topk best pairs above --conf_thresh, NMS, "
+        "--topk per image) or original (the original's: per class the best 200 above 0.001 over all "
+        "levels, NMS 0.45 on unclipped boxes, at most 50 per class for VOC and 20 for COCO, no cap per "
+        "image); options given explicitly override the protocol's values",
+    )
+    g.add_argument(
+        "--conf_thresh",
+        type=float,
+        default=OURS_PROTOCOL["conf_thresh"],
+        help="score threshold before NMS (strict >)",
+    )
+    g.add_argument(
+        "--nms_thresh",
+        type=float,
+        default=OURS_PROTOCOL["nms_thresh"],
+        help="NMS IoU threshold (an IoU above it suppresses)",
+    )
+    g.add_argument(
+        "--pre_nms_topk",
+        type=int,
+        default=OURS_PROTOCOL["pre_nms_topk"],
+        help="candidates before NMS: per level (--protocol ours) or per class (--protocol original)",
+    )
+    g.add_argument(
+        "--topk",
+        "--num_nodes",
+        type=int,
+        default=OURS_PROTOCOL["topk"],
+        help="detections kept per image after NMS, best first (0: no cap)",
+    )
+    g.add_argument(
+        "--max_per_class",
+        type=int,
+        default=None,
+        help="detections kept per class and image after NMS (0: no cap; default: no cap, or 50 for VOC and "
+        "20 for COCO datasets with --protocol original)",
+    )
+    g.add_argument(
+        "--class_agnostic_nms", action=BoolAction, help="one NMS over all classes instead of one per class"
+    )
+    g.add_argument("--eval_batch_size", type=int, default=8, help="images per batch in evaluation")
+    g.add_argument(
+        "--iou_thresh", type=float, default=0.5, help="VOC metric: IoU threshold of a true positive"
+    )
+    g.add_argument(
+        "--metric",
+        "--val_metric",
+        default="voc",
+        choices=("voc", "coco", "oid", "all"),
+        help="voc: VOC AP at --iou_thresh; coco: the 12 COCO numbers; oid: Open Images; all: voc + coco",
+    )
     g.add_argument(
         "--tta",
         default="none",
@@ -248,26 +331,31 @@ def get_common_parser() -> argparse.ArgumentParser:
     # line can be reused as it is, e.g. by evaluate.py to find the run folder)
     g = parser.add_argument_group("schedule")
     g.add_argument("--batch_size", type=int, default=24, help="images per process and iteration")
-    g.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    g.add_argument(
+        "--optimizer", default="sgd", choices=("sgd", "adamw"), help="sgd (with --momentum) or adamw"
+    )
     g.add_argument(
         "--lr",
+        "--learning-rate",
         type=float,
         default=0.0005,
         help="base learning rate (see the lr rule in train.py's docstring)",
     )
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--weight_decay", type=float, default=1e-4, help="not applied to norm layers and biases")
-    g.add_argument("--max_iter", type=int, default=50000)
+    g.add_argument("--max_iter", type=int, default=50000, help="training iterations")
     g.add_argument(
         "--step_values", type=int_list, default=[30000, 40000], help="iterations where lr *= --gamma"
     )
-    g.add_argument("--gamma", type=float, default=0.1)
+    g.add_argument("--gamma", type=float, default=0.1, help="lr factor at each of --step_values")
     g.add_argument("--warmup_iters", type=int, default=500, help="linear warm-up from --warmup_factor * lr")
-    g.add_argument("--warmup_factor", type=float, default=1.0 / 3)
-    g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm (0: off)")
-    g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm under DDP (for trainable BN)")
     g.add_argument(
-        "--ema", action="store_true", help="keep an EMA of the weights; validated and saved beside them"
+        "--warmup_factor", type=float, default=1.0 / 3, help="lr factor at iteration 0 of the warm-up"
+    )
+    g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm (0: off)")
+    g.add_argument("--sync_bn", action=BoolAction, help="SyncBatchNorm under DDP (for trainable BN)")
+    g.add_argument(
+        "--ema", action=BoolAction, help="keep an EMA of the weights; validated and saved beside them"
     )
     g.add_argument("--ema_decay", type=float, default=0.9998, help="EMA decay (the asymptote of the ramp)")
     g.add_argument(
@@ -283,27 +371,30 @@ def get_common_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--keep_checkpoints", type=int, default=3, help="keep the last N checkpoints (0: all)")
     g.add_argument(
-        "--resume", default=None, help="checkpoint path, or 'auto' for the newest in the run folder"
+        "--resume",
+        default=None,
+        type=resume_option,
+        help="checkpoint path, 'auto' for the newest in the run folder, or (as in the original) an "
+        "iteration N for the run folder's model_N checkpoint; 0: start afresh",
     )
     g.add_argument(
         "--val_step", type=int, default=5000, help="validate every N iterations (0: only at the end)"
     )
-    g.add_argument(
-        "--val_metric", default="voc", choices=("voc", "coco", "oid", "all"), help="metric for validation"
-    )
-    g.add_argument("--no_val", action="store_true", help="skip validation entirely")
+    g.add_argument("--no_val", action=BoolAction, help="skip validation entirely")
     g.add_argument("--log_step", type=int, default=20, help="log every N iterations")
-    g.add_argument("--tensorboard", action="store_true")
-    g.add_argument("--visdom", action="store_true")
-    g.add_argument("--vis_port", type=int, default=8097)
+    g.add_argument(
+        "--tensorboard", action=BoolAction, help="also write TensorBoard event files to the run folder"
+    )
+    g.add_argument("--visdom", action=BoolAction, help="also plot to a visdom server at --vis_port")
+    g.add_argument("--vis_port", type=int, default=8097, help="visdom server port")
 
     # * Runtime
     g = parser.add_argument_group("runtime")
     g.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda when available)")
-    g.add_argument("--man_seed", type=int, default=123, help="random seed (offset by rank)")
+    g.add_argument("--man_seed", "--seed", type=int, default=123, help="random seed (offset by rank)")
     g.add_argument(
         "--amp",
-        action="store_true",
+        action=BoolAction,
         help="mixed precision: bf16 or fp16 on CUDA, bf16 on CPU (fast where the CPU has AMX)",
     )
     g.add_argument(
@@ -314,11 +405,52 @@ def get_common_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--channels_last",
-        action="store_true",
+        action=BoolAction,
         help="NHWC weights and activations: faster convolutions with oneDNN on CPU (most of all with "
         "--amp bf16 on CPUs with AMX) and with tensor cores on GPU; results are unchanged",
     )
+    add_config_option(g)
+
+    # * The original codebase's options that have no equivalent here (its other names are aliases above:
+    # --learning-rate, --jaccard_threshold, --num_nodes, and demo.py's --model_path ...)
+    g = parser.add_argument_group("the original's options (so that its command lines run unchanged)")
+    g.add_argument(
+        "--ngpu",
+        type=int,
+        default=1,
+        help="train.py: run N processes with torchrun, --batch_size split over them as the original's "
+        "DataParallel did (the command is printed); evaluate.py, demo.py and extract_features.py run in "
+        "one process",
+    )
+    g.add_argument(
+        "--bn",
+        type=int,
+        dest="freeze_bn",
+        default=argparse.SUPPRESS,  # --train_bn sets the default
+        metavar="N",
+        action=_OriginalBNAction,
+        help="the original's batch norm switch: 0 frozen, anything else trained (= --train_bn)",
+    )
+    g.add_argument("--log_iters", action=BoolAction, default=True, help="unused (as in the original)")
+    g.add_argument("--start", type=int, default=0, help="unused (an option of the original's demo.py)")
+    g.add_argument("--end", type=int, default=200, help="unused (an option of the original's demo.py)")
     return parser
+
+
+def resume_option(text: str) -> str | None:
+    """--resume: a path, 'auto', or the original's iteration number (0: start afresh, as there)."""
+    return None if text.strip() in ("0", "") else text
+
+
+def resume_checkpoint_path(resume: str | None, run_dir: str) -> str | None:
+    """The checkpoint --resume names: None, the run folder's newest ('auto') or its model_N (an iteration)."""
+    from utils.checkpoint import CHECKPOINT_PATTERN, latest_checkpoint  # utils.checkpoint imports torch only
+
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    if resume is not None and resume.isdigit():
+        return os.path.join(run_dir, CHECKPOINT_PATTERN.format(int(resume)))
+    return resume
 
 
 def run_name(args: argparse.Namespace, world_size: int = 1) -> str:
@@ -329,7 +461,8 @@ def run_name(args: argparse.Namespace, world_size: int = 1) -> str:
     if args.arch == "faster_rcnn_fpn":
         anchors = "rpn"
     elif args.anchor_type == "kmeans":
-        anchors = f"kmeans-{os.path.splitext(os.path.basename(args.anchor_file))[0]}"
+        anchor_file = args.anchor_file or f"original_{args.dataset}.json"  # no file: the shipped set
+        anchors = f"kmeans-{os.path.splitext(os.path.basename(anchor_file))[0]}"
     elif args.anchor_type in ("pdf9", "default"):
         anchors = args.anchor_type
     else:
@@ -372,7 +505,27 @@ def amp_dtype_of(args: argparse.Namespace, device_type: str) -> torch.dtype | No
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the defaults that depend on other options (loss-dependent thresholds)."""
+    """Fill the defaults that depend on other options (loss-dependent thresholds, --protocol's values).
+
+    ``--protocol original`` sets ORIGINAL_PROTOCOL's values for the options not given explicitly. When
+    the protocol is original or given explicitly, its options count as given (``explicit_options``), so
+    that they win over a checkpoint's values when evaluating it.
+    """
+    typed = getattr(args, "explicit_options", None)
+    splits = ORIGINAL_SPLITS.get(str(getattr(args, "dataset", "")).lower())
+    if splits is not None:  # the original's splits for --dataset voc / coco, unless given
+        for key, value in zip(("train_sets", "val_sets"), splits):
+            untyped = typed is None or key not in typed
+            if untyped and getattr(args, key, None) == COMMON_SPLITS[key]:
+                setattr(args, key, value)
+    protocol = getattr(args, "protocol", "ours")
+    if protocol == "original":
+        for key, value in ORIGINAL_PROTOCOL.items():
+            # Not given, and the common default (extract_features.py keeps its own --topk 10).
+            if (typed is None or key not in typed) and getattr(args, key) == OURS_PROTOCOL[key]:
+                setattr(args, key, value)
+    if typed is not None and (protocol == "original" or "protocol" in typed):
+        args.explicit_options = sorted(set(typed) | set(ORIGINAL_PROTOCOL) | {"protocol", "max_per_class"})
     if getattr(args, "negative_threshold", None) is None:
         args.negative_threshold = 0.4 if args.loss_type == "focal" else args.positive_threshold
     if getattr(args, "smooth_l1_beta", None) is None:
@@ -426,11 +579,21 @@ def check_common_args(args: argparse.Namespace) -> None:
         errors.append(f"--nms_thresh must be in (0, 1], got {args.nms_thresh}")
     if not 0 <= args.conf_thresh < 1:
         errors.append(f"--conf_thresh must be in [0, 1), got {args.conf_thresh}")
-    if args.topk < 1 or args.pre_nms_topk < 1 or args.eval_batch_size < 1:
+    if args.pre_nms_topk < 1 or args.eval_batch_size < 1:
         errors.append(
-            f"--topk, --pre_nms_topk and --eval_batch_size must be >= 1, got {args.topk}, "
-            f"{args.pre_nms_topk} and {args.eval_batch_size}"
+            f"--pre_nms_topk and --eval_batch_size must be >= 1, got {args.pre_nms_topk} and "
+            f"{args.eval_batch_size}"
         )
+    if args.topk < 0 or (getattr(args, "max_per_class", None) or 0) < 0:
+        errors.append(
+            f"--topk and --max_per_class must be >= 0 (0: no cap), got {args.topk} and {args.max_per_class}"
+        )
+    if getattr(args, "protocol", "ours") == "original" and args.arch != "fpn_ohem":
+        errors.append(
+            "--protocol original is the single-stage original's post-processing: --arch fpn_ohem only"
+        )
+    if args.arch == "faster_rcnn_fpn" and args.topk == 0:
+        errors.append("--arch faster_rcnn_fpn needs --topk >= 1")
     if args.num_workers < 0:
         errors.append(f"-j/--num_workers must be >= 0, got {args.num_workers}")
     if args.input_dim < 32 or args.min_size < 32 or args.max_size < args.min_size:
@@ -453,6 +616,8 @@ def check_common_args(args: argparse.Namespace) -> None:
         errors.append(f"--tta {args.tta} applies to --arch fpn_ohem only")
     if errors:
         raise SystemExit("Bad options:\n  " + "\n  ".join(errors))
+    if getattr(args, "ngpu", 1) > 1 and "LOCAL_WORLD_SIZE" not in os.environ:
+        logger.warning("--ngpu %d ignored: only train.py starts several processes", args.ngpu)
 
 
 def split_names(text: str | None) -> List[str]:
