@@ -107,11 +107,14 @@ def predict(
     amp_dtype: torch.dtype | None = None,
     return_features: bool = False,
     progress: bool = False,
+    skipped: List[str] | None = None,
 ) -> Iterable[Tuple[List[Dict[str, Any]], List[Dict[str, Tensor]], Dict[str, Any]]]:
     """Batched inference. Yields ``(targets, detections, outputs)`` per batch.
 
     detections are the postprocessor's per-image dicts (boxes in original image pixels) moved to
     the CPU. ``outputs`` is the raw model output (kept on device) for feature extraction.
+    skipped: when given, the file names of the images the loader skipped (--skip_bad_images) are
+    appended to it.
     """
     model.eval()
     iterator = data_loader
@@ -119,7 +122,9 @@ def predict(
         from tqdm import tqdm
 
         iterator = tqdm(data_loader, desc="inference", leave=False)
-    for images, targets, _skipped in iterator:
+    for images, targets, skipped_in_batch in iterator:
+        if skipped is not None:
+            skipped.extend(skipped_in_batch)
         if len(targets) == 0:
             continue
         images = images.to(device, non_blocking=True)
@@ -144,12 +149,16 @@ def run_inference(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
+    skipped: List[str] | None = None,
 ) -> Tuple[List[Dict[str, Any]], float]:
-    """Detections for a whole loader as COCO results (original category ids). Returns (results, seconds)."""
+    """Detections for a whole loader as COCO results (original category ids). Returns (results, seconds).
+
+    skipped: see ``predict``.
+    """
     results: List[Dict[str, Any]] = []
     start = time.time()
     for targets, detections, _ in predict(
-        model, postprocessor, data_loader, device, amp_dtype, progress=progress
+        model, postprocessor, data_loader, device, amp_dtype, progress=progress, skipped=skipped
     ):
         image_ids = [int(t["image_id"]) for t in targets]
         results.extend(detections_to_coco_results(detections, image_ids, category_ids))
@@ -194,6 +203,17 @@ def compute_metrics(
     return out
 
 
+def gt_without_images(gt: Dict[str, Any], image_ids: set) -> Dict[str, Any]:
+    """``gt`` (common-format dict) without the images ``image_ids`` and their annotations (a new dict)."""
+    if not image_ids:
+        return gt
+    return {
+        **gt,
+        "images": [im for im in gt["images"] if int(im["id"]) not in image_ids],
+        "annotations": [a for a in gt["annotations"] if int(a["image_id"]) not in image_ids],
+    }
+
+
 def evaluate(
     model: torch.nn.Module,
     postprocessor: torch.nn.Module,
@@ -204,14 +224,28 @@ def evaluate(
     iou_thresh: float = 0.5,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
+    sharded: bool = False,
 ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """Inference over ``data_loader`` and the chosen metrics against ``dataset.coco_gt()``.
 
     Used for validation during training and by evaluate.py, so both report the same numbers.
+    sharded: in a distributed run, every rank passes a loader over its own block of the dataset
+    (``dist_utils.shard_range``, as ``indices`` of build_eval_loader); the detections are gathered on
+    rank 0, which alone scores them: the other ranks return ``({}, [])``. A collective then.
+    Images the loader skipped (unreadable, with --skip_bad_images) are left out of the ground truth too,
+    so they count neither as misses nor as found; ``metrics["images"]`` says how many were scored and
+    skipped (``{"evaluated": M, "skipped": N, "skipped_files": [...]}``), and a warning says so.
     """
+    skipped: List[str] = []
     results, seconds = run_inference(
-        model, postprocessor, data_loader, dataset.category_ids, device, amp_dtype, progress=progress
+        model, postprocessor, data_loader, dataset.category_ids, device, amp_dtype, progress, skipped
     )
+    if sharded and dist_utils.is_distributed():
+        gathered = dist_utils.gather_lists([(results, skipped)])
+        if gathered is None:  # not rank 0: it scores
+            return {}, []
+        results = [r for part, _ in gathered for r in part]
+        skipped = [f for _, part in gathered for f in part]
     num_images = len(dataset)
     logger.info(
         "inference on %d images took %.1f s (%.1f images/s)",
@@ -219,12 +253,39 @@ def evaluate(
         seconds,
         num_images / max(seconds, 1e-9),
     )
+    skipped_ids = skipped_image_ids(dataset, skipped)
+    gt = gt_without_images(dataset.coco_gt(), skipped_ids)
     metrics = compute_metrics(
-        dataset.coco_gt(),
+        gt,
         results,
         metric,
         iou_thresh,
         hierarchy=getattr(dataset, "hierarchy", None),
-        all_classes_gt=dataset.coco_gt(all_classes=True) if metric == "oid" else None,
+        all_classes_gt=(
+            gt_without_images(dataset.coco_gt(all_classes=True), skipped_ids) if metric == "oid" else None
+        ),
     )
+    metrics["images"] = {
+        "evaluated": len(gt["images"]),
+        "skipped": len(skipped),
+        "skipped_files": sorted(skipped),
+    }
+    if skipped:
+        logger.warning(
+            "%d images skipped; metrics over %d images (--skip_bad_images; e.g. %s)",
+            len(skipped),
+            len(gt["images"]),
+            ", ".join(sorted(skipped)[:3]),
+        )
     return metrics, results
+
+
+def skipped_image_ids(dataset: Any, skipped_files: List[str]) -> set:
+    """Image ids of the skipped files (paths as the dataset reports them: ``dataset.image_path(i)``)."""
+    if not skipped_files:
+        return set()
+    wanted = set(skipped_files)
+    ids = {int(dataset.image_ids[i]) for i in range(len(dataset)) if dataset.image_path(i) in wanted}
+    if len(ids) < len(wanted):
+        logger.warning("%d skipped files are not images of %r", len(wanted) - len(ids), dataset)
+    return ids

@@ -12,6 +12,12 @@ Metrics: ``voc`` prints per-class AP at --iou_thresh, both VOC07 11-point and ar
 ``coco`` the 12 pycocotools numbers; ``oid`` the Open Images challenge metric (needs the class
 hierarchy: ``<data_root>/<dataset>/hierarchy.json`` or --hierarchy); ``all`` is voc + coco.
 Detections are written as a COCO results JSON with the original category ids.
+
+Several processes (``torchrun --nproc_per_node N evaluate.py ...``): each runs the model on its block
+of the images and rank 0 gathers the detections, scores them and writes the outputs; the metrics are
+those of one process.
+With --skip_bad_images, unreadable images are left out of the ground truth as well, and the output and
+the metrics file say "N images skipped; metrics over M images".
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ import os
 import sys
 from typing import Any, Dict, List
 
+import torch
+
 from data.dataset import build_dataset, check_same_classes
 from data.loaders import build_eval_loader
 from engine import compute_metrics, evaluate
 from layers.tta import FlipTTA
+from utils import distributed as dist_utils
 from utils.checkpoint import build_model_from_checkpoint, checkpoint_iteration, list_checkpoints
 from utils.coco_eval import write_coco_results
 from utils.errors import UserError, run_cli
@@ -119,8 +128,17 @@ def load_hierarchy(args: argparse.Namespace) -> Any:
 
 
 def report(metrics: Dict[str, Any], tag: str) -> Dict[str, float]:
-    """Print every metric table; return the headline numbers."""
+    """Print every metric table; return the headline numbers (with the image counts when known)."""
     headline = {}
+    images = metrics.get("images")
+    if images is not None:
+        headline["num_images"] = images["evaluated"]
+        headline["skipped_images"] = images["skipped"]
+        if images["skipped"]:
+            print(
+                f"\n[{tag}] {images['skipped']} images skipped; metrics over {images['evaluated']} images "
+                f"(unreadable: {', '.join(images['skipped_files'][:5])})"
+            )
     if "voc" in metrics:
         print(f"\n[{tag}] PASCAL VOC AP@{metrics['voc'].get('iou_thresh', 0.5)}\n{metrics['voc']['table']}")
         headline["voc_map_07_11pt"] = metrics["voc"]["map_07_11pt"]
@@ -135,7 +153,7 @@ def report(metrics: Dict[str, Any], tag: str) -> Dict[str, float]:
 
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
-    setup_logging()
+    setup_logging(int(os.environ.get("RANK", 0)))
     resolve_defaults(args)
     check_common_args(args)
     if not 0 < args.iou_thresh <= 1:
@@ -143,10 +161,24 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     if args.checkpoint and (args.run_dir or args.eval_iters):
         raise SystemExit("give --checkpoint (one checkpoint) or --run_dir with --eval_iters, not both")
     device = resolve_device(args.device)
+    dist_info = dist_utils.init_distributed(device, args.dist_timeout)
+    if device.type == "cuda" and dist_info["world_size"] > 1:
+        device = torch.device("cuda", dist_info["local_rank"])
+    try:
+        return evaluate_all(args, device)
+    finally:
+        dist_utils.cleanup()
+
+
+def evaluate_all(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    """main's work once options and processes are set up; only rank 0 prints, writes and returns."""
+    is_main = dist_utils.is_main_process()
     amp_dtype = amp_dtype_of(args, device.type)
     hierarchy = load_hierarchy(args) if args.metric == "oid" else None
 
     if args.detections:
+        if not is_main:  # no model to run: rank 0 scores the file alone
+            return {}
         dataset = build_dataset(args, args.val_sets, train=False)
         if args.detections.endswith(".csv"):  # an Open Images submission (normalised boxes, MIDs)
             from utils.oid_eval import oid_submission_to_coco_results, read_oid_submission
@@ -187,6 +219,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             run_args.eval_batch_size,
             run_args.num_workers,
             size_divisibility=32 if run_args.resize_mode == "keep_aspect" else 1,
+            indices=dist_utils.shard_range(len(dataset)) if dist_utils.is_distributed() else None,
         )
         metrics, results = evaluate(
             FlipTTA(model) if run_args.tta == "flip" else model,
@@ -197,8 +230,11 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             args.metric,
             args.iou_thresh,
             amp_dtype=amp_dtype,
-            progress=sys.stderr.isatty(),
+            progress=sys.stderr.isatty() and is_main,
+            sharded=True,
         )
+        if not is_main:
+            continue
         tag = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}/{os.path.basename(path)}"
         headline = report(metrics, tag)
         save_dir = args.save_path or os.path.dirname(os.path.abspath(path))

@@ -20,6 +20,11 @@ large batches).
 Resume: ``--resume auto`` continues from the newest checkpoint of the run folder (or give a path);
 the schedule, optimizer, scaler, data order, augmentation and every process's torch generators (which
 Faster R-CNN's RPN and RoI sampling draw from) continue exactly where they stopped.
+
+One run per folder (utils/run_folder.py): a folder whose args.json has other options, or that holds
+checkpoints when --resume is not given, is refused; train.lock keeps a second live run out. Weights
+and optimizer state are checked to be finite before every save, and a failed save leaves the earlier
+checkpoints intact (utils/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -42,14 +47,18 @@ from layers.tta import FlipTTA
 from models import build_model
 from utils import distributed as dist_utils
 from utils.checkpoint import (
+    NonFiniteWeightsError,
     anchors_from_checkpoint,
     args_to_dict,
     load_checkpoint,
+    load_newest_checkpoint,
+    non_finite_state,
     prune_checkpoints,
     save_checkpoint,
+    state_dict_mismatch,
 )
 from utils.ema import ModelEMA
-from utils.errors import run_cli
+from utils.errors import CheckpointError, run_cli
 from utils.launch import relaunch_with_torchrun
 from utils.logger import JsonLinesWriter, MetricLogger, Progress, ScalarSinks, setup_logging
 from utils.options import (
@@ -62,6 +71,7 @@ from utils.options import (
     resume_checkpoint_path,
     run_folder,
 )
+from utils.run_folder import RunLock, check_resume_fits, prepare_run_folder, report_resume_auto
 
 logger = logging.getLogger("train")
 
@@ -87,6 +97,10 @@ def check_train_args(args: argparse.Namespace) -> None:
         errors.append(f"--batch_size and --lr must be positive, got {args.batch_size} and {args.lr}")
     if args.warmup_iters < 0 or args.save_step <= 0 or args.log_step <= 0 or args.val_step < 0:
         errors.append("--warmup_iters/--val_step must be >= 0 and --save_step/--log_step > 0")
+    if not 0 < args.repeat_threshold <= 1:
+        errors.append(f"--repeat_threshold must be in (0, 1], got {args.repeat_threshold}")
+    if args.num_bins < 1:
+        errors.append(f"--num_bins must be >= 1, got {args.num_bins}")
     if args.resume not in (None, "auto") and not args.resume.isdigit() and not os.path.isfile(args.resume):
         errors.append(f"--resume {args.resume!r} does not exist (give a checkpoint path or 'auto')")
     on_cpu = (args.device or "").startswith("cpu") or (args.device is None and not torch.cuda.is_available())
@@ -169,18 +183,28 @@ def anchors_of(model: torch.nn.Module) -> List[List[List[float]]] | None:
 
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
+    """Train; the run folder's lock (see utils/run_folder.py) is released however training ends."""
     relaunch_with_torchrun(args)  # --ngpu N (the original's option): N processes under torchrun
+    run_lock = RunLock()
+    try:
+        return run_training(args, run_lock)
+    finally:
+        run_lock.release()
+
+
+def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
     resolve_defaults(args)
     check_common_args(args)
     check_train_args(args)
     device = resolve_device(args.device)
-    dist_info = dist_utils.init_distributed(device)
+    dist_info = dist_utils.init_distributed(device, args.dist_timeout)
     rank, world_size = dist_info["rank"], dist_info["world_size"]
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", dist_info["local_rank"])
     torch.manual_seed(args.man_seed + rank)
 
     run_dir = run_folder(args, dist_utils.get_world_size())
+    prepare_run_folder(run_dir, args, rank, run_lock)
     setup_logging(rank, os.path.join(run_dir, "train.log"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -218,8 +242,16 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         with open(hierarchy_path) as f:
             val_set.hierarchy = json.load(f)
 
-    resume_path = resume_checkpoint_path(args.resume, run_dir)  # a path, 'auto' or an iteration
-    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    resume_path, checkpoint = None, None
+    if args.resume == "auto":
+        resume_path, checkpoint = load_newest_checkpoint(run_dir)
+        if checkpoint is None and rank == 0:
+            report_resume_auto(run_dir, args.save_root, args_to_dict(args))
+    elif args.resume:  # a path, or an iteration of this run folder
+        resume_path = resume_checkpoint_path(args.resume, run_dir)
+        checkpoint = load_checkpoint(resume_path)
+    if checkpoint is not None:
+        check_resume_fits(checkpoint, resume_path, args)
     anchor_whs = anchors_from_checkpoint(checkpoint) if checkpoint is not None else None
     # The checkpoint holds every weight: build frozen as --pretrained implies, but read no weight file.
     model, criterion, postprocessor = build_model(
@@ -245,6 +277,11 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
     start_iter = 0
     if checkpoint is not None:
+        problem = state_dict_mismatch(model.state_dict(), checkpoint["model"])
+        if problem:
+            raise CheckpointError(
+                f"--resume {resume_path!r} does not fit the model of these options: {problem}"
+            )
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["lr_scheduler"])
@@ -278,12 +315,13 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         aspect_ratio_group=args.aspect_ratio_group,
     )
     val_loader = None
-    if val_set is not None and rank == 0:
+    if val_set is not None:  # every rank validates its block of the val set; rank 0 scores them all
         val_loader = build_eval_loader(
             val_set,
             args.eval_batch_size,
             args.num_workers,
             size_divisibility=32 if args.resize_mode == "keep_aspect" else 1,
+            indices=dist_utils.shard_range(len(val_set)) if world_size > 1 else None,
         )
 
     is_main = rank == 0
@@ -332,8 +370,12 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             args.metric,
             args.iou_thresh,
             amp_dtype=amp_dtype,
+            sharded=True,
         )
         summary = {}
+        if metrics.get("images", {}).get("skipped"):
+            summary["val_skipped_images"] = metrics["images"]["skipped"]
+            summary["val_images"] = metrics["images"]["evaluated"]
         if "voc" in metrics:
             summary["val_map50_07"] = metrics["voc"]["map_07_11pt"]
             summary["val_map50_area"] = metrics["voc"]["map_area"]
@@ -354,6 +396,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     meters = MetricLogger(window_size=args.log_step)
     progress = Progress(args.max_iter, start_iter, args.log_step, enabled=is_main)
     num_skipped, num_cropped_out, num_dropped_for_sync, last_val = 0, 0, 0, {}
+    last_saved = resume_path
     images_per_class = torch.zeros(args.num_classes, dtype=torch.int64)
     last_time = time.time()
     iteration = start_iter
@@ -407,20 +450,30 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                 metrics_log.write(record)
                 sinks.add_scalars({k: v for k, v in record.items() if k != "iteration"}, iteration)
             if iteration % args.save_step == 0 or iteration == args.max_iter:
+                bad = non_finite_state(model_without_ddp, optimizer, device)
+                if bad:
+                    raise NonFiniteWeightsError(iteration, bad, last_saved)
                 rng_states = dist_utils.all_gather_object(rng_state(device))  # every rank's, for resume
+                save_error = None
                 if is_main:
-                    save_checkpoint(
-                        {**checkpoint_state(iteration), "rng_states": rng_states},
-                        os.path.join(run_dir, f"model_{iteration:06d}.pth"),
-                    )
-                    prune_checkpoints(run_dir, args.keep_checkpoints)
+                    path = os.path.join(run_dir, f"model_{iteration:06d}.pth")
+                    try:
+                        save_checkpoint({**checkpoint_state(iteration), "rng_states": rng_states}, path)
+                        prune_checkpoints(run_dir, args.keep_checkpoints)
+                        last_saved = path
+                    except CheckpointError as e:
+                        save_error = str(e)
+                save_error = dist_utils.broadcast_object(save_error)  # every rank stops on a failed save
+                if save_error:
+                    raise CheckpointError(save_error)
             if val_loader is not None and (
                 (args.val_step and iteration % args.val_step == 0) or iteration == args.max_iter
             ):
                 last_val = validate(iteration)
-                metrics_log.write({"iteration": iteration, **last_val})
-                sinks.add_scalars(last_val, iteration)
-    except NonFiniteLossError as e:
+                if is_main:
+                    metrics_log.write({"iteration": iteration, **last_val})
+                    sinks.add_scalars(last_val, iteration)
+    except (NonFiniteLossError, NonFiniteWeightsError) as e:
         logger.error("%s", e)
         progress.close()
         dist_utils.cleanup()
@@ -428,6 +481,10 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     progress.close()
     if sinks is not None:
         sinks.close()
+    bad = non_finite_state(model_without_ddp, optimizer, device)
+    if bad:  # the save at --max_iter checked already; checked again so "done" never covers NaN weights
+        dist_utils.cleanup()
+        raise SystemExit(f"training stopped: {NonFiniteWeightsError(iteration, bad, last_saved)}")
     if num_skipped:
         logger.warning("%d unreadable images were skipped during training (--skip_bad_images)", num_skipped)
     if num_dropped_for_sync:

@@ -33,7 +33,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from utils.errors import UserError
+from utils.checkpoint import safe_torch_load
+from utils.errors import CheckpointError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +60,15 @@ def imagenet_weights_path(name: str) -> str:
 def _read_state_dict(path: str) -> Dict[str, Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained weights file {path!r} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = safe_torch_load(path, "--pretrained weights file")
     # Training scripts often wrap the weights ({"model": sd} or {"state_dict": sd}).
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise UserError(f"{path!r} does not hold a state dict (a dict of tensors)")
+        raise CheckpointError(
+            f"--pretrained weights file {path!r} does not hold a state dict (a dict of name -> tensor)"
+        )
     return obj
 
 

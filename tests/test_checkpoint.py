@@ -12,6 +12,7 @@ from utils.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from utils.errors import CheckpointError
 
 
 class PicklablePayload:
@@ -32,8 +33,9 @@ def test_load_refuses_pickled_code(tmp_path):
 
     # Any object beyond tensors and plain containers needs full unpickling, which weights_only refuses.
     torch.save({"model": PicklablePayload(), "args": {}}, path)
-    with pytest.raises(ValueError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="evil.pth' holds Python objects .* could run code") as info:
         load_checkpoint(path)
+    assert "weights_only=False" not in str(info.value)  # never advise turning the protection off
 
 
 def test_load_errors_name_the_file(tmp_path):

@@ -156,7 +156,11 @@ def test_evaluate_finds_the_run_folder_from_the_training_options(trained_run, da
     save_root = tmp_path / "runs"
     train_argv = MODEL_OPTS + TRAIN_OPTS + ["--data_root", data_root, "--save_root", str(save_root)]
     derived = os.path.join(str(save_root), run_name(train.get_args_parser().parse_args(train_argv)))
-    assert os.path.basename(derived) == "shapes_fpn_ohem_resnet18_pre1x3_mbox_sh0_sq64_bs4_lr0.01"
+    # The original's parts, then the options beyond them that differ from their defaults (RUN_NAME_EXTRAS).
+    assert (
+        os.path.basename(derived)
+        == "shapes_fpn_ohem_resnet18_pre1x3_mbox_sh0_sq64_bs4_lr0.01_fpn16_hl1_ptnone"
+    )
     with pytest.raises(SystemExit, match="the run folder derived from the options, .*does not exist"):
         evaluate.main(evaluate.get_args_parser().parse_args(train_argv + ["--eval_iters", "12"]))
     shutil.copytree(run_dir, derived)

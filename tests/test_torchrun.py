@@ -1,4 +1,5 @@
-"""torchrun: two gloo processes on the CPU train like one process, and stop together on a NaN."""
+"""torchrun: two gloo processes on the CPU train like one process, stop together on a NaN, and validate
+and evaluate (each on its block of the images) to the metrics of one process."""
 
 import glob
 import json
@@ -10,6 +11,7 @@ import sys
 import pytest
 from tiny_shapes import MODEL_OPTS, ROOT, TRAIN_OPTS, make_tiny_shapes
 
+import evaluate
 import train
 
 
@@ -87,6 +89,7 @@ NAN_ON_RANK_1 = """
 import os, sys
 sys.path.insert(0, {root!r})
 import torch
+import evaluate
 import train
 
 real_build = train.build_model
@@ -145,3 +148,56 @@ def test_torchrun_non_finite_loss_on_one_process_stops_all(data_root, tmp_path):
     assert [os.path.basename(p) for p in glob.glob(str(tmp_path / "r" / "model_*.pth"))] == [
         "model_000002.pth"
     ]
+
+
+def test_torchrun_validation_and_evaluate_match_one_process(data_root, tmp_path):
+    """Validation during a 2-process run and evaluate.py under torchrun each score their own block of the
+    val images and gather on rank 0: the metrics equal one process's evaluate.py on the same checkpoint."""
+    argv = MODEL_OPTS + ["--data_root", data_root, "--save_root", str(tmp_path), "--run_name", "ddp"]
+    argv += ["--batch_size", "2", "--lr", "0.01", "--max_iter", "2", "--step_values", "", "--warmup_iters"]
+    argv += ["0", "--save_step", "2", "--val_step", "0", "--log_step", "1", "--dist_timeout", "5"]
+    argv += ["--conf_thresh", "0.01"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        launch + [str(free_port()), os.path.join(ROOT, "train.py"), *argv],
+        check=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    validated = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")][-1]
+    checkpoint = str(tmp_path / "ddp" / "model_000002.pth")
+    eval_argv = ["--checkpoint", checkpoint, "--data_root", data_root, "--metric", "all"]
+    subprocess.run(
+        launch
+        + [
+            str(free_port()),
+            os.path.join(ROOT, "evaluate.py"),
+            *eval_argv,
+            "--save_path",
+            str(tmp_path / "two"),
+        ],
+        check=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    (two_file,) = glob.glob(str(tmp_path / "two" / "metrics_*.json"))
+    two = json.load(open(two_file))
+    one = next(
+        iter(
+            evaluate.main(
+                evaluate.get_args_parser().parse_args(eval_argv + ["--save_path", str(tmp_path / "one")])
+            ).values()
+        )
+    )
+    assert one["coco_AP50"] > 0 and one["num_images"] == two["num_images"] == 6  # each image once
+    for key in ("voc_map_area", "voc_map_07_11pt", "coco_AP", "coco_AP50"):
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key
+    assert validated["val_map50_area"] == pytest.approx(one["voc_map_area"], abs=1e-6)
+    assert validated["val_map50_07"] == pytest.approx(one["voc_map_07_11pt"], abs=1e-6)
+    # one process's detections file has each val image's detections exactly once
+    (detections,) = glob.glob(str(tmp_path / "two" / "detections_*.json"))
+    (reference,) = glob.glob(str(tmp_path / "one" / "detections_*.json"))
+    assert len(json.load(open(detections))) == len(json.load(open(reference)))

@@ -10,15 +10,19 @@ code, which is why options are stored as a plain dict, not a Namespace.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import glob
 import logging
 import os
+import pickle
 import re
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 
-from utils.errors import UserError
+from utils import distributed as dist_utils
+from utils.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -38,25 +42,145 @@ def args_to_dict(args: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
+def non_finite_tensors(state: Any, prefix: str = "") -> List[str]:
+    """Names (dotted paths) of the floating-point tensors in ``state`` holding a NaN or an infinity.
+
+    state: a tensor, or dicts / lists / tuples of them at any depth (a model or optimizer state dict,
+    a whole checkpoint); other values are ignored. One host-device sync for all tensors.
+    """
+    names: List[str] = []
+    tensors: List[torch.Tensor] = []
+
+    def walk(value: Any, name: str) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() or value.is_complex():
+                names.append(name)
+                tensors.append(value.detach())
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{name}.{key}" if name else str(key))
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{name}.{i}" if name else str(i))
+
+    walk(state, prefix)
+    if not tensors:
+        return []
+    finite = torch.stack([torch.isfinite(t).all().to(tensors[0].device) for t in tensors]).tolist()
+    return [name for name, ok in zip(names, finite) if not ok]
+
+
+def check_finite_state(state: Dict[str, Any], what: str) -> None:
+    """CheckpointError naming ``what`` and the first tensors when the model or optimizer state of a
+    checkpoint dict holds NaN or infinite values."""
+    bad = non_finite_tensors({k: state[k] for k in ("model", "optimizer") if k in state})
+    if bad:
+        raise CheckpointError(
+            f"{what} has non-finite (NaN or infinite) values in {len(bad)} tensor(s), e.g. "
+            f"{', '.join(bad[:3])}: the run diverged before it was saved; use an earlier checkpoint"
+        )
+
+
 def save_checkpoint(state: Dict[str, Any], path: str) -> None:
-    """Write ``state`` to ``path`` atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Write ``state`` to ``path`` atomically and durably; never write a non-finite model or optimizer.
+
+    The bytes go to ``path.tmp``, are fsync'ed, and the file is renamed over ``path`` (then the folder
+    is fsync'ed, so the rename survives a power cut): a crash, a kill or a full disk at any point
+    leaves the previous checkpoints as they were. On an error the ``.tmp`` file is removed and a
+    CheckpointError says why (ENOSPC: the disk is full).
+    """
+    check_finite_state(state, f"the state to be saved as {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp_path = path + ".tmp"
-    torch.save(state, tmp_path)
-    os.replace(tmp_path, path)
+    try:
+        with open(tmp_path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp_path)
+        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+        raise CheckpointError(
+            f"could not write checkpoint {path!r}: {reason} ({e.__class__.__name__}: {e}); nothing was "
+            "written and the earlier checkpoints are intact: free space (or change --save_root) and "
+            "continue with --resume auto"
+        ) from e
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open folders: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def safe_torch_load(path: str, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load(path, weights_only=True) with an error that names the file and ``what`` it should be.
+
+    weights_only refuses files that would run code when unpickled; the message says so instead of
+    quoting torch's advice to turn it off.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "allowed global" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{what} {path!r} holds Python objects other than tensors and plain containers, which "
+                "are refused because loading them could run code: save its state dict (tensors) instead"
+            ) from e
+        raise CheckpointError(f"{what} {path!r} is not a PyTorch file (or it is corrupt)") from e
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
+        raise CheckpointError(
+            f"{what} {path!r} is not a readable PyTorch file: it is truncated or corrupt "
+            f"({e.__class__.__name__})"
+        ) from e
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint safely (weights_only=True), with a clear error for a missing or foreign file."""
+    """Load a checkpoint safely (weights_only=True), with a clear error (CheckpointError) for a missing,
+    unreadable or foreign file, and for one whose model or optimizer state is not finite."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise UserError(f"could not load checkpoint {path!r} with weights_only=True: {e}") from e
+    state = safe_torch_load(path, "checkpoint", map_location)
     if not isinstance(state, dict) or "model" not in state or "args" not in state:
-        raise UserError(f"{path!r} is not a checkpoint of this project (needs 'model' and 'args')")
+        raise CheckpointError(f"{path!r} is not a checkpoint of this project (needs 'model' and 'args')")
+    check_finite_state(state, f"checkpoint {path!r}")
     return state
+
+
+def load_newest_checkpoint(run_dir: str) -> Tuple[str | None, Dict[str, Any] | None]:
+    """The newest checkpoint of ``run_dir`` that loads, as (path, state); (None, None) when it has none.
+
+    A newer one that does not load (truncated by a crash outside save_checkpoint, corrupt, non-finite)
+    is passed over with a warning naming it and why. CheckpointError when none of them loads.
+    """
+    paths = list_checkpoints(run_dir)
+    errors = []
+    for path in reversed(paths):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            logger.warning("--resume auto: passing over %s: %s", os.path.basename(path), e)
+            errors.append(str(e))
+            continue
+        if errors:
+            logger.warning(
+                "--resume auto: resuming from %s, the newest of %d checkpoints that loads", path, len(paths)
+            )
+        return path, state
+    if paths:
+        raise CheckpointError(f"no checkpoint of {run_dir!r} loads: " + "; ".join(errors))
+    return None, None
 
 
 def list_checkpoints(run_dir: str) -> List[str]:
@@ -162,7 +286,7 @@ def weights_to_run(checkpoint: Dict[str, Any], eval_weights: str, path: str) -> 
     """The checkpoint key of the weights to run: "model_ema" (``--ema`` runs, unless raw) or "model"."""
     has_ema = checkpoint.get("model_ema") is not None
     if eval_weights == "ema" and not has_ema:
-        raise UserError(f"--eval_weights ema: checkpoint {path!r} has no EMA weights (trained without --ema)")
+        raise CheckpointError(f"--eval_weights ema: checkpoint {path!r} has no EMA weights (trained without --ema)")
     return "model_ema" if has_ema and eval_weights != "raw" else "model"
 
 
@@ -182,12 +306,12 @@ def build_model_from_checkpoint(
         args, anchor_whs_per_level=anchors_from_checkpoint(checkpoint), load_pretrained=False
     )
     weights = weights_to_run(checkpoint, getattr(args, "eval_weights", "auto"), path)
-    missing, unexpected = model.load_state_dict(checkpoint[weights], strict=False)
-    if missing or unexpected:
-        raise UserError(
-            f"checkpoint {path!r} does not fit the model it describes: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
+    problem = state_dict_mismatch(model.state_dict(), checkpoint[weights])
+    if problem:
+        raise CheckpointError(
+            f"checkpoint {path!r}: its weights do not fit the options saved with it: {problem}"
         )
+    model.load_state_dict(checkpoint[weights])
     args.class_names = checkpoint.get("class_names")
     args.category_ids = checkpoint.get("category_ids")
     model.to(device).eval()
@@ -203,3 +327,71 @@ def build_model_from_checkpoint(
         "EMA" if weights == "model_ema" else "trained",
     )
     return model, postprocessor, args, checkpoint
+
+
+# Which options shape the weights under a key (first match wins), for naming the option behind a mismatch.
+KEY_OPTIONS = (
+    (
+        ("cls_pred", "cls_score", "cls_logits"),
+        "--num_classes (the training classes) or the anchors per "
+        "position (--num_scales, --aspect_ratios, --anchor_file)",
+    ),
+    (
+        ("box_pred", "bbox_pred", "anchor"),
+        "the anchors per position (--num_scales, --aspect_ratios, --anchor_file) or --num_classes",
+    ),
+    (("backbone.",), "--basenet"),
+    (
+        ("fpn.", "tower", "rpn.head.conv", "box_head"),
+        "--fpn_channels, --num_head_layers, --shared_heads or --head_norm",
+    ),
+)
+
+
+def options_behind(key: str) -> str:
+    """The options that decide the shape (or presence) of the weight ``key``."""
+    for patterns, options in KEY_OPTIONS:
+        if any(p in key for p in patterns):
+            return options
+    return "--arch"
+
+
+def state_dict_mismatch(model_state: Dict[str, torch.Tensor], loaded: Dict[str, torch.Tensor]) -> str:
+    """'' when ``loaded`` fits ``model_state`` key for key and shape for shape; else a message naming the
+    first wrongly shaped, missing and unexpected keys and the options that decide them."""
+    wrong = [k for k in loaded if k in model_state and loaded[k].shape != model_state[k].shape]
+    missing = [k for k in model_state if k not in loaded]
+    unexpected = [k for k in loaded if k not in model_state]
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(
+            f"{len(wrong)} weight(s) of another shape, e.g. {k}: saved {tuple(loaded[k].shape)}, built "
+            f"{tuple(model_state[k].shape)} (set by {options_behind(k)})"
+        )
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            parts.append(f"{len(keys)} {label} weight(s), e.g. {keys[0]} (set by {options_behind(keys[0])})")
+    return "; ".join(parts)
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """The model or optimizer state became NaN or infinite: nothing is saved, and the message says which
+    checkpoint is the last good one."""
+
+    def __init__(self, iteration: int, names: List[str], last_saved: str | None):
+        kept = f"the last checkpoint, {last_saved}, is intact" if last_saved else "no checkpoint was saved"
+        super().__init__(
+            f"non-finite weights or optimizer state at iteration {iteration} (in {len(names)} tensor(s), "
+            f"e.g. {', '.join(names[:3])}): not saved; {kept}. Try a lower --lr, --clip_grad or "
+            "--warmup_iters."
+        )
+
+
+def non_finite_state(model: torch.nn.Module, optimizer: Any, device: torch.device) -> List[str]:
+    """Names of the non-finite tensors of the model and optimizer states, agreed over all ranks (every
+    rank gets [] only when every rank's are finite): a collective in a distributed run."""
+    bad = non_finite_tensors({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    if not dist_utils.all_true(not bad, device) and not bad:
+        bad = ["(on another process)"]
+    return bad

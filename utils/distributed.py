@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
-from typing import Dict
+from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
@@ -12,11 +13,13 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 
-def init_distributed(device: torch.device) -> Dict[str, int]:
+def init_distributed(device: torch.device, timeout_minutes: float | None = None) -> Dict[str, int]:
     """Initialise the process group when launched by torchrun (RANK/WORLD_SIZE set), else do nothing.
 
     Returns {"rank", "world_size", "local_rank"}. nccl on CUDA, gloo on CPU. Multi-node works through
     torchrun's own flags (--nnodes, --rdzv_endpoint ...) since they only set these variables.
+    timeout_minutes (``--dist_timeout``): how long a collective waits for the slowest process before
+    it fails (None: torch's default, 10 minutes for nccl).
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return {"rank": 0, "world_size": 1, "local_rank": 0}
@@ -26,8 +29,11 @@ def init_distributed(device: torch.device) -> Dict[str, int]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
-        logger.info("initialised %s process group: rank %d of %d", backend, rank, world_size)
+        timeout = None if timeout_minutes is None else datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend=backend, timeout=timeout)
+        logger.info(
+            "initialised %s process group: rank %d of %d (timeout %s)", backend, rank, world_size, timeout
+        )
     return {"rank": rank, "world_size": world_size, "local_rank": local_rank}
 
 
@@ -79,6 +85,34 @@ def all_gather_object(obj):
     gathered = [None] * get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (a collective: every rank must call it)."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def shard_range(num_items: int, rank: int | None = None, world_size: int | None = None) -> List[int]:
+    """The contiguous block of ``range(num_items)`` that ``rank`` evaluates: blocks in rank order
+    concatenate to the whole range, so gathered per-rank results are in dataset order, as with one
+    process. Sizes differ by at most one."""
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    return list(range(rank * num_items // world_size, (rank + 1) * num_items // world_size))
+
+
+def gather_lists(items: List[Any]) -> List[Any] | None:
+    """Every rank's ``items`` concatenated in rank order on rank 0 (None elsewhere); ``items`` itself
+    in a single process. A collective: every rank must call it."""
+    if not is_distributed():
+        return items
+    gathered = [None] * get_world_size() if get_rank() == 0 else None
+    dist.gather_object(items, gathered, dst=0)
+    return None if gathered is None else [x for part in gathered for x in part]
 
 
 def cleanup() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from typing import List
 
@@ -393,6 +394,12 @@ def get_common_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda when available)")
     g.add_argument("--man_seed", "--seed", type=int, default=123, help="random seed (offset by rank)")
     g.add_argument(
+        "--dist_timeout",
+        type=float,
+        default=30.0,
+        help="torchrun: minutes a process waits in a collective (e.g. for a slower rank) before failing",
+    )
+    g.add_argument(
         "--amp",
         action=BoolAction,
         help="mixed precision: bf16 or fp16 on CUDA, bf16 on CPU (fast where the CPU has AMX)",
@@ -454,7 +461,8 @@ def resume_checkpoint_path(resume: str | None, run_dir: str) -> str | None:
 
 
 def run_name(args: argparse.Namespace, world_size: int = 1) -> str:
-    """Run folder name from the options, as in the original (backbone, anchors, loss, input, batch, lr).
+    """Run folder name from the options: as in the original (backbone, anchors, loss, input, batch, lr),
+    then the RUN_NAME_EXTRAS options that differ from their defaults.
 
     The batch in the name is the total over ``world_size`` processes.
     """
@@ -482,7 +490,38 @@ def run_name(args: argparse.Namespace, world_size: int = 1) -> str:
         f"bs{args.batch_size * world_size}",
         f"lr{args.lr:g}",
     ]
-    return "_".join(p for p in parts if p)
+    return "_".join([p for p in parts if p] + run_name_extras(args))
+
+
+# Options that change what a run trains but are not in the original's name: each one that differs from
+# its default adds "<tag><value>" to the derived name, so runs that differ in them get their own folders
+# (and a run with the defaults keeps the original's name). The schedule length (--max_iter,
+# --step_values) is left out on purpose: extending a run with --resume auto --max_iter N continues the
+# same folder. Any other difference is caught by train.py's args.json check (utils/run_folder.py).
+RUN_NAME_EXTRAS = (
+    ("fpn_channels", "fpn", 256),
+    ("num_head_layers", "hl", 4),
+    ("p6_from", "p6", "c5"),
+    ("optimizer", "", "sgd"),
+    ("augment", "aug", "ssd"),
+    ("sampler", "", "random"),
+)
+
+
+def run_name_extras(args: argparse.Namespace) -> List[str]:
+    """The name parts of RUN_NAME_EXTRAS options that differ from their defaults, plus the weights the
+    backbone starts from when not ImageNet ("ptnone", or "pt" + the weights file's stem)."""
+    parts = []
+    for key, tag, default in RUN_NAME_EXTRAS:
+        value = getattr(args, key, default)
+        if value != default:
+            parts.append(f"{tag}{value}")
+    pretrained = getattr(args, "pretrained", "imagenet")
+    if pretrained != "imagenet":
+        parts.append(
+            "pt" + (pretrained if pretrained == "none" else os.path.splitext(os.path.basename(pretrained))[0])
+        )
+    return parts
 
 
 def run_folder(args: argparse.Namespace, world_size: int = 1) -> str:
@@ -533,9 +572,67 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def non_finite_options(args: argparse.Namespace) -> List[str]:
+    """``--name value`` of every float option (or list of floats) that is NaN or infinite.
+
+    Generic over the namespace, so the float options of every script that calls check_common_args are
+    covered, its own ones included.
+    """
+    bad = []
+    for key, value in sorted(vars(args).items()):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            bad.append(f"--{key} must be a finite number, got {value}")
+    return bad
+
+
+def check_range_options(args: argparse.Namespace) -> List[str]:
+    """Range checks of the float and integer options not covered elsewhere (the value must make sense
+    before the run starts, not crash or train on NaN later). Options a script lacks are not checked."""
+    errors: List[str] = []
+
+    def has(*keys: str) -> bool:
+        return all(isinstance(getattr(args, k, None), (int, float)) for k in keys)
+
+    if has("negative_threshold") and not args.negative_threshold >= 0:
+        errors.append(
+            f"--negative_threshold must be in [0, --positive_threshold], got {args.negative_threshold}"
+        )
+    if has("smooth_l1_beta") and not args.smooth_l1_beta >= 0:
+        errors.append(f"--smooth_l1_beta must be >= 0 (0: L1), got {args.smooth_l1_beta}")
+    if has("focal_alpha") and not 0 <= args.focal_alpha <= 1:
+        errors.append(f"--focal_alpha must be in [0, 1], got {args.focal_alpha}")
+    if has("focal_gamma") and not args.focal_gamma >= 0:
+        errors.append(f"--focal_gamma must be >= 0, got {args.focal_gamma}")
+    if has("neg_pos_ratio") and args.neg_pos_ratio < 1:
+        errors.append(f"--neg_pos_ratio must be >= 1, got {args.neg_pos_ratio}")
+    if has("fpn_channels") and args.fpn_channels < 1:
+        errors.append(f"--fpn_channels must be >= 1, got {args.fpn_channels}")
+    if has("momentum") and not 0 <= args.momentum < 1:
+        errors.append(f"--momentum must be in [0, 1), got {args.momentum}")
+    if has("weight_decay") and not args.weight_decay >= 0:
+        errors.append(f"--weight_decay must be >= 0, got {args.weight_decay}")
+    if has("gamma") and not 0 < args.gamma <= 1:
+        errors.append(f"--gamma (lr factor at each --step_values) must be in (0, 1], got {args.gamma}")
+    if has("warmup_factor") and not 0 <= args.warmup_factor <= 1:
+        errors.append(f"--warmup_factor must be in [0, 1], got {args.warmup_factor}")
+    if has("clip_grad") and not args.clip_grad >= 0:
+        errors.append(f"--clip_grad must be >= 0 (0: off), got {args.clip_grad}")
+    if has("keep_checkpoints") and args.keep_checkpoints < 0:
+        errors.append(f"--keep_checkpoints must be >= 0 (0: all), got {args.keep_checkpoints}")
+    if has("dist_timeout") and not args.dist_timeout > 0:
+        errors.append(f"--dist_timeout must be > 0 minutes, got {args.dist_timeout}")
+    if has("vis_port") and not 0 < args.vis_port < 65536:
+        errors.append(f"--vis_port must be in 1..65535, got {args.vis_port}")
+    if has("man_seed") and args.man_seed < 0:
+        errors.append(f"--man_seed must be >= 0, got {args.man_seed}")
+    return errors
+
+
 def check_common_args(args: argparse.Namespace) -> None:
     """Fail at start, with the option's name, rather than an hour into a run."""
-    errors: List[str] = []
+    non_finite = non_finite_options(args)
+    errors: List[str] = check_range_options(args)
     if args.anchor_type == "kmeans":
         if not args.anchor_file and shipped_anchor_file(args.dataset):
             args.anchor_file = shipped_anchor_file(args.dataset)  # the original's clustered voc / coco set
@@ -614,6 +711,9 @@ def check_common_args(args: argparse.Namespace) -> None:
         )
     if args.tta != "none" and args.arch != "fpn_ohem":
         errors.append(f"--tta {args.tta} applies to --arch fpn_ohem only")
+    # A NaN fails every range check too: report it once, as not finite.
+    named = tuple(e.split(" ", 1)[0] + " " for e in non_finite)
+    errors = non_finite + [e for e in errors if not e.startswith(named)]
     if errors:
         raise SystemExit("Bad options:\n  " + "\n  ".join(errors))
     if getattr(args, "ngpu", 1) > 1 and "LOCAL_WORLD_SIZE" not in os.environ:
