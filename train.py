@@ -47,6 +47,7 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.errors import run_cli
+from utils.init_from import init_model_from
 from utils.logger import JsonLinesWriter, MetricLogger, Progress, ScalarSinks, setup_logging
 from utils.options import (
     OptionParser,
@@ -221,8 +222,12 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     anchor_whs = anchors_from_checkpoint(checkpoint) if checkpoint is not None else None
     # The checkpoint holds every weight: build frozen as --pretrained implies, but read no weight file.
     model, criterion, postprocessor = build_model(
-        args, anchor_whs_per_level=anchor_whs, load_pretrained=checkpoint is None
+        args, anchor_whs_per_level=anchor_whs, load_pretrained=checkpoint is None and not args.init_from
     )
+    if args.init_from and checkpoint is None:  # weights of a trained detector (utils/init_from.py)
+        init_model_from(model, args.init_from)
+    elif args.init_from:
+        logger.info("--init_from %s not used: resuming from %s", args.init_from, resume_path)
     model.to(device)
     if args.channels_last:
         # Converting the weights is enough: convolutions propagate the weight's layout to their outputs.
