@@ -13,7 +13,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 import train
 from models import build_model
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import CheckpointError, UserError
 from utils.init_from import init_model_from
 from utils.options import check_common_args, resolve_defaults
@@ -122,7 +122,13 @@ def data_root(tmp_path_factory):
 
 
 def test_train_py_fine_tunes_a_three_class_detector_on_two_classes(data_root, tmp_path):
-    source = train_tiny(data_root, tmp_path / "source")  # circle, square, triangle
+    # A 3-class detector of this project (circle, square, triangle), written as train.py does.
+    source = str(tmp_path / "source.pth")
+    args = {"arch": "fpn_ohem", "basenet": "resnet18", "fpn_channels": 16}
+    names = ["circle", "square", "triangle"]
+    save_checkpoint(
+        {"model": our_model(num_classes=3).state_dict(), "args": args, "class_names": names}, source
+    )
     # lr 1e-12: one step leaves the weights as they were loaded, so they can be compared.
     path = train_tiny(
         data_root, tmp_path / "new", "--init_from", source, "--classes", "circle,square", "--lr", "1e-12"
