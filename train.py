@@ -47,7 +47,7 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.errors import run_cli
-from utils.init_from import init_model_from
+from utils.init_from import check_resumable, init_model_from
 from utils.logger import JsonLinesWriter, MetricLogger, Progress, ScalarSinks, setup_logging
 from utils.options import (
     OptionParser,
@@ -219,6 +219,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
     resume_path = latest_checkpoint(run_dir) if args.resume == "auto" else args.resume
     checkpoint = load_checkpoint(resume_path) if resume_path else None
+    if checkpoint is not None:
+        check_resumable(checkpoint, resume_path)  # not a weights-only file (utils/init_from.py)
     anchor_whs = anchors_from_checkpoint(checkpoint) if checkpoint is not None else None
     # The checkpoint holds every weight: build frozen as --pretrained implies, but read no weight file.
     model, criterion, postprocessor = build_model(

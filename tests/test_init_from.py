@@ -153,3 +153,14 @@ def test_train_py_fine_tunes_a_three_class_detector_on_two_classes(data_root, tm
         "re-initialised (class count or anchors differ): head.cls_pred.weight [12, 16, 3, 3] -> [9, 16, 3, 3]"
         in log
     )
+
+
+def test_a_weights_only_file_cannot_resume_but_can_start_a_run(data_root, tmp_path):
+    weights = str(tmp_path / "w.pth")
+    save_checkpoint(
+        {"model": our_model().state_dict(), "args": {"arch": "fpn_ohem"}, "format": "weights"}, weights
+    )
+    with pytest.raises(
+        CheckpointError, match=r"has no optimizer, lr_scheduler, scaler, iteration.*use --init_from"
+    ):
+        train_tiny(data_root, tmp_path / "runs", "--resume", weights)

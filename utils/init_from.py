@@ -121,6 +121,16 @@ def shift_fpn_levels(state: Dict[str, Tensor], source_first: int, target_first: 
     return out
 
 
+def check_resumable(checkpoint: Dict[str, Any], path: str) -> None:
+    """A weights-only file (export.py --format weights) has no optimizer state to resume from."""
+    missing = [k for k in ("optimizer", "lr_scheduler", "scaler", "iteration") if k not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"--resume {path!r} has no {', '.join(missing)} (a weights-only file?): "
+            "use --init_from to start a new run from its weights"
+        )
+
+
 def _summary(keys: List[str]) -> str:
     """'backbone.layer1 (30), fpn (16)': counts per module, two name levels deep."""
     counts = Counter(".".join(k.split(".")[:2]) for k in keys)
