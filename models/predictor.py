@@ -17,7 +17,7 @@ through the evaluation pipeline of the checkpoint's options (``--resize_mode``, 
 then ``engine.predict`` runs the model and the post-processor exactly as evaluate.py does, under
 ``torch.inference_mode()`` and, when the checkpoint trained with ``--amp``, the same autocast dtype
 (bf16 on the CPU; an fp16 checkpoint runs in fp32 there, since fp16 autocast needs CUDA).
-Both architectures (``fpn_ohem``, ``faster_rcnn_fpn``) work. Results are inference tensors on the CPU.
+Both architectures (``fpn_ohem``, ``faster_rcnn_fpn``) work. Results are ordinary CPU tensors.
 """
 
 from __future__ import annotations
