@@ -94,6 +94,7 @@ def test_score_thresh_keeps_the_scores_at_or_above_it(checkpoint, data_root):
         assert torch.equal(some["scores"], all_dets["scores"][mask])
         assert torch.equal(some["boxes"], all_dets["boxes"][mask])
     assert 0 < len(kept[0]["scores"]) < len(everything[0]["scores"])
+    assert not torch.is_inference(kept[0]["boxes"])  # usable outside inference mode (in-place ops too)
     with pytest.raises(UserError, match="score_thresh"):
         detector(files, score_thresh=1.5)
 
