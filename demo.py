@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
     resolve_defaults(args)
     check_common_args(args)
     if not 0 <= args.score_thresh <= 1:
-        raise UserError(f"--score_thresh must be in [0, 1], got {args.score_thresh}")
+        raise SystemExit(f"--score_thresh must be in [0, 1], got {args.score_thresh}")
     files, _ = unique_files(find_images(args.images))
     if not files:
         raise UserError(f"no images found in {args.images}")

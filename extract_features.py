@@ -127,7 +127,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     resolve_defaults(args)
     check_common_args(args)
     if args.num_nodes < 1:
-        raise UserError(f"--num_nodes must be >= 1, got {args.num_nodes}")
+        raise SystemExit(f"--num_nodes must be >= 1, got {args.num_nodes}")
     # The original keeps the top detections after class-agnostic NMS.
     args.class_agnostic_nms = True
     args.topk = args.num_nodes
