@@ -4,7 +4,12 @@
     python demo.py --checkpoint CKPT --images photo.jpg more_photos/ --save_path out/ --class_agnostic_nms
 
 As in the original demo, detections are kept above a final score of --score_thresh (0.5); NMS is
-class-aware unless --class_agnostic_nms. Next to each drawn image a JSON file lists its detections.
+class-aware unless --class_agnostic_nms. The model runs through ``engine.Detector`` (the checkpoint's
+resize and ``--amp``). Outputs keep each input's path relative to the folder holding all inputs and its
+format (``val/x.png`` -> ``<save_path>/val/x_det.png``), plus ``x_det.json`` listing the detections;
+names that still collide (``x.png``, ``x.jpg``) keep the extension (``x_png_det.png``). Drawing: see
+utils/draw.py (sizes scale with the image, best score on top, fonts with the class names' glyphs).
+With --skip_bad_images an unreadable image is skipped and counted instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -13,29 +18,26 @@ import argparse
 import json
 import logging
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Iterable, Iterator, List
 
 import cv2
-import numpy as np
 
 from data.image_io import read_image
 from data.image_list import ImageListDataset, find_images
 from data.loaders import build_eval_loader
-from data.transforms import build_transforms
-from engine import predict
-from utils.checkpoint import build_model_from_checkpoint
-from utils.errors import run_cli
+from engine import Detector
+from utils.draw import draw_detections
+from utils.errors import UserError, run_cli
 from utils.logger import setup_logging
 from utils.options import (
     TRAINING_GROUPS,
     TRAINING_OPTIONS,
     OptionParser,
-    amp_dtype_of,
     check_common_args,
     get_common_parser,
     resolve_defaults,
-    resolve_device,
 )
+from utils.output_paths import output_stems, unique_files
 
 logger = logging.getLogger("demo")
 
@@ -75,37 +77,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def class_colour(label: int) -> tuple:
-    """A stable, well-separated BGR colour per class (golden-ratio hue steps)."""
-    hue = int((label * 0.618033988749895 % 1.0) * 179)
-    hsv = np.uint8([[[hue, 220, 255]]])
-    return tuple(int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0])
+def counting_skips(batches: Iterable, skipped: List[str]) -> Iterator:
+    """Pass the loader's batches through, collecting the names of the skipped (unreadable) images."""
+    for images, targets, batch_skipped in batches:
+        skipped.extend(batch_skipped)
+        yield images, targets, batch_skipped
 
 
-def draw_detections(
-    image_rgb: np.ndarray,
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    labels: np.ndarray,
-    class_names: Sequence[str],
-) -> np.ndarray:
-    """Draw boxes (xyxy, image pixels) with "name score" captions; returns a BGR image for cv2.imwrite."""
-    canvas = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
-    thickness = max(1, round(max(canvas.shape[:2]) / 400))
-    for box, score, label in zip(boxes, scores, labels):
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
-        colour = class_colour(int(label))
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
-        caption = f"{class_names[int(label)]} {score:.2f}"
-        (tw, th), baseline = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
-        ty = max(y1, th + baseline)
-        # Keep the caption inside the image: boxes at the right edge get it shifted left.
-        tx = max(0, min(x1, canvas.shape[1] - tw))
-        cv2.rectangle(canvas, (tx, ty - th - baseline), (tx + tw, ty), colour, -1)
-        cv2.putText(
-            canvas, caption, (tx, ty - baseline), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA
+def check_skipped(skipped: List[str], allowed: bool) -> None:
+    if skipped and not allowed:
+        raise UserError(
+            f"cannot read image {skipped[0]!r} (pass --skip_bad_images to skip and count unreadable images)"
         )
-    return canvas
 
 
 def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -114,55 +97,54 @@ def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
     check_common_args(args)
     if not 0 <= args.score_thresh <= 1:
         raise SystemExit(f"--score_thresh must be in [0, 1], got {args.score_thresh}")
-    device = resolve_device(args.device)
-    model, postprocessor, run_args, _ = build_model_from_checkpoint(
-        args.checkpoint, args, get_args_parser(), device
-    )
-    files = find_images(args.images)
+    files, _ = unique_files(find_images(args.images))
     if not files:
-        raise SystemExit(f"no images found in {args.images}")
-    transforms = build_transforms(
-        False, run_args.resize_mode, run_args.input_dim, run_args.min_size, run_args.max_size
-    )
+        raise UserError(f"no images found in {args.images}")
+    stems = output_stems(files)
+    detector = Detector.from_checkpoint(args.checkpoint, args.device, cli_args=args, parser=get_args_parser())
+    # The dataset always skips unreadable files, so that a worker process hands back the file's name;
+    # without --skip_bad_images the first one stops the run with that name.
     loader = build_eval_loader(
-        ImageListDataset(files, transforms),
-        run_args.eval_batch_size,
-        run_args.num_workers,
-        size_divisibility=32 if run_args.resize_mode == "keep_aspect" else 1,
+        ImageListDataset(files, detector.transforms, skip_bad_images=True),
+        detector.batch_size,
+        detector.args.num_workers,
+        size_divisibility=detector.collate.size_divisibility,
     )
-    os.makedirs(args.save_path, exist_ok=True)
-    written = []
-    amp_dtype = amp_dtype_of(args, device.type)
-    for targets, detections, _ in predict(model, postprocessor, loader, device, amp_dtype):
-        for target, det in zip(targets, detections):
-            keep = det["scores"] >= args.score_thresh
-            boxes, scores, labels = (
-                det["boxes"][keep].numpy(),
-                det["scores"][keep].numpy(),
-                det["labels"][keep].numpy(),
-            )
-            path = target["file_name"]
-            stem = os.path.splitext(os.path.basename(path))[0]
-            out_path = os.path.join(args.save_path, f"{stem}_det.jpg")
-            cv2.imwrite(
-                out_path, draw_detections(read_image(path), boxes, scores, labels, run_args.class_names)
-            )
+    written: List[Dict[str, Any]] = []
+    skipped: List[str] = []
+    for targets, detections, _ in detector.predict_batches(counting_skips(loader, skipped)):
+        check_skipped(skipped, args.skip_bad_images)
+        for target, detection in zip(targets, detections):
+            index, path = int(target["image_id"]), target["file_name"]
+            result = detector.format(detection, args.score_thresh)
+            boxes, scores, labels = (result[k].numpy() for k in ("boxes", "scores", "labels"))
+            # The drawing keeps the input's format: png stays png, jpg stays jpg.
+            out_path = os.path.join(args.save_path, stems[index] + "_det" + os.path.splitext(path)[1])
+            os.makedirs(os.path.dirname(out_path), exist_ok=True)
+            drawn = draw_detections(read_image(path), boxes, scores, labels, detector.class_names)
+            if not cv2.imwrite(out_path, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):
+                raise UserError(f"could not write {out_path!r}")
             record = {
                 "image": path,
                 "output": out_path,
                 "detections": [
-                    {
-                        "class": run_args.class_names[int(lab)],
-                        "score": round(float(s), 4),
-                        "box_xyxy": [round(float(v), 1) for v in b],
-                    }
-                    for b, s, lab in zip(boxes, scores, labels)
+                    {"class": name, "score": round(float(s), 4), "box_xyxy": [round(float(v), 1) for v in b]}
+                    for b, s, name in zip(boxes, scores, result["label_names"])
                 ],
             }
-            with open(os.path.join(args.save_path, f"{stem}_det.json"), "w") as f:
-                json.dump(record, f, indent=1)
+            with open(os.path.join(args.save_path, stems[index] + "_det.json"), "w", encoding="utf-8") as f:
+                json.dump(record, f, indent=1, ensure_ascii=False)
             logger.info("%s: %d detections -> %s", path, len(boxes), out_path)
             written.append(record)
+    check_skipped(skipped, args.skip_bad_images)
+    if skipped:
+        logger.warning(
+            "%d of %d images were unreadable and skipped (--skip_bad_images): %s",
+            len(skipped),
+            len(files),
+            ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
+        )
+    logger.info("wrote %d drawn images and %d JSON files to %s", len(written), len(written), args.save_path)
     return written
 
 

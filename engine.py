@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterable, List, Tuple
 import torch
 from torch import Tensor
 
+from models.predictor import Detector  # noqa: F401 (the Python inference API: from engine import Detector)
 from utils import distributed as dist_utils
 from utils.coco_eval import detections_to_coco_results, evaluate_coco
 from utils.voc_eval import evaluate_voc, format_voc_table

@@ -4,7 +4,8 @@
     python extract_features.py --checkpoint CKPT --images some_folder/ --save_path feats/
 
 For each image, detections go through class-agnostic NMS and the top --num_nodes (10) are kept.
-Each image gives one float32 tensor ``<save_path>/<image name>.pth`` of shape
+Each image gives one float32 tensor ``<save_path>/<image path>.pth`` (the path relative to the folder
+holding all images, without extension; names that still collide keep it: ``x_png.pth``) of shape
 [num_nodes, 1 + 4 + C + 9 * F]; rows past the number of surviving detections are zero. Row layout:
 
 | columns                 | content                                                                   |
@@ -34,21 +35,19 @@ from torch import Tensor
 from data.dataset import build_dataset
 from data.image_list import ImageListDataset, find_images
 from data.loaders import build_eval_loader
-from data.transforms import build_transforms
-from engine import predict
-from utils.checkpoint import build_model_from_checkpoint
-from utils.errors import run_cli
+from demo import check_skipped, counting_skips
+from engine import Detector
+from utils.errors import UserError, run_cli
 from utils.logger import setup_logging
 from utils.options import (
     TRAINING_GROUPS,
     TRAINING_OPTIONS,
     OptionParser,
-    amp_dtype_of,
     check_common_args,
     get_common_parser,
     resolve_defaults,
-    resolve_device,
 )
+from utils.output_paths import output_stems, unique_files
 
 logger = logging.getLogger("extract_features")
 
@@ -149,34 +148,38 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     args.num_nodes = args.topk  # --num_nodes is an alias of --topk
     if args.num_nodes < 1:
         raise SystemExit(f"--num_nodes must be >= 1, got {args.num_nodes}")
-    device = resolve_device(args.device)
     # The original keeps the top detections after class-agnostic NMS.
     args.class_agnostic_nms = True
     args.topk = args.num_nodes
     if getattr(args, "explicit_options", None) is not None:  # these two win over the checkpoint's values
         args.explicit_options = sorted(set(args.explicit_options) | {"class_agnostic_nms", "topk"})
-    model, postprocessor, run_args, _ = build_model_from_checkpoint(
-        args.checkpoint, args, get_args_parser(), device
-    )
-    if args.images:
-        transforms = build_transforms(
-            False, run_args.resize_mode, run_args.input_dim, run_args.min_size, run_args.max_size
-        )
-        dataset = ImageListDataset(find_images(args.images), transforms)
+    files = None
+    if args.images is not None:
+        files, _ = unique_files(find_images(args.images))
+        if not files:
+            raise UserError(f"no images found in {args.images}")
+    detector = Detector.from_checkpoint(args.checkpoint, args.device, cli_args=args, parser=get_args_parser())
+    run_args = detector.args
+    if files is not None:
+        # Unreadable files always come back as skipped samples, so that their names reach this process.
+        dataset = ImageListDataset(files, detector.transforms, skip_bad_images=True)
     else:
         dataset = build_dataset(run_args, run_args.val_sets, train=False)
+        files = [dataset.image_path(i) for i in range(len(dataset))]
+        if not files:
+            raise UserError(f"--val_sets {run_args.val_sets} of {run_args.dataset} has no images")
+    stem_of = dict(zip(files, output_stems(files)))
     loader = build_eval_loader(
         dataset,
-        run_args.eval_batch_size,
+        detector.batch_size,
         run_args.num_workers,
-        size_divisibility=32 if run_args.resize_mode == "keep_aspect" else 1,
+        size_divisibility=detector.collate.size_divisibility,
     )
-    os.makedirs(args.save_path, exist_ok=True)
     score_type = "sigmoid" if run_args.loss_type == "focal" and run_args.arch == "fpn_ohem" else "softmax"
-    num_written, shape = 0, None
-    amp_dtype = amp_dtype_of(args, device.type)
-    batches = predict(model, postprocessor, loader, device, amp_dtype, return_features=True)
+    num_written, shape, skipped = 0, None, []
+    batches = detector.predict_batches(counting_skips(loader, skipped), return_features=True)
     for targets, detections, outputs in batches:
+        check_skipped(skipped, args.skip_bad_images)
         for i, (target, det) in enumerate(zip(targets, detections)):
             if "roi_features" in det:  # two-stage models hand back their own per-detection features
                 rows = det["roi_features"][: args.num_nodes].float()
@@ -184,11 +187,25 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                 table[: len(rows)] = rows
             else:
                 table = detection_rows(outputs, det, i, target["orig_size"], score_type, args.num_nodes)
-            stem = os.path.splitext(os.path.basename(str(target["file_name"])))[0]
-            torch.save(table, os.path.join(args.save_path, f"{stem}.pth"))
+            out_path = os.path.join(args.save_path, stem_of[str(target["file_name"])] + ".pth")
+            os.makedirs(os.path.dirname(out_path), exist_ok=True)
+            torch.save(table, out_path)
             num_written, shape = num_written + 1, tuple(table.shape)
+    check_skipped(skipped, args.skip_bad_images)
+    if skipped:
+        logger.warning(
+            "%d of %d images were unreadable and skipped (--skip_bad_images): %s",
+            len(skipped),
+            len(files),
+            ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
+        )
     logger.info("wrote %d feature tensors of shape %s to %s", num_written, shape, args.save_path)
-    return {"num_images": num_written, "shape": shape, "save_path": args.save_path}
+    return {
+        "num_images": num_written,
+        "num_skipped": len(skipped),
+        "shape": shape,
+        "save_path": args.save_path,
+    }
 
 
 if __name__ == "__main__":

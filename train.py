@@ -59,6 +59,7 @@ from utils.checkpoint import (
 )
 from utils.ema import ModelEMA
 from utils.errors import CheckpointError, run_cli
+from utils.init_from import check_resumable, init_model_from
 from utils.launch import relaunch_with_torchrun
 from utils.logger import JsonLinesWriter, MetricLogger, Progress, ScalarSinks, setup_logging
 from utils.options import (
@@ -251,12 +252,17 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
         resume_path = resume_checkpoint_path(args.resume, run_dir)
         checkpoint = load_checkpoint(resume_path)
     if checkpoint is not None:
+        check_resumable(checkpoint, resume_path)  # not a weights-only file (utils/init_from.py)
         check_resume_fits(checkpoint, resume_path, args)
     anchor_whs = anchors_from_checkpoint(checkpoint) if checkpoint is not None else None
     # The checkpoint holds every weight: build frozen as --pretrained implies, but read no weight file.
     model, criterion, postprocessor = build_model(
-        args, anchor_whs_per_level=anchor_whs, load_pretrained=checkpoint is None
+        args, anchor_whs_per_level=anchor_whs, load_pretrained=checkpoint is None and not args.init_from
     )
+    if args.init_from and checkpoint is None:  # weights of a trained detector (utils/init_from.py)
+        init_model_from(model, args.init_from)
+    elif args.init_from:
+        logger.info("--init_from %s not used: resuming from %s", args.init_from, resume_path)
     model.to(device)
     if args.channels_last:
         # Converting the weights is enough: convolutions propagate the weight's layout to their outputs.

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.image_io import read_image
+from data.collate import SkippedSample
+from data.image_io import ImageReadError, read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -32,18 +33,28 @@ def find_images(paths: Sequence[str]) -> List[str]:
 
 
 class ImageListDataset(Dataset):
-    """Images from files, with the same (image, target) interface as DetectionDataset but no boxes."""
+    """Images from files, with the same (image, target) interface as DetectionDataset but no boxes.
 
-    def __init__(self, files: Sequence[str], transforms: Callable):
+    skip_bad_images: an unreadable file gives a SkippedSample (the collate function drops and reports
+    it) instead of raising ImageReadError.
+    """
+
+    def __init__(self, files: Sequence[str], transforms: Callable, skip_bad_images: bool = False):
         self.files = list(files)
         self.transforms = transforms
+        self.skip_bad_images = skip_bad_images
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, Any]] | SkippedSample:
         path = self.files[index]
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except ImageReadError as e:
+            if not self.skip_bad_images:
+                raise
+            return SkippedSample(e.path, e.reason)
         h, w = image.shape[:2]
         target = {
             "boxes": np.zeros((0, 4), np.float32),

@@ -1,6 +1,14 @@
-import torch
+import os
 
+import cv2
+import pytest
+import torch
+from inference_helpers import train_tiny, val_images
+from tiny_shapes import make_tiny_shapes
+
+import extract_features
 from extract_features import cell_neighbourhood_features
+from utils.errors import UserError
 
 
 def test_cell_neighbourhood_features_against_a_loop():
@@ -34,3 +42,51 @@ def test_cell_neighbourhood_features_against_a_loop():
                     assert out[row, c * 9 + dy * 3 + dx].item() == expected, (row, c, dy, dx)
     # The corner cell sees 4 of its 9 neighbours per channel; the interior cell all 9.
     assert (out[0] != 0).sum() == 4 * num_feat and (out[1] != 0).sum() == 9 * num_feat
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_tiny_shapes(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(data_root, tmp_path_factory):
+    return train_tiny(data_root, tmp_path_factory.mktemp("runs"))
+
+
+def run_extract(checkpoint, images, out, *extra):
+    argv = ["--checkpoint", checkpoint, "--images", *images, "--save_path", str(out), "--conf_thresh", "0"]
+    return extract_features.main(extract_features.get_args_parser().parse_args(argv + list(extra)))
+
+
+def test_same_names_in_two_folders_give_two_files(checkpoint, data_root, tmp_path, capsys):
+    src = val_images(data_root)
+    for sub, image in (("train", src[0]), ("val", src[1])):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "in" / sub / "000.png"), cv2.imread(image))
+    summary = run_extract(
+        checkpoint, [str(tmp_path / "in" / "train"), str(tmp_path / "in" / "val")], tmp_path / "out"
+    )
+    assert summary["num_images"] == 2 and summary["num_skipped"] == 0
+    a, b = (torch.load(tmp_path / "out" / sub / "000.pth", weights_only=True) for sub in ("train", "val"))
+    assert a.shape == b.shape == (10, 1 + 4 + 4 + 9 * 16) and not torch.equal(a, b)
+    assert "wrote 2 feature tensors" in capsys.readouterr().out
+
+
+def test_bad_images_stop_or_are_skipped_and_counted(checkpoint, data_root, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "good.png"), cv2.imread(val_images(data_root)[0]))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(UserError, match=r"cannot read image '.*broken\.jpg' \(pass --skip_bad_images"):
+        run_extract(checkpoint, [str(folder)], tmp_path / "out1", "-j", "1")
+    summary = run_extract(checkpoint, [str(folder)], tmp_path / "out2", "-j", "1", "--skip_bad_images")
+    assert summary["num_images"] == 1 and summary["num_skipped"] == 1
+    assert os.listdir(tmp_path / "out2") == ["good.pth"]
+
+
+def test_an_empty_folder_is_an_error(checkpoint, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images found"):
+        run_extract(checkpoint, [str(tmp_path / "empty")], tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")

@@ -168,6 +168,12 @@ def get_common_parser() -> argparse.ArgumentParser:
         help="imagenet (torchvision weights from torch's cache), none (random init) or a state-dict PATH",
     )
     g.add_argument(
+        "--init_from",
+        default=None,
+        help="start a new run from a trained detector: a checkpoint of this project or a torchvision "
+        "RetinaNet / Faster R-CNN state dict (predictors of another class count are re-initialised)",
+    )
+    g.add_argument(
         "--freeze_upto",
         type=int,
         default=1,
@@ -652,6 +658,8 @@ def check_common_args(args: argparse.Namespace) -> None:
         )
     if args.pretrained not in ("imagenet", "none") and not os.path.isfile(args.pretrained):
         errors.append(f"--pretrained {args.pretrained!r} is neither 'imagenet', 'none' nor an existing file")
+    if getattr(args, "init_from", None) and not os.path.isfile(args.init_from):
+        errors.append(f"--init_from {args.init_from!r} does not exist")
     if not 0 <= args.freeze_upto <= 4:
         errors.append(f"--freeze_upto must be in 0..4, got {args.freeze_upto}")
     if not 0 <= args.shared_heads <= args.num_head_layers:
