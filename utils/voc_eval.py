@@ -315,6 +315,34 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> fl
     return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
 
 
+# Recall points of the stored precision/recall curves: COCO's 101 (0, 0.01, ..., 1).
+PR_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
+
+
+def pr_envelope(
+    recall: np.ndarray, precision: np.ndarray, thresholds: np.ndarray = PR_RECALL_THRESHOLDS
+) -> list[float]:
+    """Interpolated precision at fixed recalls, as COCOeval.accumulate samples its curves.
+
+    Args:
+        recall (np.ndarray[N]): non-decreasing recall after each ranked detection.
+        precision (np.ndarray[N]): precision after each ranked detection.
+        thresholds (np.ndarray[R]): recall points.
+
+    Returns:
+        list[float] of R values: at each threshold t, the largest precision at any recall >= t (the
+        monotone envelope that both VOC APs use), 0 where the recall never reaches t; 6 decimals.
+    """
+    recall = np.asarray(recall, dtype=np.float64)
+    precision = np.asarray(precision, dtype=np.float64)
+    if len(recall) == 0:
+        return [0.0] * len(thresholds)
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    idx = np.searchsorted(recall, thresholds, side="left")
+    values = np.where(idx < len(recall), envelope[np.minimum(idx, len(recall) - 1)], 0.0)
+    return np.round(values, 6).tolist()
+
+
 def match_detections_voc(
     gt_arrays: dict,
     det_img: np.ndarray,
@@ -372,8 +400,11 @@ def evaluate_voc(gt: dict, detections: list[dict], iou_thresh: float = 0.5) -> d
             non-crowd box (the devkit averages its fixed 20 classes; a class with no positives has no
             defined recall, so it is left out here rather than counted as 0 or 1);
           num_gt {name: non-difficult non-crowd boxes}, num_gt_ignored {name: difficult or crowd boxes},
+          of which num_gt_difficult (difficult) and num_gt_crowd (crowd, not difficult),
           num_det, num_tp, num_fp, num_det_ignored {name: count}; class_names, iou_thresh,
-          num_classes_evaluated.
+          num_classes_evaluated;
+          recall_thresholds [101] and pr_curves {name: precision [101]} for the classes with positives
+            (``pr_envelope``: the precision envelope at those recalls, 0 beyond the last recall).
 
     Raises:
         ValueError: detections with category ids or image ids that are not in ``gt`` (named), or
@@ -400,7 +431,7 @@ def evaluate_voc(gt: dict, detections: list[dict], iou_thresh: float = 0.5) -> d
     ranked_tp = (status[ranked] == STATUS_TP).astype(np.float64)
     run_bounds = np.searchsorted(ranked_cls, np.arange(num_classes + 1))
 
-    ap_07, ap_area = {}, {}
+    ap_07, ap_area, curves = {}, {}, {}
     for k, name in enumerate(class_names):
         tp = ranked_tp[run_bounds[k] : run_bounds[k + 1]]
         if num_pos[k] == 0:
@@ -412,6 +443,7 @@ def evaluate_voc(gt: dict, detections: list[dict], iou_thresh: float = 0.5) -> d
         precision = cum_tp / (cum_tp + cum_fp)
         ap_07[name] = voc_ap(recall, precision, use_07_metric=True)
         ap_area[name] = voc_ap(recall, precision, use_07_metric=False)
+        curves[name] = pr_envelope(recall, precision)
 
     evaluated = [name for k, name in enumerate(class_names) if num_pos[k] > 0]
     if not evaluated:
@@ -440,10 +472,16 @@ def evaluate_voc(gt: dict, detections: list[dict], iou_thresh: float = 0.5) -> d
         "num_classes_evaluated": len(evaluated),
         "num_gt": per_class(num_pos),
         "num_gt_ignored": per_class(num_gt_ignored),
+        "num_gt_difficult": per_class(np.bincount(gta["cls"][gta["difficult"]], minlength=num_classes)),
+        "num_gt_crowd": per_class(
+            np.bincount(gta["cls"][gta["iscrowd"] & ~gta["difficult"]], minlength=num_classes)
+        ),
         "num_det": per_class(np.bincount(det_cls, minlength=num_classes)),
         "num_tp": class_counts(status == STATUS_TP),
         "num_fp": class_counts(status == STATUS_FP),
         "num_det_ignored": class_counts(status == STATUS_IGNORED),
+        "recall_thresholds": PR_RECALL_THRESHOLDS.tolist(),
+        "pr_curves": curves,
     }
 
 
@@ -451,16 +489,29 @@ def format_voc_table(result: dict) -> str:
     """Per-class AP table of an ``evaluate_voc`` result, with both AP definitions and their means."""
     names = result["class_names"]
     width = max([len("class")] + [len(n) for n in names] + [len("mean")]) + 2
-    header = f"{'class':<{width}}{'#gt':>7}{'#det':>8}   {'VOC07 11-point':>14}   {'area (VOC2010+)':>15}"
-    lines = [f"VOC AP at IoU >= {result['iou_thresh']:g}", header, "-" * len(header)]
+    counts = ("num_gt", "num_gt_difficult", "num_gt_crowd", "num_det", "num_tp", "num_fp")
+    titles = ("#gt", "#diff", "#crowd", "#det", "#tp", "#fp")
+    header = (
+        f"{'class':<{width}}"
+        + "".join(f"{t:>8}" for t in titles)
+        + f"   {'VOC07 11-point':>14}   {'area (VOC2010+)':>15}"
+    )
+    lines = [
+        f"VOC AP at IoU >= {result['iou_thresh']:g} (#gt: positives; #diff, #crowd: ignored boxes; "
+        "#tp, #fp: detections, the rest of #det matched an ignored box)",
+        header,
+        "-" * len(header),
+    ]
     for name in names:
         ap07, apa = result["ap_07_11pt"][name], result["ap_area"][name]
         cells = ("n/a (no gt)", "n/a (no gt)") if np.isnan(apa) else (f"{ap07:.4f}", f"{apa:.4f}")
         lines.append(
-            f"{name:<{width}}{result['num_gt'][name]:>7}{result['num_det'][name]:>8}   "
-            f"{cells[0]:>14}   {cells[1]:>15}"
+            f"{name:<{width}}"
+            + "".join(f"{result.get(c, {}).get(name, 0):>8}" for c in counts)
+            + f"   {cells[0]:>14}   {cells[1]:>15}"
         )
     lines.append("-" * len(header))
     mean_label = f"mean ({result['num_classes_evaluated']} classes)"
-    lines.append(f"{mean_label:<{width + 15}}   {result['map_07_11pt']:>14.4f}   {result['map_area']:>15.4f}")
+    pad = width + 8 * len(titles)
+    lines.append(f"{mean_label:<{pad}}   {result['map_07_11pt']:>14.4f}   {result['map_area']:>15.4f}")
     return "\n".join(lines)
