@@ -474,3 +474,39 @@ def test_bad_submission_raises(tmp_path):
     path.write_text("ImageID,Predictions\n")
     with pytest.raises(ValueError, match="header must be ImageId,PredictionString"):
         read_oid_submission(str(path))
+
+
+def test_array_expansion_equals_the_dict_path():
+    """oid_gt_arrays (what evaluate_oid uses) against expand_ground_truth + select_categories +
+    gt_to_arrays on a random 3-level hierarchy, with and without a class subset."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_eval import synthetic_oid
+
+    from utils.oid_arrays import oid_gt_arrays
+    from utils.oid_eval import select_categories
+    from utils.voc_eval import gt_to_arrays
+
+    gt, _dets, tree = synthetic_oid(np.random.default_rng(3), 60, 30, 5.0, 5)
+    ancestors = load_hierarchy(tree, [c["mid"] for c in gt["categories"]])
+    assert sum(map(len, ancestors.values())) > 30  # a real hierarchy: most classes have ancestors
+    subset = [7, 2, 25, 1, 30]
+    for category_ids in (None, subset):
+        expanded = expand_ground_truth(gt, ancestors)
+        if category_ids is not None:
+            expanded = select_categories(expanded, category_ids)
+        ref = gt_to_arrays(expanded)
+        gta, keys, categories = oid_gt_arrays(gt, ancestors, category_ids)
+        for col in ("img", "cls", "boxes", "difficult", "iscrowd"):
+            np.testing.assert_array_equal(gta[col], ref[col], err_msg=col)
+        assert gta["class_names"] == ref["class_names"] and categories == expanded["categories"]
+        k = len(categories)
+        ref_keys = {
+            i * k + ref["category_index"][c]
+            for i, img in enumerate(expanded["images"])
+            for c in img["verified_present"] + img["verified_absent"]
+        }
+        ref_keys |= set((ref["img"] * k + ref["cls"]).tolist())
+        assert keys.tolist() == sorted(ref_keys)

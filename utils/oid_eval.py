@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from utils.errors import UserError
+from utils.oid_arrays import oid_gt_arrays
 from utils.voc_eval import (
     PR_RECALL_THRESHOLDS,
     best_match_per_detection,
@@ -313,25 +314,6 @@ def paired_ioa_xyxy(det_boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
     return np.divide(inter, area, out=np.zeros_like(inter), where=area > 0)
 
 
-def _evaluatable_keys(gt: dict, gta: dict) -> np.ndarray:
-    """Sorted unique keys image position * K + class position of the classes evaluated per image."""
-    num_classes = len(gta["class_names"])
-    category_index = gta["category_index"]
-    img_pos, cls_pos = [], []
-    for i, img in enumerate(gt["images"]):
-        labels = list(img.get("verified_present", ())) + list(img.get("verified_absent", ()))
-        try:
-            cls_pos.extend(category_index[int(c)] for c in labels)
-        except KeyError as err:
-            raise UserError(
-                f"OID ground truth: image {img['id']} has verified labels of unknown category {err}"
-            ) from err
-        img_pos.extend([i] * len(labels))
-    label_keys = np.asarray(img_pos, dtype=np.int64) * num_classes + np.asarray(cls_pos, dtype=np.int64)
-    box_keys = gta["img"] * num_classes + gta["cls"]
-    return np.unique(np.concatenate([label_keys, box_keys]))
-
-
 def select_categories(gt: dict, category_ids: Iterable[int]) -> dict:
     """The ground truth of some categories only (e.g. the class subset a model was trained on).
 
@@ -406,15 +388,17 @@ def evaluate_oid(
         raise UserError(f"evaluate_oid: iou_thresh must be in (0, 1], got {iou_thresh}")
     if not 0.0 <= group_of_weight <= 1.0:
         raise UserError(f"evaluate_oid: group_of_weight must be in [0, 1], got {group_of_weight}")
+    ancestors = None
     if hierarchy is not None:
         mids = [c.get("mid") for c in gt["categories"]]
         if not all(mids):
             raise UserError("evaluate_oid: a hierarchy needs a 'mid' for every category")
-        gt = expand_ground_truth(gt, load_hierarchy(hierarchy, mids))
-    if category_ids is not None:
-        gt = select_categories(gt, category_ids)
-
-    gta = gt_to_arrays(gt)
+        ancestors = load_hierarchy(hierarchy, mids)
+    # = gt_to_arrays(select_categories(expand_ground_truth(gt, ancestors), category_ids)), vectorised.
+    num_boxes = len(gt["annotations"])
+    gta, evaluatable_keys, categories = oid_gt_arrays(gt, ancestors, category_ids)
+    if ancestors is not None:
+        logger.info("OID hierarchy expansion: %d boxes -> %d", num_boxes, len(gta["cls"]))
     det = detections_to_arrays(detections)
     det_img, det_cls = map_detections(gta, det, "evaluate_oid")
     class_names = gta["class_names"]
@@ -423,7 +407,7 @@ def evaluate_oid(
 
     valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     det_keys = det_img * num_classes + det_cls
-    evaluatable = np.isin(det_keys, _evaluatable_keys(gt, gta))
+    evaluatable = np.isin(det_keys, evaluatable_keys)
     unverified = valid & ~evaluatable
     kept = np.flatnonzero(valid & evaluatable)
     if (~valid).any():
@@ -510,7 +494,7 @@ def evaluate_oid(
     return {
         "iou_thresh": iou_thresh,
         "class_names": class_names,
-        "mids": [c.get("mid", "") for c in gt["categories"]],
+        "mids": [c.get("mid", "") for c in categories],
         "ap": ap,
         "map": float(np.mean([ap[n] for n in evaluated])) if evaluated else float("nan"),
         "num_classes_evaluated": len(evaluated),
