@@ -115,10 +115,10 @@ def predict(
     """
     model.eval()
     iterator = data_loader
-    if progress:
-        from tqdm import tqdm
+    if progress:  # images/s and ETA: a bar on a terminal, a log line every 30 s otherwise
+        from utils.logger import iterate_with_progress
 
-        iterator = tqdm(data_loader, desc="inference", leave=False)
+        iterator = iterate_with_progress(data_loader)
     for images, targets, _skipped in iterator:
         if len(targets) == 0:
             continue
@@ -163,6 +163,8 @@ def compute_metrics(
     iou_thresh: float = 0.5,
     hierarchy: Any = None,
     all_classes_gt: Dict[str, Any] | None = None,
+    coco_backend: str = "pycocotools",
+    group_of_weight: float = 1.0,
 ) -> Dict[str, Any]:
     """Score COCO-format results against a common-format ground truth dict.
 
@@ -171,7 +173,10 @@ def compute_metrics(
     all_classes_gt: for "oid" when ``gt`` holds a class subset, the ground truth of every class
     (``dataset.coco_gt(all_classes=True)``): the hierarchy is expanded over all classes and then
     ``gt``'s categories are kept, so a parent class in the subset also gets its children's boxes.
-    Returns {"voc": {...}, "coco": {...}, "oid": {...}} for the metrics run, each with a "table" string.
+    coco_backend: "pycocotools" (the reference) or "faster" (faster-coco-eval, same numbers).
+    group_of_weight: for "oid", what a group-of box counts as (see utils.oid_eval.evaluate_oid).
+    Returns {"voc": {...}, "coco": {...}, "oid": {...}} for the metrics run, each with a "table" string
+    (the COCO one: "summary") and everything the evaluator computed (see utils.metrics_file).
     """
     out: Dict[str, Any] = {}
     if metric in ("voc", "all"):
@@ -179,7 +184,7 @@ def compute_metrics(
         voc["table"] = format_voc_table(voc)
         out["voc"] = voc
     if metric in ("coco", "all"):
-        out["coco"] = evaluate_coco(gt, results)
+        out["coco"] = evaluate_coco(gt, results, backend=coco_backend)
     if metric == "oid":
         from utils.oid_eval import evaluate_oid, format_oid_table
 
@@ -188,6 +193,7 @@ def compute_metrics(
             results,
             hierarchy=hierarchy,
             category_ids=[int(c["id"]) for c in gt["categories"]],
+            group_of_weight=group_of_weight,
         )
         oid["table"] = format_oid_table(oid)
         out["oid"] = oid
@@ -204,10 +210,13 @@ def evaluate(
     iou_thresh: float = 0.5,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
+    metric_options: Dict[str, Any] | None = None,
 ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """Inference over ``data_loader`` and the chosen metrics against ``dataset.coco_gt()``.
 
     Used for validation during training and by evaluate.py, so both report the same numbers.
+    metric_options: more keyword arguments of ``compute_metrics`` (coco_backend, group_of_weight).
+    The metrics also get "inference": {num_images, seconds, images_per_s}.
     """
     results, seconds = run_inference(
         model, postprocessor, data_loader, dataset.category_ids, device, amp_dtype, progress=progress
@@ -226,5 +235,11 @@ def evaluate(
         iou_thresh,
         hierarchy=getattr(dataset, "hierarchy", None),
         all_classes_gt=dataset.coco_gt(all_classes=True) if metric == "oid" else None,
+        **(metric_options or {}),
     )
+    metrics["inference"] = {
+        "num_images": num_images,
+        "seconds": seconds,
+        "images_per_s": num_images / max(seconds, 1e-9),
+    }
     return metrics, results

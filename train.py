@@ -47,7 +47,7 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.errors import run_cli
-from utils.logger import JsonLinesWriter, MetricLogger, Progress, ScalarSinks, setup_logging
+from utils.logger import JsonLinesWriter, MetricLogger, Progress, ScalarSinks, peak_memory_mib, setup_logging
 from utils.options import (
     OptionParser,
     amp_dtype_of,
@@ -57,6 +57,7 @@ from utils.options import (
     resolve_device,
     run_folder,
 )
+from utils.plots import plot_run_curves
 
 logger = logging.getLogger("train")
 
@@ -312,6 +313,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             device,
             args.val_metric,
             amp_dtype=amp_dtype,
+            progress=is_main,
         )
         summary = {}
         if "voc" in metrics:
@@ -350,6 +352,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                     continue
             if len(targets) == 0:
                 continue
+            data_time = time.time() - last_time  # waiting for the loader (and the checks above)
             num_cropped_out += sum(int(t.get("num_cropped_out", 0)) for t in targets)
             # What the sampler actually delivered, per class (images containing the class), for the log.
             for t in targets:
@@ -370,7 +373,12 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                     ).items()
                 }
             now = time.time()
-            meters.update(**terms, images_per_s=len(targets) * world_size / max(now - last_time, 1e-9))
+            meters.update(
+                **terms,
+                images_per_s=len(targets) * world_size / max(now - last_time, 1e-9),
+                data_time=data_time,
+                compute_time=now - last_time - data_time,
+            )
             last_time = now
             lr = optimizer.param_groups[0]["lr"]
             progress.update(iteration, f"{meters}  lr {lr:.2e}")
@@ -381,6 +389,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                     **meters.averages(),
                     "skipped_images": num_skipped,
                     "boxes_cropped_out": num_cropped_out,
+                    **({"max_mem_mib": peak_memory_mib()} if peak_memory_mib() is not None else {}),
                 }
                 metrics_log.write(record)
                 sinks.add_scalars({k: v for k, v in record.items() if k != "iteration"}, iteration)
@@ -406,6 +415,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     progress.close()
     if sinks is not None:
         sinks.close()
+    if is_main:
+        plot_run_curves(run_dir)
     if num_skipped:
         logger.warning("%d unreadable images were skipped during training (--skip_bad_images)", num_skipped)
     if num_dropped_for_sync:
