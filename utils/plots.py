@@ -110,7 +110,7 @@ def plot_pr_curves(metrics: Dict[str, Any], path: str, title: str = "") -> str:
     num_panels = len(names) + 1
     cols = min(num_panels, 6)
     rows = math.ceil(num_panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.5 * rows + 0.8), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.5 * rows + 0.5), squeeze=False)
     axes = axes.ravel()
 
     def setup(ax, heading: str) -> None:
@@ -146,7 +146,7 @@ def plot_pr_curves(metrics: Dict[str, Any], path: str, title: str = "") -> str:
     fig.legend(handles, labels, loc="upper right", fontsize=9, ncol=len(labels))
     heading = f"{title}  precision / recall per class{note}; n = ground-truth boxes, AP in legend order"
     fig.suptitle(heading.strip(), fontsize=11, x=0.01, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
