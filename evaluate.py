@@ -197,6 +197,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     if not 0 <= args.group_of_weight <= 1:
         raise SystemExit(f"--group_of_weight must be in [0, 1], got {args.group_of_weight}")
     metric_options = {"coco_backend": args.coco_backend, "group_of_weight": args.group_of_weight}
+    if args.plot and args.detections and not args.save_path:
+        raise SystemExit("--plot with --detections needs --save_path (the folder for the PNG)")
     if args.checkpoint and (args.run_dir or args.eval_iters):
         raise SystemExit("give --checkpoint (one checkpoint) or --run_dir with --eval_iters, not both")
     device = resolve_device(args.device)
@@ -220,8 +222,6 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         if args.save_path:  # the metrics file (and --plot) of a results file made elsewhere
             stem = os.path.splitext(os.path.basename(args.detections))[0]
             save_metrics(args, metrics, headline, args.save_path, stem, os.path.basename(args.detections))
-        elif args.plot:
-            raise SystemExit("--plot with --detections needs --save_path (the folder for the PNG)")
         return {"detections": headline, "metrics": metrics}
 
     paths = checkpoints_to_evaluate(args)
