@@ -119,10 +119,10 @@ def predict(
     """
     model.eval()
     iterator = data_loader
-    if progress:
-        from tqdm import tqdm
+    if progress:  # images/s and ETA: a bar on a terminal, a log line every 30 s otherwise
+        from utils.logger import iterate_with_progress
 
-        iterator = tqdm(data_loader, desc="inference", leave=False)
+        iterator = iterate_with_progress(data_loader)
     for images, targets, skipped_in_batch in iterator:
         if skipped is not None:
             skipped.extend(skipped_in_batch)
@@ -173,6 +173,8 @@ def compute_metrics(
     iou_thresh: float = 0.5,
     hierarchy: Any = None,
     all_classes_gt: Dict[str, Any] | None = None,
+    coco_backend: str = "pycocotools",
+    group_of_weight: float = 1.0,
 ) -> Dict[str, Any]:
     """Score COCO-format results against a common-format ground truth dict.
 
@@ -181,7 +183,10 @@ def compute_metrics(
     all_classes_gt: for "oid" when ``gt`` holds a class subset, the ground truth of every class
     (``dataset.coco_gt(all_classes=True)``): the hierarchy is expanded over all classes and then
     ``gt``'s categories are kept, so a parent class in the subset also gets its children's boxes.
-    Returns {"voc": {...}, "coco": {...}, "oid": {...}} for the metrics run, each with a "table" string.
+    coco_backend: "pycocotools" (the reference) or "faster" (faster-coco-eval, same numbers).
+    group_of_weight: for "oid", what a group-of box counts as (see utils.oid_eval.evaluate_oid).
+    Returns {"voc": {...}, "coco": {...}, "oid": {...}} for the metrics run, each with a "table" string
+    (the COCO one: "summary") and everything the evaluator computed (see utils.metrics_file).
     """
     out: Dict[str, Any] = {}
     if metric in ("voc", "all"):
@@ -189,7 +194,7 @@ def compute_metrics(
         voc["table"] = format_voc_table(voc)
         out["voc"] = voc
     if metric in ("coco", "all"):
-        out["coco"] = evaluate_coco(gt, results)
+        out["coco"] = evaluate_coco(gt, results, backend=coco_backend)
     if metric == "oid":
         from utils.oid_eval import evaluate_oid, format_oid_table
 
@@ -198,6 +203,7 @@ def compute_metrics(
             results,
             hierarchy=hierarchy,
             category_ids=[int(c["id"]) for c in gt["categories"]],
+            group_of_weight=group_of_weight,
         )
         oid["table"] = format_oid_table(oid)
         out["oid"] = oid
@@ -226,6 +232,7 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
     sharded: bool = False,
+    metric_options: Dict[str, Any] | None = None,
 ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """Inference over ``data_loader`` and the chosen metrics against ``dataset.coco_gt()``.
 
@@ -236,6 +243,8 @@ def evaluate(
     Images the loader skipped (unreadable, with --skip_bad_images) are left out of the ground truth too,
     so they count neither as misses nor as found; ``metrics["images"]`` says how many were scored and
     skipped (``{"evaluated": M, "skipped": N, "skipped_files": [...]}``), and a warning says so.
+    metric_options: more keyword arguments of ``compute_metrics`` (coco_backend, group_of_weight).
+    The metrics also get "inference": {num_images, seconds, images_per_s}.
     """
     skipped: List[str] = []
     results, seconds = run_inference(
@@ -265,6 +274,7 @@ def evaluate(
         all_classes_gt=(
             gt_without_images(dataset.coco_gt(all_classes=True), skipped_ids) if metric == "oid" else None
         ),
+        **(metric_options or {}),
     )
     metrics["images"] = {
         "evaluated": len(gt["images"]),
@@ -278,6 +288,11 @@ def evaluate(
             len(gt["images"]),
             ", ".join(sorted(skipped)[:3]),
         )
+    metrics["inference"] = {
+        "num_images": num_images,
+        "seconds": seconds,
+        "images_per_s": num_images / max(seconds, 1e-9),
+    }
     return metrics, results
 
 

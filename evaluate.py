@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from typing import Any, Dict, List
 
 import torch
@@ -75,6 +74,25 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     g = parser.add_argument_group("metrics and outputs (--metric, --iou_thresh: see evaluation)")
     g.add_argument("--hierarchy", default=None, help="Open Images class hierarchy JSON (for --metric oid)")
+    g.add_argument(
+        "--group_of_weight",
+        type=float,
+        default=1.0,
+        help="--metric oid: each group-of box counts as w objects and its one true positive is worth w, "
+        "as the TF OD API's OpenImagesChallengeEvaluator (1: the challenge metric; 0: ignore regions)",
+    )
+    g.add_argument(
+        "--coco_backend",
+        default="pycocotools",
+        choices=("pycocotools", "faster"),
+        help="COCO metric implementation: pycocotools (the reference) or faster-coco-eval (the same 12 "
+        "numbers, several times faster)",
+    )
+    g.add_argument(
+        "--plot",
+        action="store_true",
+        help="also draw precision/recall curves per class: pr_<checkpoint>_<dataset>_<splits>.png",
+    )
     g.add_argument(
         "--save_path",
         "--out",
@@ -152,12 +170,53 @@ def report(metrics: Dict[str, Any], tag: str) -> Dict[str, float]:
     return headline
 
 
+def inference_amp(run_args: argparse.Namespace, device: Any) -> Any:
+    """Autocast dtype for inference: the checkpoint's --amp (or the command line's), except fp16 off CUDA,
+    which falls back to fp32 with a log line."""
+    if run_args.amp and run_args.amp_dtype == "fp16" and device.type != "cuda":
+        logger.info(
+            "the checkpoint trained with --amp fp16, which needs CUDA: inference in fp32 on %s", device
+        )
+        return None
+    amp_dtype = amp_dtype_of(run_args, device.type)
+    if amp_dtype is not None:
+        logger.info("inference under autocast %s (--amp of the checkpoint or the command line)", amp_dtype)
+    return amp_dtype
+
+
+def save_metrics(
+    args: argparse.Namespace,
+    metrics: Dict[str, Any],
+    headline: Dict[str, Any],
+    save_dir: str,
+    stem: str,
+    tag: str,
+) -> None:
+    """metrics_<stem>.json with everything computed (utils.metrics_file); pr_<stem>.png with --plot."""
+    from utils.metrics_file import write_metrics_file
+
+    inference = metrics.pop("inference", None)
+    extra = {"inference": inference} if inference else {}
+    path = os.path.join(save_dir, f"metrics_{stem}.json")
+    write_metrics_file(path, headline, metrics, **extra)
+    logger.info("wrote %s", path)
+    if args.plot:
+        from utils.plots import plot_pr_curves
+
+        png = plot_pr_curves(metrics, os.path.join(save_dir, f"pr_{stem}.png"), title=tag)
+        logger.info("wrote %s", png)
+
+
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     setup_logging(int(os.environ.get("RANK", 0)))
     resolve_defaults(args)
     check_common_args(args)
     if not 0 < args.iou_thresh <= 1:
         raise SystemExit(f"--iou_thresh must be in (0, 1], got {args.iou_thresh}")
+    if not 0 <= args.group_of_weight <= 1:
+        raise SystemExit(f"--group_of_weight must be in [0, 1], got {args.group_of_weight}")
+    if args.plot and args.detections and not args.save_path:
+        raise SystemExit("--plot with --detections needs --save_path (the folder for the PNG)")
     if args.checkpoint and (args.run_dir or args.eval_iters):
         raise SystemExit("give --checkpoint (one checkpoint) or --run_dir with --eval_iters, not both")
     device = resolve_device(args.device)
@@ -173,7 +232,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 def evaluate_all(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     """main's work once options and processes are set up; only rank 0 prints, writes and returns."""
     is_main = dist_utils.is_main_process()
-    amp_dtype = amp_dtype_of(args, device.type)
+    amp_dtype_of(args, device.type)  # fails early on --amp fp16 without CUDA
+    metric_options = {"coco_backend": args.coco_backend, "group_of_weight": args.group_of_weight}
     hierarchy = load_hierarchy(args) if args.metric == "oid" else None
 
     if args.detections:
@@ -197,9 +257,13 @@ def evaluate_all(args: argparse.Namespace, device: torch.device) -> Dict[str, An
                 )
         full_gt = dataset.coco_gt(all_classes=True) if args.metric == "oid" else None
         metrics = compute_metrics(
-            dataset.coco_gt(), results, args.metric, args.iou_thresh, hierarchy, full_gt
+            dataset.coco_gt(), results, args.metric, args.iou_thresh, hierarchy, full_gt, **metric_options
         )
-        return {"detections": report(metrics, os.path.basename(args.detections)), "metrics": metrics}
+        headline = report(metrics, os.path.basename(args.detections))
+        if args.save_path:  # the metrics file (and --plot) of a results file made elsewhere
+            stem = os.path.splitext(os.path.basename(args.detections))[0]
+            save_metrics(args, metrics, headline, args.save_path, stem, os.path.basename(args.detections))
+        return {"detections": headline, "metrics": metrics}
 
     paths = checkpoints_to_evaluate(args)
     parser = get_args_parser()
@@ -229,9 +293,10 @@ def evaluate_all(args: argparse.Namespace, device: torch.device) -> Dict[str, An
             device,
             args.metric,
             args.iou_thresh,
-            amp_dtype=amp_dtype,
-            progress=sys.stderr.isatty() and is_main,
+            amp_dtype=inference_amp(run_args, device),
+            progress=is_main,
             sharded=True,
+            metric_options=metric_options,
         )
         if not is_main:
             continue
@@ -241,8 +306,7 @@ def evaluate_all(args: argparse.Namespace, device: torch.device) -> Dict[str, An
         splits = run_args.val_sets.replace(",", "+")
         stem = f"{os.path.splitext(os.path.basename(path))[0]}_{run_args.dataset}_{splits}"
         write_coco_results(results, os.path.join(save_dir, f"detections_{stem}.json"))
-        with open(os.path.join(save_dir, f"metrics_{stem}.json"), "w") as f:
-            json.dump(headline, f, indent=2)
+        save_metrics(args, metrics, headline, save_dir, stem, tag)
         if args.submission:
             from utils.oid_eval import write_oid_submission
 

@@ -61,7 +61,7 @@ from utils.ema import ModelEMA
 from utils.errors import CheckpointError, run_cli
 from utils.init_from import check_resumable, init_model_from
 from utils.launch import relaunch_with_torchrun
-from utils.logger import JsonLinesWriter, MetricLogger, Progress, ScalarSinks, setup_logging
+from utils.logger import JsonLinesWriter, MetricLogger, Progress, ScalarSinks, peak_memory_mib, setup_logging
 from utils.options import (
     OptionParser,
     amp_dtype_of,
@@ -72,6 +72,7 @@ from utils.options import (
     resume_checkpoint_path,
     run_folder,
 )
+from utils.plots import plot_run_curves
 from utils.run_folder import RunLock, check_resume_fits, prepare_run_folder, report_resume_auto
 
 logger = logging.getLogger("train")
@@ -377,6 +378,7 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
             args.iou_thresh,
             amp_dtype=amp_dtype,
             sharded=True,
+            progress=is_main,
         )
         summary = {}
         if metrics.get("images", {}).get("skipped"):
@@ -419,6 +421,7 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
                     continue
             if len(targets) == 0:
                 continue
+            data_time = time.time() - last_time  # waiting for the loader (and the checks above)
             num_cropped_out += sum(int(t.get("num_cropped_out", 0)) for t in targets)
             # What the sampler actually delivered, per class (images containing the class), for the log.
             for t in targets:
@@ -441,7 +444,12 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
                     ).items()
                 }
             now = time.time()
-            meters.update(**terms, images_per_s=len(targets) * world_size / max(now - last_time, 1e-9))
+            meters.update(
+                **terms,
+                images_per_s=len(targets) * world_size / max(now - last_time, 1e-9),
+                data_time=data_time,
+                compute_time=now - last_time - data_time,
+            )
             last_time = now
             lr = optimizer.param_groups[0]["lr"]
             progress.update(iteration, f"{meters}  lr {lr:.2e}")
@@ -452,6 +460,7 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
                     **meters.averages(),
                     "skipped_images": num_skipped,
                     "boxes_cropped_out": num_cropped_out,
+                    **({"max_mem_mib": peak_memory_mib()} if peak_memory_mib() is not None else {}),
                 }
                 metrics_log.write(record)
                 sinks.add_scalars({k: v for k, v in record.items() if k != "iteration"}, iteration)
@@ -491,6 +500,8 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
     if bad:  # the save at --max_iter checked already; checked again so "done" never covers NaN weights
         dist_utils.cleanup()
         raise SystemExit(f"training stopped: {NonFiniteWeightsError(iteration, bad, last_saved)}")
+    if is_main:
+        plot_run_curves(run_dir)
     if num_skipped:
         logger.warning("%d unreadable images were skipped during training (--skip_bad_images)", num_skipped)
     if num_dropped_for_sync:

@@ -177,3 +177,64 @@ def test_write_coco_results_round_trip(tmp_path):
     write_coco_results(dets, str(path))
     assert json.loads(path.read_text()) == dets
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]
+
+
+def coco_arrays(res):
+    return np.array([res[n] for n in COCO_STAT_NAMES]), np.array(res["precision"]), np.array(res["recall"])
+
+
+def assert_same_as_pycocotools(gt, dets):
+    """faster-coco-eval against the reference: the 12 numbers (equal up to C++ summation order), the
+    per-class APs and the stored precision / recall arrays."""
+    ref = evaluate_coco(gt, dets, backend="pycocotools")
+    fast = evaluate_coco(gt, dets, backend="faster")
+    assert (ref["backend"], fast["backend"]) == ("pycocotools", "faster")
+    for a, b in zip(coco_arrays(ref), coco_arrays(fast)):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-12)
+    for key in ("ap_per_class", "ap50_per_class", "ap75_per_class", "ar100_per_class"):
+        np.testing.assert_allclose(list(fast[key].values()), list(ref[key].values()), atol=1e-12)
+    return ref, fast
+
+
+def test_faster_backend_gives_pycocotools_numbers(tmp_path):
+    gt = make_gt()
+    dets = make_dets(gt)
+    ref, fast = assert_same_as_pycocotools(gt, dets)
+    np.testing.assert_array_equal(coco_arrays(ref)[0], coco_arrays(fast)[0])  # bit-equal on this case
+    # From files too (what evaluate.py --detections reads), against pycocotools called directly.
+    gt_path, det_path = str(tmp_path / "gt.json"), str(tmp_path / "dets.json")
+    with open(gt_path, "w") as f:
+        json.dump(gt, f)
+    write_coco_results(dets, det_path)
+    res = evaluate_coco(gt_path, det_path, backend="faster")
+    np.testing.assert_allclose(coco_arrays(res)[0], pycocotools_direct(gt_path, det_path), atol=1e-12)
+    # Empty detections: the same -1 / 0 pattern.
+    assert_same_as_pycocotools(gt, [])
+
+
+def test_faster_backend_on_a_larger_random_case():
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "bench"))
+    from bench_eval import synthetic_case
+
+    rng = np.random.default_rng(7)
+    gt, dets = synthetic_case(rng, 150, 12, 6.0, 40, crowd_frac=0.05)
+    ref, _ = assert_same_as_pycocotools(gt, dets)
+    assert 0.05 < ref["AP"] < 0.95 and ref["APs"] > -1 and ref["APl"] > -1  # every area range has gt
+
+
+def test_stored_arrays_give_the_summary_numbers():
+    gt = make_gt()
+    res = evaluate_coco(gt, make_dets(gt))
+    precision, recall = np.array(res["precision"]), np.array(res["recall"])  # [T, R, K], [T, K]
+    assert precision.shape == (10, 101, 3) and recall.shape == (10, 3)
+    assert precision[precision > -1].mean() == pytest.approx(res["AP"], abs=1e-4)  # 4 decimals stored
+    assert precision[0][precision[0] > -1].mean() == pytest.approx(res["AP50"], abs=1e-4)
+    assert recall[recall > -1].mean() == pytest.approx(res["AR100"], abs=1e-4)
+    assert res["iou_thresholds"][0] == 0.5 and len(res["recall_thresholds"]) == 101
+
+
+def test_unknown_backend_raises():
+    with pytest.raises(ValueError, match="coco backend must be one of"):
+        evaluate_coco(make_gt(), [], backend="detectron")

@@ -366,3 +366,40 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_root, tmp_path, mo
     ]
     state = load_checkpoint(str(run_dir / "model_000006.pth"))
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_evaluate_keeps_every_metric_and_draws(trained_run, data_root, tmp_path):
+    """The metrics file holds per-class AP, COCO's 12 numbers and arrays (here from faster-coco-eval,
+    checked against pycocotools), inference speed; --plot draws PR curves; training drew its curves."""
+    from utils.coco_eval import COCO_STAT_NAMES, evaluate_coco
+    from utils.voc_eval import evaluate_voc
+
+    _, run_dir = trained_run
+    assert os.path.getsize(os.path.join(run_dir, "curves.png")) > 10_000  # written at the end of training
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert all(r["data_time"] >= 0 and r["compute_time"] > 0 for r in records if "loss" in r)
+    argv = MODEL_OPTS + ["--checkpoint", os.path.join(run_dir, "model_000012.pth"), "--data_root", data_root]
+    argv += ["--metric", "all", "--coco_backend", "faster", "--plot", "--save_path", str(tmp_path)]
+    headline = next(iter(evaluate.main(evaluate.get_args_parser().parse_args(argv)).values()))
+    (metrics_path,) = glob.glob(str(tmp_path / "metrics_*.json"))
+    saved = json.load(open(metrics_path))
+    assert {k: saved[k] for k in headline} == headline and "voc_map_area" in saved
+    assert saved["inference"]["num_images"] == 6 and saved["inference"]["images_per_s"] > 0
+    (results_path,) = glob.glob(str(tmp_path / "detections_*.json"))
+    gt_path = os.path.join(data_root, "shapes", "annotations", "val.json")
+    gt, results = json.load(open(gt_path)), json.load(open(results_path))
+    voc = evaluate_voc(gt, results)
+    assert saved["voc"]["ap_area"] == voc["ap_area"] and saved["voc"]["ap_07_11pt"] == voc["ap_07_11pt"]
+    assert (
+        saved["voc"]["pr_curves"] == voc["pr_curves"]
+        and saved["voc"]["num_gt_difficult"] == voc["num_gt_difficult"]
+    )
+    reference = evaluate_coco(gt, results, backend="pycocotools")
+    assert saved["coco"]["backend"] == "faster"
+    np.testing.assert_allclose(
+        [saved["coco"][n] for n in COCO_STAT_NAMES], [reference[n] for n in COCO_STAT_NAMES], atol=1e-12
+    )
+    assert saved["coco"]["ap_per_class"].keys() == {"circle", "square", "triangle"}
+    assert np.array(saved["coco"]["precision"]).shape == (10, 101, 3)
+    (png,) = glob.glob(str(tmp_path / "pr_*.png"))
+    assert os.path.getsize(png) > 10_000

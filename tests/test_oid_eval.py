@@ -233,8 +233,8 @@ def test_invalid_boxes_removed_and_unknown_ids_raise():
         evaluate_oid(gt, [det(1, 8, [0, 0, 5, 5], 0.5)])
 
 
-@pytest.mark.parametrize("seed", [3, 4, 5])
-def test_matches_loop_port_of_reference_on_random_data(seed):
+@pytest.mark.parametrize("seed,weight", [(3, 1.0), (4, 1.0), (5, 1.0), (3, 0.5), (4, 0.25), (5, 0.0)])
+def test_matches_loop_port_of_reference_on_random_data(seed, weight):
     rng = np.random.default_rng(seed)
     images, boxes, dets = [], [], []
     for i in range(1, 25):
@@ -258,17 +258,99 @@ def test_matches_loop_port_of_reference_on_random_data(seed):
                 sub = [x + rng.uniform(0, w / 2), y + rng.uniform(0, h / 2), w / 3, h / 3]
                 dets.append(det(b["image_id"], b["category_id"], sub, float(rng.random())))
     gt = make_gt(images, boxes)
-    res = evaluate_oid(gt, dets)
+    res = evaluate_oid(gt, dets, group_of_weight=weight)
     for c in CATEGORIES:
-        assert res["ap"][c["name"]] == pytest.approx(reference_ap(gt, dets, c["id"]), nan_ok=True)
+        expected = reference_ap(gt, dets, c["id"], group_of_weight=weight)
+        assert res["ap"][c["name"]] == pytest.approx(expected, nan_ok=True)
 
 
-def reference_ap(gt, dets, cls_id, thr=0.5):
-    """Loop port of OpenImagesDetectionChallengeEvaluator for one class (group_of_weight 1, no difficult)."""
+def group_of_weight_case():
+    """Car in image 1: an ordinary box A and group-of boxes G1, G2; Dog in image 2: one group-of box G3."""
+    gt = make_gt(
+        [image(1, present=[4]), image(2, present=[3])],
+        [
+            box(1, 4, [0, 0, 100, 100]),  # A
+            box(1, 4, [200, 0, 200, 200], group_of=1),  # G1
+            box(1, 4, [0, 200, 200, 200], group_of=1),  # G2: no detection inside
+            box(2, 3, [100, 100, 200, 200], group_of=1),  # G3, Dog's only box
+        ],
+    )
+    dets = [
+        det(1, 4, [0, 0, 100, 100], 0.9),  # TP on A
+        det(1, 4, [120, 120, 40, 40], 0.85),  # FP: touches no box
+        det(1, 4, [220, 20, 50, 50], 0.8),  # inside G1: G1's true positive at 0.8
+        det(1, 4, [300, 100, 50, 50], 0.7),  # inside G1: absorbed
+        det(1, 4, [2, 2, 98, 98], 0.4),  # duplicate on A, outside G1/G2: FP
+        det(2, 3, [0, 0, 50, 50], 0.95),  # outside G3: FP
+        det(2, 3, [150, 150, 50, 50], 0.7),  # inside G3: G3's true positive at 0.7
+        det(2, 3, [110, 110, 30, 30], 0.3),  # inside G3: absorbed
+    ]
+    return gt, dets
+
+
+@pytest.mark.parametrize(
+    "weight, car_ap, dog_ap",
+    [
+        # Car entries by score: TP 1 (0.9), FP (0.85), TP w (0.8), FP (0.4); positives 1 + 2w.
+        # w = 1: precision 1, 1/2, 2/3, 1/2 at recall 1/3, 1/3, 2/3, 2/3 -> 1/3 * 1 + 1/3 * 2/3 = 5/9.
+        # Dog entries: FP (0.95), TP w (0.7); positives w: precision 0, w / (1 + w) at recall 0, 1.
+        (1.0, 5 / 9, 1 / 2),
+        # w = 0.5: precision 1, 1/2, 1.5/2.5, 1.5/3.5 at recall 1/2, 1/2, 3/4, 3/4 -> 1/2 + 1/4 * 0.6.
+        (0.5, 0.5 + 0.25 * 0.6, 0.5 / 1.5),
+        # w = 0: group-of boxes are ignore regions; Car: TP, FP, FP over 1 positive; Dog has no positives.
+        (0.0, 1.0, float("nan")),
+    ],
+)
+def test_group_of_weight_hand_computed(weight, car_ap, dog_ap):
+    gt, dets = group_of_weight_case()
+    res = evaluate_oid(gt, dets, group_of_weight=weight)
+    assert res["ap"]["Car"] == pytest.approx(car_ap)
+    assert res["ap"]["Dog"] == pytest.approx(dog_ap, nan_ok=True)
+    assert res["num_positives"]["Car"] == pytest.approx(1 + 2 * weight)
+    assert res["num_positives"]["Dog"] == pytest.approx(weight)
+    assert res["num_gt"]["Car"] == 3 and res["num_gt_group_of"]["Car"] == 2
+    num_group_tp = 1 if weight > 0 else 0
+    assert res["num_tp_group_of"]["Car"] == res["num_tp_group_of"]["Dog"] == num_group_tp
+    assert (res["num_tp"]["Car"], res["num_fp"]["Car"]) == (1 + num_group_tp, 2)
+    assert res["num_ignored_group_of"]["Car"] == 2 - num_group_tp
+    assert res["map"] == pytest.approx(np.nanmean([car_ap, dog_ap]))
+    assert res["group_of_weight"] == weight
+    table = format_oid_table(res)
+    assert "#diff" in table and (weight == 1.0) == ("group-of weight" not in table)
+
+
+def test_group_of_weight_one_is_the_default_and_out_of_range_raises():
+    gt, dets = group_of_weight_case()
+    default = evaluate_oid(gt, dets)
+    assert (default["ap"]["Car"], default["ap"]["Dog"]) == (pytest.approx(5 / 9), pytest.approx(1 / 2))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="group_of_weight must be in"):
+            evaluate_oid(gt, dets, group_of_weight=bad)
+
+
+def test_pr_curve_is_the_precision_envelope():
+    gt, dets = group_of_weight_case()
+    curve = evaluate_oid(gt, dets)["pr_curves"]["Car"]
+    # Car at w = 1: recall 1/3 at precision 1, 2/3 at 2/3 (envelope), never above 2/3.
+    thresholds = np.linspace(0, 1, 101)
+    expected = np.where(thresholds <= 1 / 3, 1.0, np.where(thresholds <= 2 / 3, 2 / 3, 0.0))
+    assert np.allclose(curve, expected, atol=1e-6)
+
+
+def reference_ap(gt, dets, cls_id, thr=0.5, group_of_weight=1.0):
+    """Loop port of OpenImagesChallengeEvaluator for one class (no difficult boxes).
+
+    per_image_evaluation._compute_tp_fp_for_single_class gives each hit group-of box one entry with
+    label group_of_weight (kept when its score > 0 and the weight > 0);
+    ObjectDetectionEvaluation adds group_of_weight positives per group-of box;
+    metrics.compute_precision_recall: precision = cum_tp / (cum_tp + cum_fp), fp = label <= 0.
+    """
     verified = {img["id"]: set(img["verified_present"]) | set(img["verified_absent"]) for img in gt["images"]}
     for a in gt["annotations"]:
         verified[a["image_id"]].add(a["category_id"])
-    num_gt = sum(a["category_id"] == cls_id for a in gt["annotations"])
+    num_gt = sum(
+        (group_of_weight if a["iscrowd"] else 1.0) for a in gt["annotations"] if a["category_id"] == cls_id
+    )
     scores, labels = [], []
     for img in gt["images"]:
         g = [a for a in gt["annotations"] if a["image_id"] == img["id"] and a["category_id"] == cls_id]
@@ -310,9 +392,9 @@ def reference_ap(gt, dets, cls_id, thr=0.5):
                 scores.append(x["score"])
                 labels.append(float(tp[i]))
         for s in group_score:
-            if s > 0:
+            if s > 0 and group_of_weight > 0:
                 scores.append(s)
-                labels.append(1.0)
+                labels.append(group_of_weight)
     if num_gt == 0:
         return float("nan")
     order = np.argsort(-np.array(scores), kind="mergesort")
@@ -392,3 +474,39 @@ def test_bad_submission_raises(tmp_path):
     path.write_text("ImageID,Predictions\n")
     with pytest.raises(ValueError, match="header must be ImageId,PredictionString"):
         read_oid_submission(str(path))
+
+
+def test_array_expansion_equals_the_dict_path():
+    """oid_gt_arrays (what evaluate_oid uses) against expand_ground_truth + select_categories +
+    gt_to_arrays on a random 3-level hierarchy, with and without a class subset."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_eval import synthetic_oid
+
+    from utils.oid_arrays import oid_gt_arrays
+    from utils.oid_eval import select_categories
+    from utils.voc_eval import gt_to_arrays
+
+    gt, _dets, tree = synthetic_oid(np.random.default_rng(3), 60, 30, 5.0, 5)
+    ancestors = load_hierarchy(tree, [c["mid"] for c in gt["categories"]])
+    assert sum(map(len, ancestors.values())) > 30  # a real hierarchy: most classes have ancestors
+    subset = [7, 2, 25, 1, 30]
+    for category_ids in (None, subset):
+        expanded = expand_ground_truth(gt, ancestors)
+        if category_ids is not None:
+            expanded = select_categories(expanded, category_ids)
+        ref = gt_to_arrays(expanded)
+        gta, keys, categories = oid_gt_arrays(gt, ancestors, category_ids)
+        for col in ("img", "cls", "boxes", "difficult", "iscrowd"):
+            np.testing.assert_array_equal(gta[col], ref[col], err_msg=col)
+        assert gta["class_names"] == ref["class_names"] and categories == expanded["categories"]
+        k = len(categories)
+        ref_keys = {
+            i * k + ref["category_index"][c]
+            for i, img in enumerate(expanded["images"])
+            for c in img["verified_present"] + img["verified_absent"]
+        }
+        ref_keys |= set((ref["img"] * k + ref["cls"]).tolist())
+        assert keys.tolist() == sorted(ref_keys)

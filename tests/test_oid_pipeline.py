@@ -415,3 +415,18 @@ def test_bin_submissions_merge_and_score_by_hand(oid, tmp_path):
     assert subset["ap"] == pytest.approx({"Apple": 1.0, "Banana": 0.8}) and subset["map"] == pytest.approx(
         0.9
     )
+
+    # --group_of_weight reaches the metric, and --save_path writes the metrics file of a submission.
+    weighted = score(merged, "--group_of_weight", "0.5", "--save_path", str(tmp_path / "out"), "--plot")
+    assert (tmp_path / "out" / "pr_merged.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="--plot with --detections needs --save_path"):
+        score(merged, "--plot")
+    assert weighted["group_of_weight"] == 0.5
+    assert weighted["num_positives"]["Banana"] == 3.5 and weighted["num_positives"]["Fruit"] == 9.5
+    assert (
+        weighted["ap"]["Apple"] == result["ap"]["Apple"]
+        and weighted["ap"]["Cherry"] == result["ap"]["Cherry"]
+    )
+    saved = json.load(open(tmp_path / "out" / "metrics_merged.json"))
+    assert saved["oid_map"] == pytest.approx(weighted["map"]) and saved["oid"]["group_of_weight"] == 0.5
+    assert saved["oid"]["ap"] == pytest.approx(weighted["ap"])

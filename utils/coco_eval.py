@@ -1,4 +1,4 @@
-"""COCO detection metrics through pycocotools, from in-memory dicts (no temporary files).
+"""COCO detection metrics through pycocotools (the reference) or faster-coco-eval, from in-memory dicts.
 
 The ground truth is a common-format dict (or the path of one). pycocotools reads image ids, category ids,
 bbox, area and iscrowd; it ignores our extra fields, so a VOC ``difficult`` box counts as an ordinary box
@@ -126,29 +126,63 @@ def _check_inputs(gt: dict, detections: list[dict], source: str) -> None:
         )
 
 
-def evaluate_coco(gt: dict | str, detections: list[dict] | str, iou_type: str = "bbox") -> dict:
-    """COCO AP/AR with pycocotools' COCOeval (default parameters).
+COCO_BACKENDS = ("pycocotools", "faster")
+
+
+def _coco_classes(backend: str) -> tuple[Any, Any]:
+    """(COCO, COCOeval) of a backend; imported here so that the VOC/OID paths need neither."""
+    if backend == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        return COCO, COCOeval
+    if backend == "faster":
+        try:
+            from faster_coco_eval import COCO, COCOeval_faster
+        except ImportError as err:
+            raise UserError(
+                "--coco_backend faster needs the faster-coco-eval package (pip install faster-coco-eval)"
+            ) from err
+
+        def make_eval(coco_gt: Any, coco_dt: Any, iou_type: str) -> Any:
+            return COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=logger.debug)
+
+        return COCO, make_eval
+    raise UserError(f"coco backend must be one of {COCO_BACKENDS}, got {backend!r}")
+
+
+def _rounded(array: np.ndarray, digits: int = 6) -> list:
+    """Nested lists of floats with ``digits`` decimals (keeps the metrics JSON small; -1 stays -1)."""
+    return np.round(np.asarray(array, dtype=np.float64), digits).tolist()
+
+
+def evaluate_coco(
+    gt: dict | str, detections: list[dict] | str, iou_type: str = "bbox", backend: str = "pycocotools"
+) -> dict:
+    """COCO AP/AR with COCOeval (default parameters) of pycocotools or faster-coco-eval.
 
     Args:
         gt (dict | str): common-format ground truth, or the path of its JSON.
         detections (list[dict] | str): COCO results, or the path of a results JSON.
         iou_type (str): "bbox" or "segm".
+        backend (str): "pycocotools" (the reference) or "faster" (faster-coco-eval's C++ COCOeval_faster,
+            same 12 numbers and precision/recall arrays; tests/test_coco_eval.py checks it on the same data).
 
     Returns:
-        dict with the 12 numbers of COCO_STAT_NAMES (float; -1 where pycocotools has no ground truth for
-        that area range), "summary" (the text summarize() prints), "ap_per_class" {class name: AP at
-        IoU 0.50:0.95, area all, 100 detections; NaN for classes without ground truth} and
-        "num_detections".
+        dict with the 12 numbers of COCO_STAT_NAMES (float; -1 where there is no ground truth for that area
+        range), "summary" (the text summarize() prints), "backend", "num_detections", and, per class
+        (``class_names``, in category order; NaN for classes without ground truth): "ap_per_class" (AP at
+        IoU 0.50:0.95, area all, 100 detections), "ap50_per_class", "ap75_per_class", "ar100_per_class";
+        and the curves: "iou_thresholds" [T], "recall_thresholds" [R], "precision" [T][R][K] (area all,
+        100 detections, -1 where a class has no ground truth) and "recall" [T][K] (the same selection).
 
     With no detections pycocotools' loadRes fails (it indexes the first result); the evaluation is then run
     against an empty result set instead, which gives AP = AR = 0 wherever there is ground truth, and a
     warning is logged.
     """
-    from pycocotools.coco import COCO  # imported here so that the VOC/OID paths do not need it
-    from pycocotools.cocoeval import COCOeval
-
     if iou_type not in ("bbox", "segm"):
         raise UserError(f"evaluate_coco: iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    COCO, COCOeval = _coco_classes(backend)
     gt = _load_json(gt, "ground-truth")
     detections = _load_json(detections, "detections")
     if not isinstance(detections, list):
@@ -176,20 +210,35 @@ def evaluate_coco(gt: dict | str, detections: list[dict] | str, iou_type: str = 
         coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
         coco_eval.evaluate()
         coco_eval.accumulate()
-    logger.debug("pycocotools: %s", noise.getvalue())
+    logger.debug("%s: %s", backend, noise.getvalue())
     summary = io.StringIO()
     with contextlib.redirect_stdout(summary):
         coco_eval.summarize()
 
     result: dict[str, Any] = {name: float(v) for name, v in zip(COCO_STAT_NAMES, coco_eval.stats)}
     result["summary"] = summary.getvalue()
-    # precision: [T iou thresholds, R recall points, K classes, A area ranges, M max-dets]; -1 = no gt.
-    precision = coco_eval.eval["precision"][:, :, :, 0, -1]
-    names = {c["id"]: str(c.get("name", c["id"])) for c in gt["categories"]}
-    ap_per_class = {}
-    for k, cat_id in enumerate(coco_eval.params.catIds):
-        valid = precision[:, :, k][precision[:, :, k] > -1]
-        ap_per_class[names[cat_id]] = float(valid.mean()) if valid.size else float("nan")
-    result["ap_per_class"] = ap_per_class
+    result["backend"] = backend
     result["num_detections"] = len(detections)
+    # precision: [T iou thresholds, R recall points, K classes, A area ranges, M max-dets]; -1 = no gt.
+    # recall: [T, K, A, M]. Area range 0 is "all", max-dets -1 is 100.
+    precision = np.asarray(coco_eval.eval["precision"])[:, :, :, 0, -1]
+    recall = np.asarray(coco_eval.eval["recall"])[:, :, 0, -1]
+    iou_thrs = np.asarray(coco_eval.params.iouThrs)
+    names = {c["id"]: str(c.get("name", c["id"])) for c in gt["categories"]}
+    class_names = [names[cat_id] for cat_id in coco_eval.params.catIds]
+
+    def mean_valid(values: np.ndarray) -> float:
+        valid = values[values > -1]
+        return float(valid.mean()) if valid.size else float("nan")
+
+    t50, t75 = int(np.argmin(np.abs(iou_thrs - 0.5))), int(np.argmin(np.abs(iou_thrs - 0.75)))
+    result["class_names"] = class_names
+    result["ap_per_class"] = {n: mean_valid(precision[:, :, k]) for k, n in enumerate(class_names)}
+    result["ap50_per_class"] = {n: mean_valid(precision[t50, :, k]) for k, n in enumerate(class_names)}
+    result["ap75_per_class"] = {n: mean_valid(precision[t75, :, k]) for k, n in enumerate(class_names)}
+    result["ar100_per_class"] = {n: mean_valid(recall[:, k]) for k, n in enumerate(class_names)}
+    result["iou_thresholds"] = _rounded(iou_thrs)
+    result["recall_thresholds"] = _rounded(coco_eval.params.recThrs)
+    result["precision"] = _rounded(precision, 4)
+    result["recall"] = _rounded(recall, 4)
     return result

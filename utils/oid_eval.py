@@ -23,13 +23,19 @@ metrics.py) together with its label expansion (dataset_tools/oid_hierarchical_la
   reference's generic evaluator does this and so do we).
 - Group-of boxes (``iscrowd=1``). Detections left over are matched to the group-of box with the largest
   intersection over the detection's area (IoA) >= iou_thresh. Each group-of box that is hit yields one
-  true positive (weight 1, the challenge's ``group_of_weight``) carrying the highest score among its
-  detections, and the detections themselves are ignored. Like the reference, the highest score has to
-  be > 0 for the true positive to be added. Everything else is a false positive. Group-of boxes count
-  as positives (weight 1).
+  true positive worth ``group_of_weight`` w (the reference ``OpenImagesChallengeEvaluator``'s argument;
+  1 in the challenge's ``OpenImagesDetectionChallengeEvaluator`` and our default) carrying the highest
+  score among its detections, and the detections themselves are ignored. Like the reference, the
+  highest score has to be > 0, and w > 0, for the true positive to be added (w = 0 makes group-of boxes
+  pure ignore regions). Everything else is a false positive. Each group-of box counts as w positives.
+- Precision and recall with weighted true positives, as the reference's ``compute_precision_recall``:
+  after each ranked entry, precision = cum_tp / (cum_tp + cum_fp) and recall = cum_tp / num_positives,
+  where a group-of true positive adds w to cum_tp, an ordinary one 1, and a false positive 1 to cum_fp;
+  num_positives = #ordinary non-difficult boxes + w * #group-of non-difficult boxes. With w = 1 this is
+  the plain count (entries / position).
 - AP per class is the all-point area under the precision/recall curve (the reference's
   ``compute_average_precision``, which is the VOC2010+ definition); mAP is the mean over classes that
-  have ground truth; other classes get NaN.
+  have positives (num_positives > 0); other classes get NaN.
 - Detections with zero width or height are removed (as the reference's ``_remove_invalid_boxes``) and
   counted.
 
@@ -54,7 +60,9 @@ from typing import Any
 import numpy as np
 
 from utils.errors import UserError
+from utils.oid_arrays import oid_gt_arrays
 from utils.voc_eval import (
+    PR_RECALL_THRESHOLDS,
     best_match_per_detection,
     detections_to_arrays,
     first_occurrence_mask,
@@ -63,6 +71,7 @@ from utils.voc_eval import (
     map_detections,
     paired_iou_xyxy,
     pairs_within_groups,
+    pr_envelope,
     rank_by_class_and_score,
     voc_ap,
 )
@@ -305,25 +314,6 @@ def paired_ioa_xyxy(det_boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
     return np.divide(inter, area, out=np.zeros_like(inter), where=area > 0)
 
 
-def _evaluatable_keys(gt: dict, gta: dict) -> np.ndarray:
-    """Sorted unique keys image position * K + class position of the classes evaluated per image."""
-    num_classes = len(gta["class_names"])
-    category_index = gta["category_index"]
-    img_pos, cls_pos = [], []
-    for i, img in enumerate(gt["images"]):
-        labels = list(img.get("verified_present", ())) + list(img.get("verified_absent", ()))
-        try:
-            cls_pos.extend(category_index[int(c)] for c in labels)
-        except KeyError as err:
-            raise UserError(
-                f"OID ground truth: image {img['id']} has verified labels of unknown category {err}"
-            ) from err
-        img_pos.extend([i] * len(labels))
-    label_keys = np.asarray(img_pos, dtype=np.int64) * num_classes + np.asarray(cls_pos, dtype=np.int64)
-    box_keys = gta["img"] * num_classes + gta["cls"]
-    return np.unique(np.concatenate([label_keys, box_keys]))
-
-
 def select_categories(gt: dict, category_ids: Iterable[int]) -> dict:
     """The ground truth of some categories only (e.g. the class subset a model was trained on).
 
@@ -366,6 +356,7 @@ def evaluate_oid(
     hierarchy: str | dict | None = None,
     iou_thresh: float = 0.5,
     category_ids: Iterable[int] | None = None,
+    group_of_weight: float = 1.0,
 ) -> dict:
     """Open Images detection challenge AP per class and mAP (see the module docstring for the rules).
 
@@ -380,25 +371,34 @@ def evaluate_oid(
         category_ids (Iterable[int] | None): evaluate only these categories of ``gt`` (a model trained on a
             class subset), kept after the expansion, so a parent class gets the boxes and labels of children
             outside the subset; detections must be of these categories. None: every category of ``gt``.
+        group_of_weight (float): w in [0, 1], what one group-of box counts as (positives) and what its
+            one true positive is worth. 1: the challenge metric.
 
     Returns:
-        dict with ap {class name: AP, NaN without ground truth}, map, num_classes_evaluated, class_names,
-        mids, iou_thresh, and per-class counts: num_gt (positives, group-of boxes included),
-        num_gt_group_of, num_det (input), num_tp (group-of true positives included), num_fp,
-        num_ignored_unverified (class not verified in that image), num_ignored_group_of (absorbed by a
-        group-of box), num_ignored_difficult, num_invalid (zero width or height).
+        dict with ap {class name: AP, NaN without positives}, map, num_classes_evaluated, class_names,
+        mids, iou_thresh, group_of_weight, per-class counts: num_gt (non-difficult boxes, group-of
+        included), num_gt_group_of, num_gt_difficult, num_positives (float: ordinary + w * group-of),
+        num_det (input), num_tp (entries: ordinary and group-of true positives), num_tp_group_of,
+        num_fp, num_ignored_unverified (class not verified in that image), num_ignored_group_of
+        (absorbed by a group-of box), num_ignored_difficult, num_invalid (zero width or height); and
+        the curves: recall_thresholds [101] and pr_curves {class name: precision [101]} (the precision
+        envelope at those recalls, 0 beyond the last recall; see ``utils.voc_eval.pr_envelope``).
     """
     if not 0.0 < iou_thresh <= 1.0:
         raise UserError(f"evaluate_oid: iou_thresh must be in (0, 1], got {iou_thresh}")
+    if not 0.0 <= group_of_weight <= 1.0:
+        raise UserError(f"evaluate_oid: group_of_weight must be in [0, 1], got {group_of_weight}")
+    ancestors = None
     if hierarchy is not None:
         mids = [c.get("mid") for c in gt["categories"]]
         if not all(mids):
             raise UserError("evaluate_oid: a hierarchy needs a 'mid' for every category")
-        gt = expand_ground_truth(gt, load_hierarchy(hierarchy, mids))
-    if category_ids is not None:
-        gt = select_categories(gt, category_ids)
-
-    gta = gt_to_arrays(gt)
+        ancestors = load_hierarchy(hierarchy, mids)
+    # = gt_to_arrays(select_categories(expand_ground_truth(gt, ancestors), category_ids)), vectorised.
+    num_boxes = len(gt["annotations"])
+    gta, evaluatable_keys, categories = oid_gt_arrays(gt, ancestors, category_ids)
+    if ancestors is not None:
+        logger.info("OID hierarchy expansion: %d boxes -> %d", num_boxes, len(gta["cls"]))
     det = detections_to_arrays(detections)
     det_img, det_cls = map_detections(gta, det, "evaluate_oid")
     class_names = gta["class_names"]
@@ -407,7 +407,7 @@ def evaluate_oid(
 
     valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     det_keys = det_img * num_classes + det_cls
-    evaluatable = np.isin(det_keys, _evaluatable_keys(gt, gta))
+    evaluatable = np.isin(det_keys, evaluatable_keys)
     unverified = valid & ~evaluatable
     kept = np.flatnonzero(valid & evaluatable)
     if (~valid).any():
@@ -445,7 +445,8 @@ def evaluate_oid(
     # One true positive per group-of box, represented by its first detection in ranking order, which has
     # the highest score among the box's detections (ranking is score-descending within a class).
     first_hit = ranking[first_occurrence_mask(best_group[ranking], hits_group[ranking])]
-    group_tp = first_hit[k_scores[first_hit] > 0]  # the reference keeps max scores > 0 only
+    # The reference keeps max scores > 0 and weights > 0 only.
+    group_tp = first_hit[k_scores[first_hit] > 0] if group_of_weight > 0 else first_hit[:0]
     is_fp = left & ~in_group
 
     # Ranked entries: true positives, false positives and one entry per hit group-of box, each at the
@@ -456,21 +457,28 @@ def evaluate_oid(
     entry[is_fp] = 2
     ranked = ranking[entry[ranking] > 0]
     ranked_cls = det_cls[kept][ranked]
-    ranked_tp = (entry[ranked] == 1).astype(np.float64)
+    is_group_tp = np.zeros(num_kept, dtype=bool)
+    is_group_tp[group_tp] = True
+    tp_weight = np.where(is_group_tp, group_of_weight, 1.0)
+    ranked_tp = np.where(entry[ranked] == 1, tp_weight[ranked], 0.0)
+    ranked_fp = (entry[ranked] == 2).astype(np.float64)
     run_bounds = np.searchsorted(ranked_cls, np.arange(num_classes + 1))
 
     positives = ~difficult
-    num_pos = np.bincount(gta["cls"][positives], minlength=num_classes)
-    ap = {}
+    num_gt = np.bincount(gta["cls"][positives], minlength=num_classes)
+    num_gt_group_of = np.bincount(gta["cls"][positives & group_of], minlength=num_classes)
+    num_pos = (num_gt - num_gt_group_of) + group_of_weight * num_gt_group_of
+    ap, curves = {}, {}
     for k, name in enumerate(class_names):
         if num_pos[k] == 0:
             ap[name] = float("nan")
             continue
-        tp = ranked_tp[run_bounds[k] : run_bounds[k + 1]]
-        cum_tp = np.cumsum(tp)
+        cum_tp = np.cumsum(ranked_tp[run_bounds[k] : run_bounds[k + 1]])
+        cum_fp = np.cumsum(ranked_fp[run_bounds[k] : run_bounds[k + 1]])
         recall = cum_tp / num_pos[k]
-        precision = cum_tp / np.arange(1, len(tp) + 1)
+        precision = cum_tp / np.maximum(cum_tp + cum_fp, np.finfo(np.float64).tiny)
         ap[name] = voc_ap(recall, precision, use_07_metric=False)
+        curves[name] = pr_envelope(recall, precision)
     evaluated = [name for k, name in enumerate(class_names) if num_pos[k] > 0]
     if not evaluated:
         logger.warning("evaluate_oid: no class has ground truth; mAP is NaN")
@@ -486,42 +494,62 @@ def evaluate_oid(
     return {
         "iou_thresh": iou_thresh,
         "class_names": class_names,
-        "mids": [c.get("mid", "") for c in gt["categories"]],
+        "mids": [c.get("mid", "") for c in categories],
         "ap": ap,
         "map": float(np.mean([ap[n] for n in evaluated])) if evaluated else float("nan"),
         "num_classes_evaluated": len(evaluated),
-        "num_gt": per_class(num_pos),
-        "num_gt_group_of": per_class(np.bincount(gta["cls"][positives & group_of], minlength=num_classes)),
+        "group_of_weight": group_of_weight,
+        "num_gt": per_class(num_gt),
+        "num_gt_group_of": per_class(num_gt_group_of),
+        "num_gt_difficult": per_class(np.bincount(gta["cls"][difficult], minlength=num_classes)),
+        "num_positives": {name: float(num_pos[k]) for k, name in enumerate(class_names)},
         "num_det": per_class(np.bincount(det_cls, minlength=num_classes)),
         "num_tp": kept_counts(entry == 1),
+        "num_tp_group_of": kept_counts(is_group_tp),
         "num_fp": kept_counts(is_fp),
         "num_ignored_unverified": per_class(np.bincount(det_cls[unverified], minlength=num_classes)),
         "num_ignored_group_of": kept_counts(group_ignored | in_difficult_group),
         "num_ignored_difficult": kept_counts(ignored_difficult),
         "num_invalid": per_class(np.bincount(det_cls[~valid], minlength=num_classes)),
+        "recall_thresholds": PR_RECALL_THRESHOLDS.tolist(),
+        "pr_curves": curves,
     }
 
 
 def format_oid_table(result: dict) -> str:
-    """Per-class AP table of an ``evaluate_oid`` result and the mean."""
+    """Per-class AP table of an ``evaluate_oid`` result and the mean.
+
+    Columns: #gt (non-difficult boxes after the expansion, group-of included), #group (group-of boxes
+    among them), #diff (difficult boxes), #det (detections given), #tp (ordinary and group-of true
+    positives), #fp, #unverif (detections ignored: class not verified in the image), AP.
+    """
     names, mids = result["class_names"], result["mids"]
     width = max([len("class")] + [len(n) for n in names]) + 2
     mid_width = max([len("mid")] + [len(m) for m in mids]) + 2
-    header = (
-        f"{'class':<{width}}{'mid':<{mid_width}}{'#gt':>7}{'#group':>8}{'#det':>8}{'#tp':>7}{'#fp':>7}"
-        f"{'#unverif':>10}   {'AP':>8}"
+    columns = (
+        ("#gt", "num_gt", 7),
+        ("#group", "num_gt_group_of", 8),
+        ("#diff", "num_gt_difficult", 7),
+        ("#det", "num_det", 8),
+        ("#tp", "num_tp", 7),
+        ("#fp", "num_fp", 7),
+        ("#unverif", "num_ignored_unverified", 10),
     )
-    lines = [
-        f"Open Images challenge AP (all-point, IoU/IoA >= {result['iou_thresh']:g})",
-        header,
-        "-" * len(header),
-    ]
+    header = (
+        f"{'class':<{width}}{'mid':<{mid_width}}"
+        + "".join(f"{t:>{w}}" for t, _, w in columns)
+        + f"   {'AP':>8}"
+    )
+    weight = result.get("group_of_weight", 1.0)
+    title = f"Open Images challenge AP (all-point, IoU/IoA >= {result['iou_thresh']:g}"
+    title += ")" if weight == 1.0 else f", group-of weight {weight:g})"
+    lines = [title, header, "-" * len(header)]
     for name, mid in zip(names, mids):
         ap = result["ap"][name]
         lines.append(
-            f"{name:<{width}}{mid:<{mid_width}}{result['num_gt'][name]:>7}{result['num_gt_group_of'][name]:>8}"
-            f"{result['num_det'][name]:>8}{result['num_tp'][name]:>7}{result['num_fp'][name]:>7}"
-            f"{result['num_ignored_unverified'][name]:>10}   {'n/a' if np.isnan(ap) else f'{ap:.4f}':>8}"
+            f"{name:<{width}}{mid:<{mid_width}}"
+            + "".join(f"{result.get(key, {}).get(name, 0):>{w}}" for _, key, w in columns)
+            + f"   {'n/a' if np.isnan(ap) else f'{ap:.4f}':>8}"
         )
     lines.append("-" * len(header))
     label = f"mAP ({result['num_classes_evaluated']} classes with ground truth)"

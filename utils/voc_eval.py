@@ -36,6 +36,15 @@ from typing import Any
 import numpy as np
 
 from utils.errors import UserError
+from utils.eval_arrays import (  # noqa: F401 - detections/gt column helpers, importable from here too
+    box_column,
+    column,
+    detections_to_arrays,
+    gt_to_arrays,
+    map_detections,
+    positions_of,
+    unique_sorted,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -162,119 +171,6 @@ def first_occurrence_mask(values: np.ndarray, candidates: np.ndarray) -> np.ndar
     return mask
 
 
-def detections_to_arrays(detections: list[dict]) -> dict[str, np.ndarray]:
-    """Columns of a COCO-results list.
-
-    Args:
-        detections (list[dict]): {"image_id", "category_id", "bbox" [x, y, w, h] abs px, "score"}.
-
-    Returns:
-        dict with image_ids (int64[D]), category_ids (int64[D]), boxes (float64[D, 4], xyxy abs px),
-        scores (float64[D]).
-    """
-    num = len(detections)
-    try:
-        image_ids = np.fromiter((d["image_id"] for d in detections), dtype=np.int64, count=num)
-        category_ids = np.fromiter((d["category_id"] for d in detections), dtype=np.int64, count=num)
-        scores = np.fromiter((d["score"] for d in detections), dtype=np.float64, count=num)
-        boxes = np.array([d["bbox"] for d in detections], dtype=np.float64).reshape(-1, 4)
-    except (KeyError, TypeError, ValueError) as err:
-        bad = next(
-            (
-                i
-                for i, d in enumerate(detections)
-                if not isinstance(d, dict)
-                or not {"image_id", "category_id", "bbox", "score"} <= d.keys()
-                or len(d["bbox"]) != 4
-            ),
-            None,
-        )
-        raise UserError(
-            f"detections: record {bad} is not {{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}}"
-            f" ({err!r})"
-        ) from err
-    if not np.isfinite(scores).all() or not np.isfinite(boxes).all():
-        bad = np.flatnonzero(~np.isfinite(scores) | ~np.isfinite(boxes).all(axis=1))[:10].tolist()
-        raise UserError(f"detections: non-finite score or bbox in records {bad}")
-    boxes[:, 2:] += boxes[:, :2]
-    return {"image_ids": image_ids, "category_ids": category_ids, "boxes": boxes, "scores": scores}
-
-
-def gt_to_arrays(gt: dict) -> dict[str, Any]:
-    """Ground-truth columns and index maps of a common-format dict.
-
-    Returns:
-        dict with image_index {image id: position}, category_index {category id: position},
-        class_names list[str], category_ids list[int], img (int64[G] image position),
-        cls (int64[G] class position), boxes (float64[G, 4] xyxy), difficult (bool[G]),
-        iscrowd (bool[G]).
-    """
-    categories = gt["categories"]
-    category_ids = [int(c["id"]) for c in categories]
-    class_names = [str(c.get("name", c["id"])) for c in categories]
-    if len(set(category_ids)) != len(category_ids):
-        raise UserError("ground truth: duplicate category ids")
-    category_index = {cid: k for k, cid in enumerate(category_ids)}
-    image_index = {int(img["id"]): i for i, img in enumerate(gt["images"])}
-    if len(image_index) != len(gt["images"]):
-        raise UserError("ground truth: duplicate image ids")
-    anns = gt["annotations"]
-    num = len(anns)
-    try:
-        img = np.fromiter((image_index[int(a["image_id"])] for a in anns), dtype=np.int64, count=num)
-        cls = np.fromiter((category_index[int(a["category_id"])] for a in anns), dtype=np.int64, count=num)
-    except KeyError as err:
-        bad = [
-            a.get("id")
-            for a in anns
-            if int(a["image_id"]) not in image_index or int(a["category_id"]) not in category_index
-        ]
-        raise UserError(
-            f"ground truth: annotations {bad[:10]} refer to unknown image or category ids"
-        ) from err
-    boxes = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]
-    difficult = np.fromiter((bool(a.get("difficult", 0)) for a in anns), dtype=bool, count=num)
-    iscrowd = np.fromiter((bool(a.get("iscrowd", 0)) for a in anns), dtype=bool, count=num)
-    return {
-        "image_index": image_index,
-        "category_index": category_index,
-        "class_names": class_names,
-        "category_ids": category_ids,
-        "img": img,
-        "cls": cls,
-        "boxes": boxes,
-        "difficult": difficult,
-        "iscrowd": iscrowd,
-    }
-
-
-def map_detections(gt_arrays: dict, det: dict[str, np.ndarray], source: str) -> tuple[np.ndarray, np.ndarray]:
-    """Image and class positions of detections; ValueError naming unknown image or category ids."""
-    category_index = gt_arrays["category_index"]
-    image_index = gt_arrays["image_index"]
-    unknown_cats = sorted(set(np.unique(det["category_ids"]).tolist()) - category_index.keys())
-    if unknown_cats:
-        raise UserError(
-            f"{source}: detections have category ids {unknown_cats[:20]} that are not in the ground truth "
-            f"categories {sorted(category_index)[:20]}{' ...' if len(category_index) > 20 else ''}"
-        )
-    unknown_imgs = sorted(set(np.unique(det["image_ids"]).tolist()) - image_index.keys())
-    if unknown_imgs:
-        raise UserError(
-            f"{source}: detections for {len(unknown_imgs)} image ids not in the ground truth, "
-            f"e.g. {unknown_imgs[:10]}"
-        )
-    # np.unique + searchsorted instead of a dict lookup per detection.
-    ids_sorted = np.array(sorted(image_index), dtype=np.int64)
-    pos_sorted = np.array([image_index[i] for i in ids_sorted.tolist()], dtype=np.int64)
-    img = pos_sorted[np.searchsorted(ids_sorted, det["image_ids"])]
-    cat_sorted = np.array(sorted(category_index), dtype=np.int64)
-    cls_sorted = np.array([category_index[c] for c in cat_sorted.tolist()], dtype=np.int64)
-    cls = cls_sorted[np.searchsorted(cat_sorted, det["category_ids"])]
-    return img, cls
-
-
 def rank_by_class_and_score(cls: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Order grouping detections by class, then score descending; ties keep input order (stable)."""
     order = np.argsort(-scores, kind="mergesort")
@@ -313,6 +209,34 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> fl
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]
     steps = np.flatnonzero(mrec[1:] != mrec[:-1])
     return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+
+
+# Recall points of the stored precision/recall curves: COCO's 101 (0, 0.01, ..., 1).
+PR_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
+
+
+def pr_envelope(
+    recall: np.ndarray, precision: np.ndarray, thresholds: np.ndarray = PR_RECALL_THRESHOLDS
+) -> list[float]:
+    """Interpolated precision at fixed recalls, as COCOeval.accumulate samples its curves.
+
+    Args:
+        recall (np.ndarray[N]): non-decreasing recall after each ranked detection.
+        precision (np.ndarray[N]): precision after each ranked detection.
+        thresholds (np.ndarray[R]): recall points.
+
+    Returns:
+        list[float] of R values: at each threshold t, the largest precision at any recall >= t (the
+        monotone envelope that both VOC APs use), 0 where the recall never reaches t; 6 decimals.
+    """
+    recall = np.asarray(recall, dtype=np.float64)
+    precision = np.asarray(precision, dtype=np.float64)
+    if len(recall) == 0:
+        return [0.0] * len(thresholds)
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    idx = np.searchsorted(recall, thresholds, side="left")
+    values = np.where(idx < len(recall), envelope[np.minimum(idx, len(recall) - 1)], 0.0)
+    return np.round(values, 6).tolist()
 
 
 def match_detections_voc(
@@ -372,8 +296,11 @@ def evaluate_voc(gt: dict, detections: list[dict], iou_thresh: float = 0.5) -> d
             non-crowd box (the devkit averages its fixed 20 classes; a class with no positives has no
             defined recall, so it is left out here rather than counted as 0 or 1);
           num_gt {name: non-difficult non-crowd boxes}, num_gt_ignored {name: difficult or crowd boxes},
+          of which num_gt_difficult (difficult) and num_gt_crowd (crowd, not difficult),
           num_det, num_tp, num_fp, num_det_ignored {name: count}; class_names, iou_thresh,
-          num_classes_evaluated.
+          num_classes_evaluated;
+          recall_thresholds [101] and pr_curves {name: precision [101]} for the classes with positives
+            (``pr_envelope``: the precision envelope at those recalls, 0 beyond the last recall).
 
     Raises:
         ValueError: detections with category ids or image ids that are not in ``gt`` (named), or
@@ -400,7 +327,7 @@ def evaluate_voc(gt: dict, detections: list[dict], iou_thresh: float = 0.5) -> d
     ranked_tp = (status[ranked] == STATUS_TP).astype(np.float64)
     run_bounds = np.searchsorted(ranked_cls, np.arange(num_classes + 1))
 
-    ap_07, ap_area = {}, {}
+    ap_07, ap_area, curves = {}, {}, {}
     for k, name in enumerate(class_names):
         tp = ranked_tp[run_bounds[k] : run_bounds[k + 1]]
         if num_pos[k] == 0:
@@ -412,6 +339,7 @@ def evaluate_voc(gt: dict, detections: list[dict], iou_thresh: float = 0.5) -> d
         precision = cum_tp / (cum_tp + cum_fp)
         ap_07[name] = voc_ap(recall, precision, use_07_metric=True)
         ap_area[name] = voc_ap(recall, precision, use_07_metric=False)
+        curves[name] = pr_envelope(recall, precision)
 
     evaluated = [name for k, name in enumerate(class_names) if num_pos[k] > 0]
     if not evaluated:
@@ -440,10 +368,16 @@ def evaluate_voc(gt: dict, detections: list[dict], iou_thresh: float = 0.5) -> d
         "num_classes_evaluated": len(evaluated),
         "num_gt": per_class(num_pos),
         "num_gt_ignored": per_class(num_gt_ignored),
+        "num_gt_difficult": per_class(np.bincount(gta["cls"][gta["difficult"]], minlength=num_classes)),
+        "num_gt_crowd": per_class(
+            np.bincount(gta["cls"][gta["iscrowd"] & ~gta["difficult"]], minlength=num_classes)
+        ),
         "num_det": per_class(np.bincount(det_cls, minlength=num_classes)),
         "num_tp": class_counts(status == STATUS_TP),
         "num_fp": class_counts(status == STATUS_FP),
         "num_det_ignored": class_counts(status == STATUS_IGNORED),
+        "recall_thresholds": PR_RECALL_THRESHOLDS.tolist(),
+        "pr_curves": curves,
     }
 
 
@@ -451,16 +385,29 @@ def format_voc_table(result: dict) -> str:
     """Per-class AP table of an ``evaluate_voc`` result, with both AP definitions and their means."""
     names = result["class_names"]
     width = max([len("class")] + [len(n) for n in names] + [len("mean")]) + 2
-    header = f"{'class':<{width}}{'#gt':>7}{'#det':>8}   {'VOC07 11-point':>14}   {'area (VOC2010+)':>15}"
-    lines = [f"VOC AP at IoU >= {result['iou_thresh']:g}", header, "-" * len(header)]
+    counts = ("num_gt", "num_gt_difficult", "num_gt_crowd", "num_det", "num_tp", "num_fp")
+    titles = ("#gt", "#diff", "#crowd", "#det", "#tp", "#fp")
+    header = (
+        f"{'class':<{width}}"
+        + "".join(f"{t:>8}" for t in titles)
+        + f"   {'VOC07 11-point':>14}   {'area (VOC2010+)':>15}"
+    )
+    lines = [
+        f"VOC AP at IoU >= {result['iou_thresh']:g} (#gt: positives; #diff, #crowd: ignored boxes; "
+        "#tp, #fp: detections, the rest of #det matched an ignored box)",
+        header,
+        "-" * len(header),
+    ]
     for name in names:
         ap07, apa = result["ap_07_11pt"][name], result["ap_area"][name]
         cells = ("n/a (no gt)", "n/a (no gt)") if np.isnan(apa) else (f"{ap07:.4f}", f"{apa:.4f}")
         lines.append(
-            f"{name:<{width}}{result['num_gt'][name]:>7}{result['num_det'][name]:>8}   "
-            f"{cells[0]:>14}   {cells[1]:>15}"
+            f"{name:<{width}}"
+            + "".join(f"{result.get(c, {}).get(name, 0):>8}" for c in counts)
+            + f"   {cells[0]:>14}   {cells[1]:>15}"
         )
     lines.append("-" * len(header))
     mean_label = f"mean ({result['num_classes_evaluated']} classes)"
-    lines.append(f"{mean_label:<{width + 15}}   {result['map_07_11pt']:>14.4f}   {result['map_area']:>15.4f}")
+    pad = width + 8 * len(titles)
+    lines.append(f"{mean_label:<{pad}}   {result['map_07_11pt']:>14.4f}   {result['map_area']:>15.4f}")
     return "\n".join(lines)
