@@ -47,6 +47,7 @@ from layers.box_coder import BoxCoder  # noqa: E402
 from layers.losses import FocalLoss, MultiBoxLoss  # noqa: E402
 from layers.postprocess import PostProcess  # noqa: E402
 from models import build_model  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
 
 
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
@@ -66,6 +67,12 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--amp", action="store_true", help="full step under bf16 autocast, both sides")
     parser.add_argument("--channels_last", action="store_true", help="full step in NHWC, both sides")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also the peak memory of the loss forward + backward, ours vs torchvision (see peak_memory)",
+    )
+    parser.add_argument("--skip_backward", action="store_true", help="time the losses' forward only")
     return parser
 
 
@@ -148,15 +155,28 @@ def bench_loss_and_postprocess(args, device, tv_model) -> Dict[str, float]:
     box_coder = BoxCoder((0.1, 0.2))
     mbox = MultiBoxLoss(box_coder, positive_threshold=0.5, negative_threshold=0.5, neg_pos_ratio=3)
     focal = FocalLoss(box_coder, positive_threshold=0.5, negative_threshold=0.4)
-    results = timed(
-        {
-            "loss_ours_mbox_ohem": lambda: mbox(outputs, targets),
-            "loss_ours_focal": lambda: focal(outputs, targets),
-            "loss_torchvision": lambda: tv_model.compute_loss(tv_targets, tv_head_outputs, tv_anchors),
-        },
-        args.repeats,
-        device,
-    )
+    loss_fns = {
+        "loss_ours_mbox_ohem": lambda: mbox(outputs, targets),
+        "loss_ours_focal": lambda: focal(outputs, targets),
+        "loss_torchvision": lambda: tv_model.compute_loss(tv_targets, tv_head_outputs, tv_anchors),
+    }
+    results = timed(loss_fns, args.repeats, device)
+    if not args.skip_backward:
+
+        def forward_backward(fn):
+            def run():
+                logits_grad.grad = deltas_grad.grad = None
+                sum(fn().values()).backward()
+
+            return run
+
+        results.update(
+            timed(
+                {f"{name}_fwd_bwd": forward_backward(fn) for name, fn in loss_fns.items()},
+                args.repeats,
+                device,
+            )
+        )
 
     post_sigmoid = PostProcess(
         box_coder, "sigmoid", conf_thresh=0.05, pre_nms_topk=1000, nms_thresh=0.5, max_detections=100
@@ -191,6 +211,101 @@ def bench_loss_and_postprocess(args, device, tv_model) -> Dict[str, float]:
     num_dets_tv = [len(d["boxes"]) for d in tv_post()]
     print("detections per image, ours (sigmoid):", num_dets, "torchvision:", num_dets_tv)
     return results
+
+
+def _loss_inputs(args, device):
+    """The loss benchmark's tensors (seeded), built in place so that building leaves no higher peak."""
+    generator = torch.Generator().manual_seed(args.seed)
+    anchor_generator = AnchorGenerator(predefined_anchor_whs())
+    grid_sizes = anchor_generator.grid_sizes_for_input(args.input_dim, args.input_dim)
+    anchors = anchor_generator(grid_sizes, device)
+    n, num_anchors, c = args.batch_size, anchors.shape[0], args.num_classes
+    logits = torch.randn(n, num_anchors, c, generator=generator).mul_(1.5).sub_(6.0).to(device)
+    deltas = torch.randn(n, num_anchors, 4, generator=generator).mul_(0.5).to(device)
+    targets = make_targets(n, args.input_dim, c - 1, generator, device)
+    return anchors, logits.requires_grad_(True), deltas.requires_grad_(True), targets
+
+
+def _loss_step(side: str, args, device):
+    """forward + backward of one loss ("ours_mbox_ohem", "ours_focal" or "torchvision") as a closure."""
+    anchors, logits, deltas, targets = _loss_inputs(args, device)
+    box_coder = BoxCoder((0.1, 0.2))
+    if side == "torchvision":
+        torch.manual_seed(args.seed)
+        head = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=args.num_classes)
+        tv_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+        head_outputs = {"cls_logits": logits, "bbox_regression": deltas}
+        fn = lambda: head.compute_loss(tv_targets, head_outputs, [anchors] * len(targets))
+    else:
+        loss = (
+            MultiBoxLoss(box_coder, 0.5, 0.5, 3)
+            if side == "ours_mbox_ohem"
+            else FocalLoss(box_coder, 0.5, 0.4)
+        )
+        outputs = {"pred_logits": logits, "pred_box_deltas": deltas, "anchors": anchors}
+        fn = lambda: loss(outputs, targets)
+
+    def step():
+        sum(fn().values()).backward()
+
+    return step
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_child(side: str, args, queue) -> None:
+    import resource
+
+    torch.set_num_threads(1)
+    # A warm-up on tiny inputs first: lazy library initialisation (autograd engine, kernels) is not
+    # the loss's memory; only then the measured inputs.
+    _loss_step(
+        side, argparse.Namespace(**{**vars(args), "batch_size": 1, "input_dim": 64}), torch.device("cpu")
+    )()
+    step = _loss_step(side, args, torch.device("cpu"))
+    before = _rss_bytes()
+    step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    queue.put(max(0, peak - before))
+
+
+def peak_memory(args, device) -> Dict[str, float]:
+    """Peak memory (MB) of the loss forward + backward at --batch_size, --num_classes, per side.
+
+    CUDA: torch.cuda.max_memory_allocated over the call, after reset_peak_memory_stats, minus what was
+    allocated before (the inputs). CPU (tracemalloc does not see torch's allocations): each side in a
+    fresh process (multiprocessing spawn), peak RSS (ru_maxrss) after the call minus the RSS just before
+    it; the inputs are built in place so that building them leaves no higher peak. The call includes
+    the first-call costs (the allocator's growth), which is what a training step's peak sees too.
+    """
+    sides = ("ours_mbox_ohem", "ours_focal", "torchvision")
+    out: Dict[str, float] = {}
+    if device.type == "cuda":
+        for side in sides:
+            step = _loss_step(side, args, device)
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            step()
+            torch.cuda.synchronize(device)
+            out[f"peak_mb_loss_{side}"] = round((torch.cuda.max_memory_allocated(device) - before) / 2**20, 1)
+            del step
+            torch.cuda.empty_cache()
+        return out
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    for side in sides:
+        queue = context.Queue()
+        process = context.Process(target=_peak_rss_child, args=(side, args, queue))
+        process.start()
+        value = queue.get(timeout=600)
+        process.join()
+        out[f"peak_mb_loss_{side}"] = round(value / 2**20, 1)
+    return out
 
 
 def bench_full_step(args, device, tv_model) -> Dict[str, float]:
@@ -293,9 +408,15 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
         results.update(bench_full_step(args, device, tv_model))
 
     report = {k: round(v, 5) for k, v in results.items()}
+    if args.memory:
+        report.update(peak_memory(args, device))
     for ours, theirs in [
         ("loss_ours_mbox_ohem", "loss_torchvision"),
         ("loss_ours_focal", "loss_torchvision"),
+        ("loss_ours_mbox_ohem_fwd_bwd", "loss_torchvision_fwd_bwd"),
+        ("loss_ours_focal_fwd_bwd", "loss_torchvision_fwd_bwd"),
+        ("peak_mb_loss_ours_mbox_ohem", "peak_mb_loss_torchvision"),
+        ("peak_mb_loss_ours_focal", "peak_mb_loss_torchvision"),
         ("postprocess_ours_sigmoid", "postprocess_torchvision"),
         ("postprocess_ours_softmax", "postprocess_torchvision"),
         ("full_step_ours_mbox_ohem", "full_step_torchvision"),
@@ -309,7 +430,8 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
             results["full_step_ours_mbox_ohem"] / results["full_step_ours_mbox_ohem_fp32"], 3
         )
     for key, value in report.items():
-        print(f"{key:<36} {value:.4f}" + (" s" if not key.startswith("ratio") else ""))
+        unit = "" if key.startswith("ratio") else " MB" if key.startswith("peak_mb") else " s"
+        print(f"{key:<40} {value:.4f}{unit}")
     report.update(
         device=str(device),
         threads=torch.get_num_threads(),
@@ -319,10 +441,18 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
         full_step_repeats=args.full_step_repeats,
         amp=args.amp,
         channels_last=args.channels_last,
+        input_dim=args.input_dim,
+        num_classes=args.num_classes,
     )
+    if args.memory:
+        report["peak_memory_method"] = (
+            "torch.cuda.max_memory_allocated over the call (after reset_peak_memory_stats)"
+            if device.type == "cuda"
+            else "peak RSS of a fresh process (ru_maxrss) minus its RSS just before the call"
+        )
     print(json.dumps(report))
     return report
 
 
 if __name__ == "__main__":
-    main(get_args_parser(add_help=True).parse_args())
+    run_cli(main, get_args_parser(add_help=True))

@@ -194,20 +194,35 @@ def sigmoid_focal_loss_sum(logits: Tensor, targets: Tensor, alpha: float, gamma:
 _CHUNK_ROWS = 8192
 
 
+def _softplus(x: Tensor, out: Tensor) -> Tensor:
+    """F.softplus(x) (beta 1, threshold 20) written into ``out``."""
+    return torch._C._nn.softplus(x, 1, 20, out=out)
+
+
 class _NegativeFocalSum(torch.autograd.Function):
     """sum over rows r with weight w_r of sum_k p^gamma * softplus(x)  (p = sigmoid(x)), chunked.
 
-    Every (anchor, class) pair scored as a negative: -log(1 - p) = softplus(x). The gradient is
-    d/dx = p^gamma * (gamma * (1 - p) * softplus(x) + p), recomputed chunk by chunk in backward from the
-    logits (nothing of size [M, K] is saved but the input itself).
+    Every (anchor, class) pair scored as a negative: its focal term is (1 - alpha) * p^gamma * -log(1 - p),
+    and -log(1 - p) = softplus(x). With s = softplus(x), ds/dx = p and dp/dx = p (1 - p):
+
+        d/dx [p^gamma * s] = gamma p^(gamma - 1) * p (1 - p) * s + p^gamma * p
+                           = p^gamma * (gamma * (1 - p) * s + p),
+
+    which backward recomputes chunk by chunk from the logits: nothing of size [M, K] is saved but the
+    input itself, and both passes write their per-chunk values into two [rows, K] buffers reused across
+    chunks (plus, in backward, the [M, K] gradient, which is the output). tests/test_losses.py checks
+    the gradient against autograd through torchvision's sigmoid_focal_loss.
     """
 
     @staticmethod
     def forward(ctx, logits, row_weight, gamma):  # logits [M, K] float32, row_weight [M] float32
+        rows = max(1, min(_CHUNK_ROWS, logits.shape[0]))
+        p_buf, s_buf = logits.new_empty((rows, logits.shape[1])), logits.new_empty((rows, logits.shape[1]))
         total = logits.new_zeros(())
-        for x, w in zip(logits.split(_CHUNK_ROWS), row_weight.split(_CHUNK_ROWS)):
-            p = torch.sigmoid(x)
-            total += (p.pow(gamma).mul_(F.softplus(x))).sum(dim=1).dot(w)
+        for x, w in zip(logits.split(rows), row_weight.split(rows)):
+            m = x.shape[0]
+            p = torch.sigmoid(x, out=p_buf[:m])
+            total += p.pow_(gamma).mul_(_softplus(x, s_buf[:m])).sum(dim=1).dot(w)
         ctx.save_for_backward(logits, row_weight)
         ctx.gamma = gamma
         return total
@@ -216,11 +231,16 @@ class _NegativeFocalSum(torch.autograd.Function):
     def backward(ctx, grad_output):
         logits, row_weight = ctx.saved_tensors
         gamma = ctx.gamma
+        rows = max(1, min(_CHUNK_ROWS, logits.shape[0]))
+        p_buf, s_buf = logits.new_empty((rows, logits.shape[1])), logits.new_empty((rows, logits.shape[1]))
         grad = torch.empty_like(logits)
-        for x, w, g in zip(logits.split(_CHUNK_ROWS), row_weight.split(_CHUNK_ROWS), grad.split(_CHUNK_ROWS)):
-            p = torch.sigmoid(x)
-            # p^gamma * (gamma * (1 - p) * softplus(x) + p) * w * grad_output
-            torch.mul(p.pow(gamma), (1 - p).mul_(F.softplus(x)).mul_(gamma).add_(p), out=g)
+        for x, w, g in zip(logits.split(rows), row_weight.split(rows), grad.split(rows)):
+            m = x.shape[0]
+            p = torch.sigmoid(x, out=p_buf[:m])
+            t = _softplus(x, s_buf[:m])
+            # g = p^gamma * ((1 - p) * s * gamma + p) * w * grad_output; 1 - p is formed in g itself.
+            t.mul_(torch.neg(p, out=g).add_(1)).mul_(gamma).add_(p)
+            torch.mul(p.pow_(gamma), t, out=g)
             g.mul_((w * grad_output)[:, None])
         return grad, None, None
 
