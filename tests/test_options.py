@@ -44,7 +44,11 @@ def test_unknown_backbone_fails_at_parse(capsys):
     [
         (["--anchor_type", "kmeans"], "--anchor_type kmeans needs --anchor_file"),
         (["--anchor_type", "kmeans", "--anchor_file", "nope.json"], "'nope.json' does not exist"),
-        (["--shared_heads", "5"], "--shared_heads must be in 0..--num_head_layers"),
+        (["--num_shared_layers", "5"], "--num_shared_layers must be in 0..--num_head_layers"),
+        (["--shared_heads", "-1"], "--shared_heads must be 0"),
+        (["--shared_heads", "1", "--num_shared_layers", "2"], "is the SH head .3 shared layers.; for 2"),
+        (["--fpn_variant", "original", "--p6_from", "p5"], "--fpn_variant original is the single-stage"),
+        (["--bn_mode", "eval", "--arch", "faster_rcnn_fpn"], "--bn_mode eval applies to --arch fpn_ohem"),
         (["--pretrained", "missing.pth"], "neither 'imagenet', 'none' nor an existing file"),
         (["--positive_threshold", "0.4", "--negative_threshold", "0.5"], "must not exceed"),
         (["--head_norm", "gn", "--fpn_channels", "48"], "divisible by 32, got 48"),
