@@ -7,9 +7,15 @@
 - "faster_rcnn_fpn": ``models.faster_rcnn.build_faster_rcnn`` (two-stage, same backbone and FPN).
 
 Backbone policy: with loaded weights (``--pretrained imagenet`` or PATH) the stem plus the first
-``--freeze_upto`` stages are frozen and batch norm is frozen unless ``--train_bn``. From scratch
-(``--pretrained none``) nothing is frozen and batch norm trains: freezing random weights would
+``--freeze_upto`` stages are frozen and batch norm follows ``--bn_mode`` (frozen by default; eval, the
+original's, keeps the statistics and trains the affine parameters; train = ``--train_bn``). From
+scratch (``--pretrained none``) nothing is frozen and batch norm trains: freezing random weights would
 keep them random.
+
+Heads: ``--shared_heads`` 0 = separate towers, > 0 = the original's SH head (all but the last of the
+``--num_head_layers`` convs shared); ``--num_shared_layers k`` shares any k. ``--fpn_variant original``
+builds the original codebase's FPN and initialises the heads as it did (models/fpn.py, models/heads.py);
+its checkpoints load through models/original.py.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from models.faster_rcnn import build_faster_rcnn
 from models.fpn import FPN
 from models.heads import DetectionHead
 from utils.errors import UserError
+from utils.options import resolve_head_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -120,21 +127,30 @@ def build_fpn_ohem(
     if not args.num_classes or args.num_classes < 1:
         raise UserError(f"num_classes must be >= 1 (set from the dataset), got {args.num_classes!r}")
     focal = args.loss_type == "focal"
+    # Same fallbacks as utils.options.resolve_defaults, for callers that did not run it.
+    args = resolve_head_defaults(argparse.Namespace(**vars(args)))
+    original = args.fpn_variant == "original"
 
     from_scratch = args.pretrained == "none"
-    if from_scratch and load_pretrained and (args.freeze_upto or args.freeze_bn):
+    if from_scratch and load_pretrained and (args.freeze_upto or args.bn_mode != "train"):
         logger.info(
             "--pretrained none: training the whole backbone, batch norm included "
-            "(--freeze_upto / --freeze_bn apply to loaded weights only)"
+            "(--freeze_upto / --bn_mode apply to loaded weights only)"
         )
     backbone = ResNetBackbone(
         args.basenet,
         pretrained=args.pretrained if load_pretrained else "none",
         freeze_upto=0 if from_scratch else args.freeze_upto,
-        freeze_bn=False if from_scratch else args.freeze_bn,
+        bn_mode="train" if from_scratch else args.bn_mode,
         return_levels=(3, 4, 5),
     )
-    fpn = FPN(backbone.out_channels, args.fpn_channels, extra_levels="p6p7", p6_from=args.p6_from)
+    fpn = FPN(
+        backbone.out_channels,
+        args.fpn_channels,
+        extra_levels="p6p7",
+        p6_from=args.p6_from,
+        variant=args.fpn_variant,
+    )
 
     if anchor_whs_per_level is None:
         anchor_whs_per_level, layout = build_anchors(args)
@@ -150,9 +166,11 @@ def build_fpn_ohem(
         num_anchors=anchor_generator.num_anchors_per_location,
         num_classes=args.num_classes if focal else args.num_classes + 1,
         num_layers=args.num_head_layers,
-        shared_layers=args.shared_heads,
+        shared_layers=args.num_shared_layers,
         score_type="sigmoid" if focal else "softmax",
         norm=getattr(args, "head_norm", "none"),
+        bias=bool(args.bias_heads),
+        init="original" if original else "retinanet",
     )
     model = FPNDetector(backbone, fpn, head, anchor_generator)
 

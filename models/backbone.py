@@ -19,7 +19,10 @@ scratch): ``freeze_upto = k`` freezes the stem (conv1 + bn1) and the first k res
 ``freeze_bn = True`` freezes every batch norm of the backbone: affine parameters are not trained and
 the running statistics are not updated (the layers stay in eval mode whatever ``model.train()`` says),
 because detection batches are too small to estimate them well. Batch norm inside a frozen stage is
-always frozen. The layers stay ``nn.BatchNorm2d`` (not FrozenBatchNorm2d) so that a checkpoint has
+always frozen. ``bn_mode`` says the same in three words and adds the original codebase's policy:
+"frozen" (= ``freeze_bn=True``), "train" (= ``freeze_bn=False``) and "eval": the running statistics stay
+fixed (eval mode) while the affine parameters train, as the original's ``set_bn_eval`` with ``--bn 0``.
+The layers stay ``nn.BatchNorm2d`` (not FrozenBatchNorm2d) so that a checkpoint has
 the same keys whether or not batch norm was frozen while training it.
 """
 
@@ -38,6 +41,7 @@ from utils.errors import CheckpointError, UserError
 
 logger = logging.getLogger(__name__)
 
+BN_MODES = ("frozen", "eval", "train")
 RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Output channels of layer1..layer4 (C2..C5).
 _STAGE_CHANNELS = {
@@ -128,6 +132,7 @@ class ResNetBackbone(nn.Module):
         pretrained: "imagenet", "none" or a state-dict path (see the module docstring).
         freeze_upto: freeze the stem and the first ``freeze_upto`` stages (0..4).
         freeze_bn: freeze every batch norm (parameters and running statistics).
+        bn_mode: "frozen", "eval" or "train" (see the module docstring); overrides ``freeze_bn`` when given.
         return_levels: which C_k to return, increasing, from 2..5.
 
     Attributes:
@@ -143,8 +148,12 @@ class ResNetBackbone(nn.Module):
         freeze_upto: int = 1,
         freeze_bn: bool = True,
         return_levels: Sequence[int] = (3, 4, 5),
+        bn_mode: str | None = None,
     ):
         super().__init__()
+        bn_mode = bn_mode if bn_mode is not None else ("frozen" if freeze_bn else "train")
+        if bn_mode not in BN_MODES:
+            raise UserError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         if name not in RESNET_NAMES:
             raise UserError(f"unknown backbone {name!r}; expected one of {RESNET_NAMES}")
         return_levels = tuple(int(k) for k in return_levels)
@@ -174,7 +183,8 @@ class ResNetBackbone(nn.Module):
         self.strides: List[int] = [2**k for k in return_levels]
 
         self.freeze_upto = freeze_upto
-        self.freeze_bn = freeze_bn
+        self.bn_mode = bn_mode
+        self.freeze_bn = bn_mode == "frozen"
         frozen_parts = [self.stem, self.layer1, self.layer2, self.layer3, self.layer4][: freeze_upto + 1]
         frozen_parts = frozen_parts if freeze_upto > 0 else []
         for part in frozen_parts:
@@ -184,12 +194,15 @@ class ResNetBackbone(nn.Module):
         for part in frozen_parts:
             if part is not None:
                 frozen_bn.update(m for m in part.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-        if freeze_bn:
-            frozen_bn.update(m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+        all_bn = {m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        if bn_mode == "frozen":
+            frozen_bn.update(all_bn)
         for m in frozen_bn:
             m.requires_grad_(False)
+        # Kept in eval mode by train(): the frozen ones; with "eval" all (their affine params still train).
+        eval_bn = all_bn if bn_mode == "eval" else frozen_bn
         # Names, not module references: SyncBatchNorm conversion replaces the modules after this.
-        self._frozen_bn_names = sorted(n for n, m in self.named_modules() if m in frozen_bn)
+        self._frozen_bn_names = sorted(n for n, m in self.named_modules() if m in eval_bn)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> ResNetBackbone:
@@ -213,5 +226,5 @@ class ResNetBackbone(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"name={self.name}, return_levels={self.return_levels}, freeze_upto={self.freeze_upto}, "
-            f"freeze_bn={self.freeze_bn}, weights={self.weights_path}"
+            f"bn_mode={self.bn_mode}, weights={self.weights_path}"
         )

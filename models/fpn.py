@@ -16,6 +16,19 @@ Faster R-CNN FPN (outputs P2..P6).
   of 75, 38, 19, 10 and 5 cells.
 - Initialisation: every conv uses ``kaiming_uniform_(a=1)`` (uniform with bound sqrt(3 / fan_in),
   Caffe2's "XavierFill", as in Detectron and torchvision's FPN), biases 0.
+
+``variant="original"`` is the FPN of the original codebase (gurkirt/FPN.pytorch1.0,
+``models/resnet.py``), for its checkpoints and its recipe. It differs from ours in four places:
+- P5 is the 1x1 lateral of C5 itself: there is no 3x3 conv on the coarsest level.
+- The top-down path upsamples the *smoothed* map: P4 = 3x3(up(P5) + lateral(C4)),
+  P3 = 3x3(up(P4) + lateral(C3)), where ours upsamples the sum before its 3x3.
+- Upsampling is bilinear with ``align_corners=True`` (ours: nearest).
+- The 3x3 convs (smoothing, P6, P7) have no bias; the 1x1 laterals keep one. Initialisation: every
+  weight N(0, sqrt(2 / (k * k * out_channels))) (He, fan-out), the laterals' biases at PyTorch's
+  default (uniform +-1 / sqrt(fan_in)), as the original leaves them.
+P6 = 3x3 stride 2 on C5 and P7 = 3x3 stride 2 on ReLU(P6), as in ours with ``p6_from="c5"``.
+Parameter names are ours (``lateral_convs``, ``output_convs``, ``p6``, ``p7``); ``output_convs`` has
+one conv fewer (P3 and P4 only). models/original.py maps the original's names onto these.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 EXTRA_LEVELS = ("p6p7", "maxpool_p6", None)
+FPN_VARIANTS = ("ours", "original")
 
 
 class FPN(nn.Module):
@@ -36,6 +50,7 @@ class FPN(nn.Module):
         out_channels: channels of every output level.
         extra_levels: "p6p7" (two more levels, convs), "maxpool_p6" (one more level, max-pool) or None.
         p6_from: "c5" or "p5", the input of the P6 conv (``extra_levels="p6p7"`` only).
+        variant: "ours" or "original" (see the module docstring; "original" needs "p6p7" from "c5").
 
     ``forward(features list[Tensor[N, in_channels_list[i], H_i, W_i]])`` returns
     list[Tensor[N, out_channels, ., .]]: len(features) maps at the input sizes, then the extra levels,
@@ -48,36 +63,54 @@ class FPN(nn.Module):
         out_channels: int = 256,
         extra_levels: str | None = "p6p7",
         p6_from: str = "c5",
+        variant: str = "ours",
     ):
         super().__init__()
         if extra_levels not in EXTRA_LEVELS:
             raise ValueError(f"extra_levels must be one of {EXTRA_LEVELS}, got {extra_levels!r}")
         if p6_from not in ("c5", "p5"):
             raise ValueError(f"p6_from must be 'c5' or 'p5', got {p6_from!r}")
+        if variant not in FPN_VARIANTS:
+            raise ValueError(f"variant must be one of {FPN_VARIANTS}, got {variant!r}")
+        original = variant == "original"
+        if original and (extra_levels != "p6p7" or p6_from != "c5"):
+            raise ValueError(
+                f"the original FPN has P6 and P7 from C5, got extra_levels={extra_levels!r}, "
+                f"p6_from={p6_from!r}"
+            )
         self.in_channels_list = list(in_channels_list)
         self.out_channels = out_channels
         self.extra_levels = extra_levels
         self.p6_from = p6_from
+        self.variant = variant
+        bias = not original  # the original's 3x3 convs have no bias
         self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in self.in_channels_list)
+        num_smoothed = len(self.in_channels_list) - (1 if original else 0)  # original: no 3x3 on P5
         self.output_convs = nn.ModuleList(
-            nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in self.in_channels_list
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias) for _ in range(num_smoothed)
         )
         self.p6: nn.Conv2d | None = None
         self.p7: nn.Conv2d | None = None
         if extra_levels == "p6p7":
             p6_in = self.in_channels_list[-1] if p6_from == "c5" else out_channels
-            self.p6 = nn.Conv2d(p6_in, out_channels, 3, stride=2, padding=1)
-            self.p7 = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
+            self.p6 = nn.Conv2d(p6_in, out_channels, 3, stride=2, padding=1, bias=bias)
+            self.p7 = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1, bias=bias)
         self.num_outputs = len(self.in_channels_list) + {"p6p7": 2, "maxpool_p6": 1, None: 0}[extra_levels]
 
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if not isinstance(m, nn.Conv2d):
+                continue
+            if original:  # N(0, sqrt(2 / n)), n = k * k * out_channels; biases keep PyTorch's default
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
                 nn.init.kaiming_uniform_(m.weight, a=1)
                 nn.init.zeros_(m.bias)
 
     def forward(self, features: List[Tensor]) -> List[Tensor]:
         if len(features) != len(self.lateral_convs):
             raise ValueError(f"FPN built for {len(self.lateral_convs)} input maps, got {len(features)}")
+        if self.variant == "original":
+            return self._forward_original(features)
         # Top-down: start from the coarsest map, upsample to the next finer lateral's exact size, add.
         inner = self.lateral_convs[-1](features[-1])
         outputs = [self.output_convs[-1](inner)]
@@ -92,3 +125,14 @@ class FPN(nn.Module):
         elif self.extra_levels == "maxpool_p6":
             outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
         return outputs
+
+    def _forward_original(self, features: List[Tensor]) -> List[Tensor]:
+        # Top-down as the original: P5 is the lateral itself; each finer level adds the bilinearly
+        # upsampled *output* of the coarser one (after its 3x3), then smooths the sum.
+        outputs = [self.lateral_convs[-1](features[-1])]
+        for i in range(len(features) - 2, -1, -1):
+            lateral = self.lateral_convs[i](features[i])
+            up = F.interpolate(outputs[0], size=lateral.shape[-2:], mode="bilinear", align_corners=True)
+            outputs.insert(0, self.output_convs[i](up + lateral))
+        p6 = self.p6(features[-1])
+        return outputs + [p6, self.p7(F.relu(p6))]

@@ -3,15 +3,20 @@
 Each head is a tower of ``num_layers`` 3x3 conv + ReLU followed by a 3x3 predictor conv:
 the classification predictor has A * C outputs per cell, the box predictor A * 4 (A anchors per
 location, C score columns). ``shared_layers = k`` makes the first k tower layers common to both
-heads (0: two separate towers, ``num_layers``: one fully shared tower, the original "SH" variant);
-the remaining ``num_layers - k`` layers are separate.
+heads and leaves ``num_layers - k`` separate layers per branch (0: two separate towers;
+``num_layers``: one fully shared tower). The original codebase's two heads are the cases
+``num_layers=4`` with k = 0 (``models/fpn.py``, ``--shared_heads 0``) and k = 3 (its "SH" head,
+``models/fpn_shared_heads.py``, ``--shared_heads 1``: 3 shared conv + ReLU, then per branch one
+conv + ReLU and the predictor). ``bias=False`` drops the tower convs' biases (the original's
+``--bias_heads 0``); the predictors always have one.
 
 ``norm="gn"`` puts a GroupNorm (32 groups) after every tower conv, as FCOS/ATSS do. GroupNorm
 normalises each image and level on its own, so the towers stay shared across levels. (On the shapes
 demo, from scratch at 192 px, it did not speed up training: VOC mAP 0.488 with it, 0.504 without,
 after 330 iterations.)
 
-Initialisation (RetinaNet paper): conv weights N(0, 0.01), biases 0, except the classification bias:
+Initialisation (``init="retinanet"``, the RetinaNet paper): conv weights N(0, 0.01), biases 0, except
+the classification bias:
 - ``score_type="sigmoid"`` (focal loss): every class bias is -log((1 - pi) / pi), pi = ``prior_prob``
   (0.01), so each class starts at probability pi and the many easy negatives do not swamp the first
   iterations.
@@ -21,8 +26,13 @@ Initialisation (RetinaNet paper): conv weights N(0, 0.01), biases 0, except the 
   is not needed for stability; it makes an untrained model predict background (no detections above
   --conf_thresh) instead of a uniform 1 / C, which for small C (e.g. 4 classes: 0.25) would be kept.
 
+``init="original"`` is the original codebase's: weights N(0, 0.01), every bias left at PyTorch's default
+(uniform +-1 / sqrt(fan_in)).
+
 Outputs follow the anchor order of layers/anchors.py: per level [N, A*C, H, W] -> [N, H, W, A, C]
--> [N, H*W*A, C], concatenated over levels (level-major, then cell row-major, then anchor).
+-> [N, H*W*A, C], concatenated over levels (level-major, then cell row-major, then anchor). The
+original flattens its outputs the same way (permute to [N, H, W, A*C], concatenate, view as [N, -1, C]),
+so prediction i of a loaded original checkpoint is its prediction i.
 """
 
 from __future__ import annotations
@@ -34,14 +44,17 @@ import torch
 from torch import Tensor, nn
 
 HEAD_NORMS = ("none", "gn")
+HEAD_INITS = ("retinanet", "original")
 GN_GROUPS = 32
 
 
-def _tower(in_channels: int, channels: int, num_layers: int, norm: str = "none") -> nn.Sequential:
+def _tower(
+    in_channels: int, channels: int, num_layers: int, norm: str = "none", bias: bool = True
+) -> nn.Sequential:
     """num_layers x (3x3 conv [+ GroupNorm(32)] + ReLU)."""
     layers: List[nn.Module] = []
     for i in range(num_layers):
-        layers.append(nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1))
+        layers.append(nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=bias))
         if norm == "gn":
             layers.append(nn.GroupNorm(GN_GROUPS, channels))
         layers.append(nn.ReLU(inplace=True))
@@ -66,6 +79,8 @@ class DetectionHead(nn.Module):
         score_type: "sigmoid" or "softmax", selects the classification bias initialisation.
         prior_prob: initial foreground probability pi.
         norm: "none" (RetinaNet) or "gn" (GroupNorm with 32 groups after each tower conv).
+        bias: whether the tower convs have a bias (the predictors always do).
+        init: "retinanet" or "original" (see the module docstring).
 
     ``forward(features list[Tensor[N, in_channels, H_l, W_l]])`` returns a dict:
         pred_logits (Tensor[N, sum_l H_l*W_l*A, C]), pred_box_deltas (Tensor[N, sum_l H_l*W_l*A, 4]),
@@ -83,8 +98,12 @@ class DetectionHead(nn.Module):
         score_type: str = "sigmoid",
         prior_prob: float = 0.01,
         norm: str = "none",
+        bias: bool = True,
+        init: str = "retinanet",
     ):
         super().__init__()
+        if init not in HEAD_INITS:
+            raise ValueError(f"init must be one of {HEAD_INITS}, got {init!r}")
         if norm not in HEAD_NORMS:
             raise ValueError(f"norm must be one of {HEAD_NORMS}, got {norm!r}")
         if norm == "gn" and num_layers > 0 and in_channels % GN_GROUPS:
@@ -103,21 +122,25 @@ class DetectionHead(nn.Module):
         self.shared_layers = shared_layers
         self.score_type = score_type
         self.norm = norm
-        self.shared_tower = _tower(in_channels, in_channels, shared_layers, norm)
-        self.cls_tower = _tower(in_channels, in_channels, num_layers - shared_layers, norm)
-        self.box_tower = _tower(in_channels, in_channels, num_layers - shared_layers, norm)
+        self.bias = bias
+        self.init = init
+        self.shared_tower = _tower(in_channels, in_channels, shared_layers, norm, bias)
+        self.cls_tower = _tower(in_channels, in_channels, num_layers - shared_layers, norm, bias)
+        self.box_tower = _tower(in_channels, in_channels, num_layers - shared_layers, norm, bias)
         self.cls_pred = nn.Conv2d(in_channels, num_anchors * num_classes, 3, padding=1)
         self.box_pred = nn.Conv2d(in_channels, num_anchors * 4, 3, padding=1)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)
-        bias = self.cls_pred.bias.detach().view(num_anchors, num_classes)
-        if score_type == "sigmoid":
-            bias.fill_(-math.log((1 - prior_prob) / prior_prob))
-        else:
-            bias[:, 0] = math.log((num_classes - 1) * (1 - prior_prob) / prior_prob)
+                if init == "retinanet" and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if init == "retinanet":
+            cls_bias = self.cls_pred.bias.detach().view(num_anchors, num_classes)
+            if score_type == "sigmoid":
+                cls_bias.fill_(-math.log((1 - prior_prob) / prior_prob))
+            else:
+                cls_bias[:, 0] = math.log((num_classes - 1) * (1 - prior_prob) / prior_prob)
 
     def forward(self, features: List[Tensor]) -> Dict[str, object]:
         logits_per_level, deltas_per_level, head_features = [], [], []

@@ -161,3 +161,25 @@ def test_from_scratch_trains_everything():
     # eval() still reaches batch norm.
     backbone.eval()
     assert all(not m.training for m in _bn_modules(backbone).values())
+
+
+def test_bn_mode_eval_keeps_statistics_and_trains_affine_params_and_every_conv(tmp_path):
+    """The original's policy (set_bn_eval on the base net, every parameter in the optimizer): running
+    statistics fixed, BN weight and bias and all convs, the stem's included, trained."""
+    path, _ = _fake_weights(tmp_path)
+    backbone = ResNetBackbone("resnet18", pretrained=path, freeze_upto=0, bn_mode="eval")
+    assert backbone.bn_mode == "eval" and not backbone.freeze_bn
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    backbone.train()
+    assert all(not m.training for m in _bn_modules(backbone).values())
+    assert all(p.requires_grad for p in backbone.parameters())
+    optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1)
+    loss = sum(f.square().mean() for f in backbone(torch.randn(2, 3, 64, 64)))
+    loss.backward()
+    optimizer.step()
+    for key, value in backbone.state_dict().items():
+        statistic = key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        assert torch.equal(value, before[key]) == statistic, key
+    assert "stem.0.weight" in before and "stem.1.weight" in before  # the stem conv and its BN trained
+    with pytest.raises(ValueError, match="bn_mode"):
+        ResNetBackbone("resnet18", pretrained="none", bn_mode="sync")

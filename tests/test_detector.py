@@ -284,3 +284,83 @@ def test_frozen_bn_stays_frozen_in_the_detector_after_train_and_a_step(tmp_path)
     for n, m in bns.items():
         assert not m.training
         assert torch.equal(m.running_mean, before[n][0]) and torch.equal(m.weight, before[n][1]), n
+
+
+def _parsed(*argv):
+    import evaluate
+    from utils.options import resolve_defaults
+
+    parser = evaluate.get_args_parser()
+    return parser, resolve_defaults(parser.parse_args(list(argv)))
+
+
+def test_shared_heads_options_build_the_original_heads():
+    common = ["--basenet", "resnet18", "--pretrained", "none", "--fpn_channels", "32"]
+    for argv, shared, bias in [
+        ([], 0, True),
+        (["--shared_heads", "1"], 3, True),  # the SH head: 3 shared + 1 per branch
+        (["--shared_heads", "7"], 3, True),  # any value > 0, as the original
+        (["--num_shared_layers", "2"], 2, True),
+        (["--num_shared_layers", "4"], 4, True),
+        (["--shared_heads", "1", "--num_head_layers", "2"], 1, True),
+        (["--fpn_variant", "original", "--shared_heads", "1"], 3, False),
+        (["--fpn_variant", "original", "--bias_heads", "1"], 0, True),
+    ]:
+        _, args = _parsed(*common, *argv)
+        args.num_classes = 3
+        model, _, _ = build_model(args)
+        head = model.head
+        assert head.shared_layers == shared and head.num_layers == args.num_head_layers, argv
+        assert (head.cls_tower[0].bias is not None) == bias if len(head.cls_tower) else True, argv
+        assert model.fpn.variant == args.fpn_variant
+
+
+def test_fpn_variant_original_implies_the_originals_training_policy(tmp_path):
+    _, args = _parsed("--fpn_variant", "original")
+    assert (args.bias_heads, args.bn_mode, args.freeze_upto, args.num_shared_layers) == (0, "eval", 0, 0)
+    _, typed = _parsed("--fpn_variant", "original", "--freeze_upto", "1", "--bn_mode", "frozen")
+    assert (typed.freeze_upto, typed.bn_mode) == (1, "frozen")  # typed values win
+    _, ours = _parsed()
+    assert (ours.bias_heads, ours.bn_mode, ours.freeze_upto, ours.fpn_variant) == (1, "frozen", 1, "ours")
+    with pytest.raises(SystemExit, match="--train_bn contradicts --bn_mode frozen"):
+        _parsed("--train_bn", "--bn_mode", "frozen")
+    # Built with loaded weights: nothing frozen, BN statistics in eval mode, its affine params trainable.
+    model, _, _ = build_model(_args(pretrained=_fake_resnet18_file(tmp_path), fpn_variant="original"))
+    model.train()
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.backbone.bn_mode == "eval" and not model.backbone.stem[1].training
+    assert model.fpn.variant == "original" and len(model.fpn.output_convs) == 2
+    out = model(torch.randn(1, 3, 64, 64))
+    (out["pred_logits"].square().mean() + out["pred_box_deltas"].square().mean()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_checkpoint_of_the_old_option_layout_keeps_its_head(tmp_path):
+    """Before --num_shared_layers, --shared_heads k meant k shared tower layers. A checkpoint written then
+    (no num_shared_layers, fpn_variant, bias_heads or bn_mode in its args) loads with that meaning."""
+    from utils.checkpoint import args_to_dict, build_model_from_checkpoint, save_checkpoint
+
+    parser, trained = _parsed("--basenet", "resnet18", "--pretrained", "none", "--fpn_channels", "32",
+                              "--num_shared_layers", "2", "--num_head_layers", "4")  # fmt: skip
+    trained.num_classes = 3
+    torch.manual_seed(0)
+    model, _, _ = build_model(trained)
+    old_args = args_to_dict(trained)
+    for key in ("num_shared_layers", "fpn_variant", "bias_heads", "bn_mode"):
+        del old_args[key]
+    old_args["shared_heads"] = 2  # the old meaning: 2 shared layers of 4
+    path = str(tmp_path / "model_000010.pth")
+    save_checkpoint({"model": model.state_dict(), "args": old_args, "iteration": 10}, path)
+
+    _, cli = _parsed("--checkpoint", path)
+    loaded, _, args, _ = build_model_from_checkpoint(path, cli, parser, torch.device("cpu"))
+    assert loaded.head.shared_layers == 2 and args.num_shared_layers == 2 and args.shared_heads == 0
+    assert args.fpn_variant == "ours" and args.bias_heads == 1 and args.bn_mode == "frozen"
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images)["pred_logits"], model.eval()(images)["pred_logits"])
+    # 3 of 4 shared was the SH head already: it becomes --shared_heads 1.
+    from utils.checkpoint import upgrade_saved_args
+
+    assert upgrade_saved_args({"shared_heads": 3, "num_head_layers": 4})["shared_heads"] == 1
+    assert upgrade_saved_args({"shared_heads": 1, "num_head_layers": 2})["num_shared_layers"] == 1

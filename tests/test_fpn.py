@@ -77,3 +77,47 @@ def test_bad_options():
         FPN([8], 8, extra_levels="p6")
     with pytest.raises(ValueError, match="p6_from"):
         FPN([8], 8, p6_from="c4")
+
+
+def test_original_variant_by_hand():
+    """P5 = lateral(C5) (no 3x3); P4 = 3x3(up(P5) + lateral(C4)); P3 = 3x3(up(P4) + lateral(C3)), with
+    bilinear align_corners=True upsampling of the smoothed maps; P6 on C5, P7 on ReLU(P6)."""
+    fpn = FPN([1, 1, 1], out_channels=1, extra_levels="p6p7", variant="original")
+    assert len(fpn.output_convs) == 2  # P3 and P4 only
+    assert all(c.bias is None for c in [*fpn.output_convs, fpn.p6, fpn.p7])
+    assert all(c.bias is not None for c in fpn.lateral_convs)
+    with torch.no_grad():
+        for conv in fpn.lateral_convs:
+            conv.weight.fill_(1.0)
+            conv.bias.fill_(0.5)
+        for conv in fpn.output_convs:  # 3x3 identity times 2
+            conv.weight.zero_()
+            conv.weight[0, 0, 1, 1] = 2.0
+    c5 = torch.tensor([[0.0, 4.0], [8.0, 12.0]]).view(1, 1, 2, 2)
+    c4 = torch.zeros(1, 1, 3, 3)
+    c3 = torch.zeros(1, 1, 5, 5)
+    p3, p4, p5, p6, p7 = fpn([c3, c4, c5])
+    assert torch.equal(p5[0, 0], c5[0, 0] + 0.5)
+    # align_corners=True, 2 -> 3 samples source positions 0, 0.5, 1: the corners stay, the middle averages.
+    up5 = torch.tensor([[0.5, 2.5, 4.5], [4.5, 6.5, 8.5], [8.5, 10.5, 12.5]])
+    torch.testing.assert_close(p4[0, 0], 2 * (up5 + 0.5))
+    # 3 -> 5 samples positions 0, 0.5, 1, 1.5, 2 of the smoothed P4 (which is linear: a plane), so the
+    # upsampled map is the plane 2 * (x + y * 4) + 2 on the finer grid, x, y in steps of 0.5.
+    ys, xs = torch.meshgrid(torch.arange(5) / 2, torch.arange(5) / 2, indexing="ij")
+    up4 = 2 * (2 * xs + 4 * ys + 0.5 + 0.5)
+    torch.testing.assert_close(p3[0, 0], 2 * (up4 + 0.5))
+    torch.testing.assert_close(p6, F.conv2d(c5, fpn.p6.weight, stride=2, padding=1))
+    torch.testing.assert_close(p7, F.conv2d(p6.relu(), fpn.p7.weight, stride=2, padding=1))
+
+
+def test_original_variant_init_and_its_constraints():
+    torch.manual_seed(0)
+    fpn = FPN([512, 1024, 2048], out_channels=256, variant="original")
+    for conv in [m for m in fpn.modules() if isinstance(m, nn.Conv2d)]:
+        # N(0, sqrt(2 / n)), n = k * k * out_channels (He, fan-out), as the original's ResNetFPN
+        expected = math.sqrt(2.0 / (conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels))
+        assert abs(conv.weight.std().item() / expected - 1) < 0.05
+    with pytest.raises(ValueError, match="P6 and P7 from C5"):
+        FPN([8, 8, 8], 8, p6_from="p5", variant="original")
+    with pytest.raises(ValueError, match="variant"):
+        FPN([8], 8, variant="detectron")

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from models.heads import DetectionHead, _flatten_level
 
@@ -110,3 +111,33 @@ def test_group_norm_towers_normalise_each_image_and_level():
         DetectionHead(48, 1, 2, num_layers=1, norm="gn")
     with pytest.raises(ValueError, match="norm must be"):
         DetectionHead(64, 1, 2, norm="bn")
+
+
+def test_sh_head_is_the_originals_three_shared_then_one_per_branch():
+    """--shared_heads 1 at 4 layers: 3 shared 3x3 conv + ReLU, then per branch 1 conv + ReLU and the
+    predictor (the original's fpn_shared_heads.py), without tower biases for --bias_heads 0."""
+    head = DetectionHead(16, num_anchors=9, num_classes=21, num_layers=4, shared_layers=3, bias=False)
+    kinds = lambda seq: [type(m).__name__ for m in seq]  # noqa: E731
+    assert kinds(head.shared_tower) == ["Conv2d", "ReLU"] * 3
+    assert kinds(head.cls_tower) == kinds(head.box_tower) == ["Conv2d", "ReLU"]
+    towers = [
+        m for t in (head.shared_tower, head.cls_tower, head.box_tower) for m in t if isinstance(m, nn.Conv2d)
+    ]
+    assert len(towers) == 5 and all(c.bias is None for c in towers)
+    assert head.cls_pred.bias is not None and head.box_pred.bias is not None  # predictors keep theirs
+    expected = 5 * 9 * 16 * 16 + _conv3x3_params(16, 9 * 21) + _conv3x3_params(16, 9 * 4)
+    assert sum(p.numel() for p in head.parameters()) == expected
+
+
+def test_original_init_leaves_the_biases_at_pytorch_default():
+    torch.manual_seed(0)
+    head = DetectionHead(64, num_anchors=9, num_classes=21, score_type="softmax", init="original")
+    bound = 1 / math.sqrt(64 * 9)  # PyTorch's default conv bias: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    for bias in (head.cls_pred.bias, head.box_pred.bias, head.cls_tower[0].bias):
+        assert bias.abs().max() <= bound and bias.abs().max() > 0.8 * bound
+    weights = torch.cat([m.weight.flatten() for m in head.modules() if isinstance(m, nn.Conv2d)])
+    assert abs(weights.std().item() - 0.01) < 1e-3
+    retinanet = DetectionHead(64, num_anchors=9, num_classes=21, score_type="softmax")
+    assert torch.count_nonzero(retinanet.box_pred.bias) == 0
+    with pytest.raises(ValueError, match="init"):
+        DetectionHead(8, 1, 2, init="xavier")

@@ -146,13 +146,26 @@ def safe_torch_load(path: str, what: str, map_location: str | torch.device = "cp
         ) from e
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
+def load_checkpoint(
+    path: str, map_location: str | torch.device = "cpu", allow_original: bool = False
+) -> Dict[str, Any]:
     """Load a checkpoint safely (weights_only=True), with a clear error (CheckpointError) for a missing,
-    unreadable or foreign file, and for one whose model or optimizer state is not finite."""
+    unreadable or foreign file, and for one whose model or optimizer state is not finite.
+
+    ``allow_original``: also accept the original codebase's bare state dict (models/original.py)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     state = safe_torch_load(path, "checkpoint", map_location)
     if not isinstance(state, dict) or "model" not in state or "args" not in state:
+        from models.original import is_original_state_dict  # late import, as build_model's below
+
+        if is_original_state_dict(state):
+            if allow_original:
+                return state
+            raise CheckpointError(
+                f"{path!r} is an original FPN.pytorch1.0 checkpoint: evaluate.py, demo.py "
+                "and extract_features.py load it, training does not"
+            )
         raise CheckpointError(f"{path!r} is not a checkpoint of this project (needs 'model' and 'args')")
     check_finite_state(state, f"checkpoint {path!r}")
     return state
@@ -218,6 +231,10 @@ STRUCTURAL_OPTIONS = (
     "num_head_layers",
     "head_norm",
     "shared_heads",
+    "num_shared_layers",
+    "fpn_variant",
+    "bias_heads",
+    "bn_mode",
     "anchor_type",
     "anchor_file",
     "num_scales",
@@ -238,6 +255,18 @@ STRUCTURAL_OPTIONS = (
 )
 
 
+def upgrade_saved_args(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """Saved options of checkpoints older than an option, with the meaning they were trained with."""
+    saved = dict(saved)
+    if "num_shared_layers" not in saved:  # --shared_heads k used to mean k shared tower layers
+        k, layers = int(saved.get("shared_heads") or 0), int(saved.get("num_head_layers", 4))
+        saved.update(num_shared_layers=k, shared_heads=int(k > 0 and k == layers - 1))
+    saved.setdefault("fpn_variant", "ours")
+    saved.setdefault("bias_heads", 1)
+    saved.setdefault("bn_mode", "frozen" if saved.get("freeze_bn", True) else "train")
+    return saved
+
+
 def args_from_checkpoint(
     checkpoint: Dict[str, Any], cli_args: argparse.Namespace, parser: argparse.ArgumentParser
 ) -> argparse.Namespace:
@@ -252,6 +281,7 @@ def args_from_checkpoint(
     """
     merged = dict(vars(cli_args))
     typed = getattr(cli_args, "explicit_options", None)
+    checkpoint = {**checkpoint, "args": upgrade_saved_args(checkpoint["args"])}
 
     def explicit(key: str) -> bool:
         if key not in merged:
@@ -300,7 +330,11 @@ def build_model_from_checkpoint(
     """
     from models import build_model  # late import: utils must not depend on models at import time
 
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, allow_original=True)
+    if "args" not in checkpoint:  # the original codebase's bare state dict, detected by its keys
+        from models.original import build_model_from_original
+
+        return build_model_from_original(path, checkpoint, cli_args, device)
     args = args_from_checkpoint(checkpoint, cli_args, parser)
     model, _criterion, postprocessor = build_model(
         args, anchor_whs_per_level=anchors_from_checkpoint(checkpoint), load_pretrained=False

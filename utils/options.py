@@ -201,8 +201,36 @@ def get_common_parser() -> argparse.ArgumentParser:
         "--shared_heads",
         type=int,
         default=0,
-        help="share the first k tower layers between the cls and box heads (0 separate, "
-        "num_head_layers fully shared)",
+        help="as the original: 0 = separate cls and box towers of --num_head_layers convs; >0 = its SH head: "
+        "all but the last tower conv shared (3 shared + 1 per branch at 4 layers)",
+    )
+    g.add_argument(
+        "--num_shared_layers",
+        type=int,
+        default=None,
+        help="share the first k of the --num_head_layers tower convs between the cls and box heads "
+        "(0..num_head_layers; default: what --shared_heads says)",
+    )
+    g.add_argument(
+        "--fpn_variant",
+        default="ours",
+        choices=("ours", "original"),
+        help="ours (RetinaNet's FPN) or original (the original codebase's FPN; it also defaults "
+        "--bias_heads 0, --bn_mode eval and --freeze_upto 0, as the original trained)",
+    )
+    g.add_argument(
+        "--bias_heads",
+        type=int,
+        default=None,
+        help="1/0: head tower convs with/without bias (default 1; 0 with --fpn_variant original)",
+    )
+    g.add_argument(
+        "--bn_mode",
+        default=None,
+        choices=("frozen", "eval", "train"),
+        help="backbone batch norm with loaded weights: frozen (statistics and affine), eval (statistics "
+        "frozen, affine trains: the original's), train (= --train_bn); default frozen, eval with "
+        "--fpn_variant original",
     )
 
     # * Anchors
@@ -485,6 +513,9 @@ def run_name(args: argparse.Namespace, world_size: int = 1) -> str:
     heads = ""
     if args.arch == "fpn_ohem":
         heads = f"sh{args.shared_heads}" + ("gn" if args.head_norm == "gn" else "")
+        if args.num_shared_layers != (args.num_head_layers - 1 if args.shared_heads > 0 else 0):
+            heads += f"k{args.num_shared_layers}"  # --num_shared_layers k
+        heads += "-fpnorig" if args.fpn_variant == "original" else ""
     parts = [
         args.dataset,
         args.arch,
@@ -575,6 +606,26 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.negative_threshold = 0.4 if args.loss_type == "focal" else args.positive_threshold
     if getattr(args, "smooth_l1_beta", None) is None:
         args.smooth_l1_beta = 1.0 / 9 if args.loss_type == "focal" else 1.0
+    resolve_head_defaults(args)
+    return args
+
+
+def resolve_head_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """--num_shared_layers from --shared_heads, and what --fpn_variant original implies unless typed."""
+    args.fpn_variant = getattr(args, "fpn_variant", None) or "ours"
+    original = args.fpn_variant == "original"
+    if getattr(args, "num_shared_layers", None) is None:
+        args.num_shared_layers = args.num_head_layers - 1 if args.shared_heads > 0 else 0
+    if getattr(args, "bias_heads", None) is None:
+        args.bias_heads = 0 if original else 1
+    if getattr(args, "bn_mode", None) is None:
+        args.bn_mode = "train" if not args.freeze_bn else ("eval" if original else "frozen")
+    elif not args.freeze_bn and args.bn_mode != "train":
+        raise SystemExit(f"--train_bn contradicts --bn_mode {args.bn_mode}: give one of them")
+    args.freeze_bn = args.bn_mode != "train"  # for the builders that read only --train_bn (Faster R-CNN)
+    typed = getattr(args, "explicit_options", None)
+    if original and ("freeze_upto" not in typed if typed is not None else args.freeze_upto == 1):
+        args.freeze_upto = 0  # the original trains every conv, the stem included
     return args
 
 
@@ -662,11 +713,24 @@ def check_common_args(args: argparse.Namespace) -> None:
         errors.append(f"--init_from {args.init_from!r} does not exist")
     if not 0 <= args.freeze_upto <= 4:
         errors.append(f"--freeze_upto must be in 0..4, got {args.freeze_upto}")
-    if not 0 <= args.shared_heads <= args.num_head_layers:
+    if args.shared_heads < 0:
+        errors.append(f"--shared_heads must be 0 (separate towers) or > 0 (SH head), got {args.shared_heads}")
+    elif args.shared_heads > 0 and args.num_shared_layers != args.num_head_layers - 1:
         errors.append(
-            f"--shared_heads must be in 0..--num_head_layers ({args.num_head_layers}), "
-            f"got {args.shared_heads}"
+            f"--shared_heads {args.shared_heads} is the SH head ({args.num_head_layers - 1} shared layers); "
+            f"for {args.num_shared_layers} shared layers give --num_shared_layers alone"
         )
+    if not 0 <= args.num_shared_layers <= args.num_head_layers:
+        errors.append(
+            f"--num_shared_layers must be in 0..--num_head_layers ({args.num_head_layers}), "
+            f"got {args.num_shared_layers}"
+        )
+    if args.fpn_variant == "original" and (args.arch != "fpn_ohem" or args.p6_from != "c5"):
+        errors.append(
+            "--fpn_variant original is the single-stage FPN with P6 from C5 (fpn_ohem, --p6_from c5)"
+        )
+    if args.bn_mode == "eval" and args.arch != "fpn_ohem":
+        errors.append("--bn_mode eval applies to --arch fpn_ohem only")
     if args.num_head_layers < 1:
         errors.append(f"--num_head_layers must be >= 1, got {args.num_head_layers}")
     if not args.aspect_ratios or any(r <= 0 for r in args.aspect_ratios):
