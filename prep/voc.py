@@ -222,7 +222,8 @@ def split_val(
     """The stems that go to val, and the --split_file ids that match no XML.
 
     With ``split_file`` the ids it lists (one per line: stems, or file names such as ``a.jpg``) are
-    val. Otherwise ``round(val_fraction * N)`` stems drawn by a permutation seeded with ``seed`` over the sorted stems: the same files and seed
+    val. Otherwise ``round(val_fraction * N)`` stems drawn by a permutation seeded with ``seed``
+    over the sorted stems: the same files and seed
     give the same split on every machine.
     """
     if split_file is not None:

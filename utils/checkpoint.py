@@ -316,7 +316,9 @@ def weights_to_run(checkpoint: Dict[str, Any], eval_weights: str, path: str) -> 
     """The checkpoint key of the weights to run: "model_ema" (``--ema`` runs, unless raw) or "model"."""
     has_ema = checkpoint.get("model_ema") is not None
     if eval_weights == "ema" and not has_ema:
-        raise CheckpointError(f"--eval_weights ema: checkpoint {path!r} has no EMA weights (trained without --ema)")
+        raise CheckpointError(
+            f"--eval_weights ema: checkpoint {path!r} has no EMA weights (trained without --ema)"
+        )
     return "model_ema" if has_ema and eval_weights != "raw" else "model"
 
 
