@@ -82,7 +82,7 @@ def test_every_float_option_must_be_finite(script, tmp_path):
                 argv = argv[:-2]
             if script == "demo":
                 argv += ["--images", str(tmp_path)]
-            with pytest.raises(BAD_OPTION, match=f"{option} must be a finite number"):
+            with pytest.raises(BAD_OPTION, match=f"--{action.dest} must be a finite number"):
                 module.main(parser.parse_args(argv))
     assert not os.path.exists(tmp_path / "runs")  # failed before anything was written
 

@@ -513,7 +513,8 @@ def run_name(args: argparse.Namespace, world_size: int = 1) -> str:
     heads = ""
     if args.arch == "fpn_ohem":
         heads = f"sh{args.shared_heads}" + ("gn" if args.head_norm == "gn" else "")
-        if args.num_shared_layers != (args.num_head_layers - 1 if args.shared_heads > 0 else 0):
+        shared = getattr(args, "num_shared_layers", None)  # None: not resolved yet, implied by --shared_heads
+        if shared is not None and shared != (args.num_head_layers - 1 if args.shared_heads > 0 else 0):
             heads += f"k{args.num_shared_layers}"  # --num_shared_layers k
         heads += "-fpnorig" if args.fpn_variant == "original" else ""
     parts = [
