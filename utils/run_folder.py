@@ -22,7 +22,7 @@ import time
 from typing import Any, Dict, List
 
 from utils import distributed as dist_utils
-from utils.checkpoint import args_to_dict, list_checkpoints
+from utils.checkpoint import STRUCTURAL_OPTIONS, args_to_dict, list_checkpoints
 from utils.errors import CheckpointError, UserError
 
 logger = logging.getLogger(__name__)
@@ -235,25 +235,21 @@ def prepare_run_folder(run_dir: str, args: argparse.Namespace, rank: int, run_lo
 
 
 # The options that decide the shapes of the weights, or which of them train (the optimizer's parameter
-# groups): a checkpoint resumes only under the same values. (--pretrained and --anchor_file only say where
-# the first weights and the anchors came from; the checkpoint holds both.)
-WEIGHT_OPTIONS = (
-    "arch",
-    "basenet",
-    "fpn_channels",
-    "p6_from",
-    "num_head_layers",
-    "head_norm",
-    "shared_heads",
-    "anchor_type",
-    "num_scales",
-    "aspect_ratios",
-    "loss_type",  # softmax (K + 1 outputs) or sigmoid (K)
-    "num_classes",
-    "freeze_upto",
-    "freeze_bn",
-    "optimizer",
+# groups): a checkpoint resumes only under the same values. They are the checkpoint's structural options
+# less those that only say where the first weights and the anchors came from (the checkpoint holds both)
+# or set the loss; derived, so an option added to STRUCTURAL_OPTIONS is checked on resume too.
+_NOT_WEIGHT_SHAPES = (
+    "pretrained",
+    "anchor_file",
+    "box_variances",
+    "positive_threshold",
+    "negative_threshold",
+    "smooth_l1_beta",
+    "focal_alpha",
+    "focal_gamma",
+    "neg_pos_ratio",
 )
+WEIGHT_OPTIONS = tuple(o for o in STRUCTURAL_OPTIONS if o not in _NOT_WEIGHT_SHAPES) + ("optimizer",)
 
 
 def check_resume_fits(checkpoint: Dict[str, Any], path: str, args: argparse.Namespace) -> None:
