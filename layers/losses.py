@@ -13,8 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from layers.atss import atss_match
 from layers.box_coder import BoxCoder
 from layers.matcher import BACKGROUND, match_anchors, pad_targets
+
+# How anchors become positives: fixed IoU thresholds (match_anchors) or adaptive (ATSS).
+MATCHERS = ("iou", "atss")
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +63,15 @@ class _AnchorLoss(nn.Module):
         negative_threshold: float,
         smooth_l1_beta: float,
         best_anchor_match: str = "ties",
+        matcher: str = "iou",
+        atss_topk: int = 9,
     ):
         super().__init__()
         self.best_anchor_match = best_anchor_match  # see layers.matcher.match_anchors
+        if matcher not in MATCHERS:
+            raise ValueError(f"matcher must be one of {MATCHERS}, got {matcher!r}")
+        self.matcher = matcher  # "iou": match_anchors' fixed thresholds; "atss": layers.atss.atss_match
+        self.atss_topk = atss_topk
         if negative_threshold > positive_threshold:
             raise ValueError(
                 f"negative_threshold {negative_threshold} > positive_threshold {positive_threshold}"
@@ -71,20 +81,36 @@ class _AnchorLoss(nn.Module):
         self.negative_threshold = negative_threshold
         self.smooth_l1_beta = smooth_l1_beta
 
-    def label_anchors(self, anchors: Tensor, targets: List[Dict]) -> Dict[str, Tensor]:
+    def label_anchors(
+        self, anchors: Tensor, targets: List[Dict], num_anchors_per_level: List[int] | None = None
+    ) -> Dict[str, Tensor]:
         """matched_idxs [N, A] (see match_anchors), gt_labels_per_anchor [N, A] (-1 unless positive) and
-        gt_boxes_per_anchor [N, A, 4] (the matched gt box; meaningless unless positive)."""
+        gt_boxes_per_anchor [N, A, 4] (the matched gt box; meaningless unless positive).
+        ``num_anchors_per_level`` (A_l per level) is needed by the ATSS matcher only."""
         gt_boxes, gt_labels, gt_valid, gt_ignore = pad_targets(targets, anchors.device)
-        matched_idxs = match_anchors(
-            anchors,
-            gt_boxes,
-            gt_valid,
-            gt_ignore,
-            self.positive_threshold,
-            self.negative_threshold,
-            allow_low_quality=True,
-            best_anchor_match=self.best_anchor_match,
-        )
+        if self.matcher == "atss":
+            if num_anchors_per_level is None:
+                raise ValueError("the ATSS matcher needs the model's num_anchors_per_level")
+            matched_idxs = atss_match(
+                anchors,
+                num_anchors_per_level,
+                gt_boxes,
+                gt_valid,
+                gt_ignore,
+                self.atss_topk,
+                ignore_threshold=self.negative_threshold,
+            )
+        else:
+            matched_idxs = match_anchors(
+                anchors,
+                gt_boxes,
+                gt_valid,
+                gt_ignore,
+                self.positive_threshold,
+                self.negative_threshold,
+                allow_low_quality=True,
+                best_anchor_match=self.best_anchor_match,
+            )
         positive = matched_idxs >= 0
         idx = matched_idxs.clamp(min=0)
         if gt_boxes.shape[1] == 0:  # no gt in the whole batch: nothing to gather from
@@ -142,14 +168,24 @@ class MultiBoxLoss(_AnchorLoss):
         neg_pos_ratio: float = 3,
         smooth_l1_beta: float = 1.0,
         best_anchor_match: str = "ties",
+        matcher: str = "iou",
+        atss_topk: int = 9,
     ):
-        super().__init__(box_coder, positive_threshold, negative_threshold, smooth_l1_beta, best_anchor_match)
+        super().__init__(
+            box_coder,
+            positive_threshold,
+            negative_threshold,
+            smooth_l1_beta,
+            best_anchor_match,
+            matcher,
+            atss_topk,
+        )
         self.neg_pos_ratio = neg_pos_ratio
 
     def forward(self, outputs: Dict[str, Tensor], targets: List[Dict]) -> Dict[str, Tensor]:
         pred_logits, anchors = outputs["pred_logits"], outputs["anchors"]
         with torch.no_grad():
-            labelled = self.label_anchors(anchors, targets)
+            labelled = self.label_anchors(anchors, targets, outputs.get("num_anchors_per_level"))
         matched_idxs = labelled["matched_idxs"]
         positive = matched_idxs >= 0
         negative = matched_idxs == BACKGROUND
@@ -268,15 +304,25 @@ class FocalLoss(_AnchorLoss):
         gamma: float = 2.0,
         smooth_l1_beta: float = 1.0 / 9,
         best_anchor_match: str = "ties",
+        matcher: str = "iou",
+        atss_topk: int = 9,
     ):
-        super().__init__(box_coder, positive_threshold, negative_threshold, smooth_l1_beta, best_anchor_match)
+        super().__init__(
+            box_coder,
+            positive_threshold,
+            negative_threshold,
+            smooth_l1_beta,
+            best_anchor_match,
+            matcher,
+            atss_topk,
+        )
         self.alpha = alpha
         self.gamma = gamma
 
     def forward(self, outputs: Dict[str, Tensor], targets: List[Dict]) -> Dict[str, Tensor]:
         pred_logits, anchors = outputs["pred_logits"], outputs["anchors"]
         with torch.no_grad():
-            labelled = self.label_anchors(anchors, targets)
+            labelled = self.label_anchors(anchors, targets, outputs.get("num_anchors_per_level"))
         matched_idxs = labelled["matched_idxs"]
         positive = matched_idxs >= 0
         valid = matched_idxs >= BACKGROUND  # positives and negatives, not IGNORE

@@ -191,6 +191,8 @@ def build_fpn_ohem(
             gamma=args.focal_gamma,
             smooth_l1_beta=smooth_l1_beta,
             best_anchor_match=getattr(args, "best_anchor_match", "ties"),
+            matcher=getattr(args, "matcher", "iou"),
+            atss_topk=getattr(args, "atss_topk", 9),
         )
     else:
         criterion = MultiBoxLoss(
@@ -200,6 +202,8 @@ def build_fpn_ohem(
             neg_pos_ratio=args.neg_pos_ratio,
             smooth_l1_beta=smooth_l1_beta,
             best_anchor_match=getattr(args, "best_anchor_match", "ties"),
+            matcher=getattr(args, "matcher", "iou"),
+            atss_topk=getattr(args, "atss_topk", 9),
         )
     # --protocol original: per class candidates over all levels, NMS on unclipped boxes, per-class caps
     # of 50 (VOC) / 20 (COCO: the original's evaluate.py tests dataset == "coco") unless --max_per_class.

@@ -62,6 +62,7 @@ def test_unknown_backbone_fails_at_parse(capsys):
         (["--pre_nms_topk", "0"], "--pre_nms_topk and --eval_batch_size must be >= 1, got 0"),
         (["--arch", "faster_rcnn_fpn", "--protocol", "original"], "--arch fpn_ohem only"),
         (["-j", "-1"], "-j/--num_workers must be >= 0, got -1"),
+        (["--matcher", "atss", "--atss_topk", "0"], "--atss_topk must be >= 1, got 0"),
     ],
 )
 def test_bad_common_options_fail_at_start(argv, message):

@@ -279,6 +279,15 @@ def get_common_parser() -> argparse.ArgumentParser:
         "one: its first best anchor only, a later box winning a shared one (the original's SSD matching)",
     )
     g.add_argument(
+        "--matcher",
+        default="iou",
+        choices=("iou", "atss"),
+        help="iou: --positive_threshold / --negative_threshold for every box; atss: adaptive per-box "
+        "thresholds (ATSS, Zhang et al. 2020: mean + std of the IoUs of the --atss_topk nearest anchors "
+        "per level), which gives small boxes positives a fixed threshold denies them",
+    )
+    g.add_argument("--atss_topk", type=int, default=9, help="ATSS candidates per level and box")
+    g.add_argument(
         "--negative_threshold",
         type=float,
         default=None,
@@ -740,6 +749,8 @@ def check_common_args(args: argparse.Namespace) -> None:
         errors.append(f"--box_variances needs two positive numbers, got {args.box_variances}")
     if not 0 < args.positive_threshold <= 1:
         errors.append(f"--positive_threshold must be in (0, 1], got {args.positive_threshold}")
+    if getattr(args, "atss_topk", 9) < 1:
+        errors.append(f"--atss_topk must be >= 1, got {args.atss_topk}")
     if args.negative_threshold is not None and args.negative_threshold > args.positive_threshold:
         errors.append(
             f"--negative_threshold ({args.negative_threshold}) must not exceed "
