@@ -1,25 +1,32 @@
 """Detection quality at equal budget: our FPN-OHEM, our focal variant and torchvision's RetinaNet.
 
     python bench/bench_quality.py --dataset shapes --data_root datasets --basenet resnet18 \
-        --pretrained none --fpn_channels 64 --input_dim 256 --batch_size 16 --max_iter 800 \
-        --step_values 605,720 --optimizer adamw --lr 0.002 --weight_decay 0.0001 --warmup_iters 50 \
-        --augment flip --device cpu --amp --channels_last -j 1        # the make demo budget
+        --pretrained none --fpn_channels 64 --num_head_layers 2 --input_dim 256 --channels_last \
+        --anchor_type kmeans --anchor_file anchors/shapes_256.json --augment flip --amp \
+        --batch_size 16 --optimizer adamw --lr 0.002 --weight_decay 0.0001 --max_iter 800 \
+        --step_values 605,720 --warmup_iters 50 -j 1 --device cpu      # the make demo budget
     python bench/bench_quality.py ... --models ours,torchvision                   # a subset
 
 Every model trains on the same data, input size, augmentation, batch, iterations, optimizer and lr
 schedule, with the same seed, and is scored by our evaluator (VOC AP@0.5 area, COCO AP):
 - ``ours``: train.py itself (``--loss_type mbox``) with the given options (``--anchor_type``,
-  ``--anchor_file``, ``--num_head_layers``, ``--ema``, ``--tta`` ... all apply), then engine.evaluate.
+  ``--anchor_file``, ``--matcher``, ``--num_head_layers``, ``--ema``, ``--tta`` ... all apply), then
+  engine.evaluate; with ``--ema`` or ``--tta`` also ``ours_plain``: the same checkpoint's trained weights
+  without TTA, so the table shows what the training recipe gives and what EMA/TTA add.
 - ``ours_focal``: the same with ``--loss_type focal`` (its thresholds and box loss beta follow).
 - ``torchvision``: ``torchvision.models.detection.RetinaNet`` with a ResNet of the same depth (from
   scratch, or from the same ``--pretrained`` weights; BatchNorm2d from scratch and FrozenBatchNorm2d
   when pretrained, as ``retinanet_resnet50_fpn`` does), an FPN of ``--fpn_channels``, its own head (4
-  convs), anchors (32..512, 3 scales, 3 ratios) and loss; its transform set to our input size with
-  identity normalisation, so it neither resizes nor normalises again (our loader did both). It is fed
-  our train loader's batches through the same optimizer builder, lr schedule, AMP and clipping as
-  train.py, and its post-processing uses our --conf_thresh, --nms_thresh, --pre_nms_topk and --topk.
-Prints a table, then one JSON line: ``ours_map50``, ``ours_focal_map50``, ``torchvision_map50``,
-``ratio_map50`` (ours / torchvision), the COCO APs and the training seconds of each.
+  convs), loss and anchors (``--torchvision_anchors``: its 32..512 px set, 3 scales x 3 ratios, scaled
+  by --input_dim / 800 by default, i.e. the sizes relative to the image it was designed for); its
+  transform set to our input size with identity normalisation, so it neither resizes nor normalises
+  again (our loader did both). It is fed our train loader's batches through the same optimizer
+  builder, lr schedule, AMP and clipping as train.py, and its post-processing uses our --conf_thresh,
+  --nms_thresh, --pre_nms_topk and --topk. No EMA or TTA on its side: compare it with ``ours_plain``
+  for the recipes alone.
+Prints a table, then one JSON line: ``ours_map50``, ``ours_plain_map50``, ``ours_focal_map50``,
+``torchvision_map50``, ``ratio_map50`` (ours / torchvision), ``ratio_plain_map50``, the COCO APs and
+the training seconds of each.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from typing import Any, Dict, List
 import torch
 import torchvision
 from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -63,7 +71,27 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = parser.add_argument_group("bench")
     g.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
     g.add_argument("--bench_root", default="runs/bench_quality", help="run folders of the trained models")
+    g.add_argument(
+        "--torchvision_anchors",
+        default="scaled",
+        choices=("scaled", "default"),
+        help="torchvision's anchor sizes: default = 32..512 px (3 scales, 3 ratios) as made for its 800-px "
+        "inputs; scaled = the same set times --input_dim / 800, i.e. the same sizes relative to the image",
+    )
     return parser
+
+
+def torchvision_anchor_generator(input_dim: int, mode: str) -> AnchorGenerator:
+    """retinanet_resnet50_fpn's anchors (P3..P7 bases 32..512, scales 2^0, 2^1/3, 2^2/3, ratios 0.5, 1, 2),
+    as they are (``default``) or scaled by ``input_dim / 800`` (``scaled``): torchvision resizes images to
+    800 px, so its 32-px P3 anchors meet objects 4 % of the image; at 256 px they would be 12.5 %."""
+    factor = input_dim / 800.0 if mode == "scaled" else 1.0
+    # torchvision's own table, int() included (retinanet._default_anchorgen), then scaled
+    sizes = tuple(
+        tuple(size * factor for size in (x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))))
+        for x in (32, 64, 128, 256, 512)
+    )
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
 
 
 def _torchvision_retinanet(args: argparse.Namespace, num_classes: int) -> RetinaNet:
@@ -87,6 +115,7 @@ def _torchvision_retinanet(args: argparse.Namespace, num_classes: int) -> Retina
     return RetinaNet(
         backbone,
         num_classes,
+        anchor_generator=torchvision_anchor_generator(args.input_dim, args.torchvision_anchors),
         min_size=args.input_dim,
         max_size=args.input_dim,
         image_mean=[0.0, 0.0, 0.0],
@@ -181,8 +210,32 @@ def evaluate_torchvision(model, val_set, args: argparse.Namespace, device: torch
     return compute_metrics(val_set.coco_gt(), results, "all")
 
 
+def _evaluate_ours(path: str, args: argparse.Namespace, tta: str, weights: str, device: torch.device):
+    """Our metrics ("all") of the checkpoint at ``path`` with test-time augmentation ``tta`` and weights
+    ``weights`` (ema / raw / auto), through evaluate.py's own checkpoint loading."""
+    parser = evaluate_script.get_args_parser()
+    cli = parser.parse_args(
+        ["--checkpoint", path, "--data_root", args.data_root, "--tta", tta, "--eval_weights", weights]
+    )
+    model, postprocessor, run_args, _ = build_model_from_checkpoint(path, cli, parser, device)
+    val_set = build_dataset(run_args, run_args.val_sets, train=False)
+    loader = build_eval_loader(val_set, run_args.eval_batch_size, run_args.num_workers, size_divisibility=1)
+    metrics, _ = evaluate(
+        FlipTTA(model) if tta == "flip" else model,
+        postprocessor,
+        loader,
+        val_set,
+        device,
+        "all",
+        amp_dtype=amp_dtype_of(run_args, device.type),
+    )
+    return metrics
+
+
 def _ours(args: argparse.Namespace, loss_type: str, device: torch.device) -> Dict[str, Any]:
-    """train.py with --loss_type, then our evaluation of its last checkpoint (EMA/TTA as given)."""
+    """train.py with --loss_type, then our evaluation of its last checkpoint: as asked (--tta,
+    --eval_weights) and, when that differs, "plain" (the trained weights, no TTA) as well, so that the
+    table separates what the training recipe gives from what EMA and TTA add."""
     argv_args = argparse.Namespace(**vars(args))
     argv_args.loss_type = loss_type
     argv_args.negative_threshold = argv_args.smooth_l1_beta = None  # loss-dependent defaults
@@ -192,32 +245,10 @@ def _ours(args: argparse.Namespace, loss_type: str, device: torch.device) -> Dic
     train.main(argv_args)
     seconds = time.time() - start
     path = latest_checkpoint(os.path.join(args.bench_root, loss_type))
-    parser = evaluate_script.get_args_parser()
-    cli = parser.parse_args(
-        [
-            "--checkpoint",
-            path,
-            "--data_root",
-            args.data_root,
-            "--tta",
-            args.tta,
-            "--eval_weights",
-            args.eval_weights,
-        ]
-    )
-    model, postprocessor, run_args, _ = build_model_from_checkpoint(path, cli, parser, device)
-    val_set = build_dataset(run_args, run_args.val_sets, train=False)
-    loader = build_eval_loader(val_set, run_args.eval_batch_size, run_args.num_workers, size_divisibility=1)
-    metrics, _ = evaluate(
-        FlipTTA(model) if args.tta == "flip" else model,
-        postprocessor,
-        loader,
-        val_set,
-        device,
-        "all",
-        amp_dtype=amp_dtype_of(run_args, device.type),
-    )
-    return {"metrics": metrics, "train_s": seconds}
+    run = {"metrics": _evaluate_ours(path, args, args.tta, args.eval_weights, device), "train_s": seconds}
+    if args.tta != "none" or (args.ema and args.eval_weights != "raw"):
+        run["plain_metrics"] = _evaluate_ours(path, args, "none", "raw", device)
+    return run
 
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
@@ -244,19 +275,30 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     print(f"\n{'model':<14}{'VOC mAP@0.5 (area)':>20}{'VOC07 11-pt':>14}{'COCO AP':>10}{'train s':>10}")
     summary: Dict[str, Any] = {}
     for name, run in runs.items():
-        voc, coco = run["metrics"]["voc"], run["metrics"]["coco"]
-        print(
-            f"{name:<14}{voc['map_area']:>20.4f}{voc['map_07_11pt']:>14.4f}{coco['AP']:>10.4f}{run['train_s']:>10.0f}"
-        )
-        summary[f"{name}_map50"] = round(float(voc["map_area"]), 4)
-        summary[f"{name}_map50_07_11pt"] = round(float(voc["map_07_11pt"]), 4)
-        summary[f"{name}_coco_ap"] = round(float(coco["AP"]), 4)
+        rows = [(name, run["metrics"])]
+        if "plain_metrics" in run:  # "ours_plain": raw weights, no TTA
+            rows.append((f"{name}_plain", run["plain_metrics"]))
+        for row_name, metrics in rows:
+            voc, coco = metrics["voc"], metrics["coco"]
+            print(
+                f"{row_name:<14}{voc['map_area']:>20.4f}{voc['map_07_11pt']:>14.4f}{coco['AP']:>10.4f}"
+                f"{run['train_s']:>10.0f}"
+            )
+            summary[f"{row_name}_map50"] = round(float(voc["map_area"]), 4)
+            summary[f"{row_name}_map50_07_11pt"] = round(float(voc["map_07_11pt"]), 4)
+            summary[f"{row_name}_coco_ap"] = round(float(coco["AP"]), 4)
         summary[f"{name}_train_s"] = round(run["train_s"], 1)
     if "ours" in runs and "torchvision" in runs:
-        summary["ratio_map50"] = round(summary["ours_map50"] / max(summary["torchvision_map50"], 1e-9), 3)
-        summary["ratio_coco_ap"] = round(
-            summary["ours_coco_ap"] / max(summary["torchvision_coco_ap"], 1e-9), 3
-        )
+        for prefix in ("ours", "ours_plain"):
+            if f"{prefix}_map50" not in summary:
+                continue
+            suffix = prefix[len("ours") :]
+            summary[f"ratio{suffix}_map50"] = round(
+                summary[f"{prefix}_map50"] / max(summary["torchvision_map50"], 1e-9), 3
+            )
+            summary[f"ratio{suffix}_coco_ap"] = round(
+                summary[f"{prefix}_coco_ap"] / max(summary["torchvision_coco_ap"], 1e-9), 3
+            )
     summary.update(
         {
             "max_iter": args.max_iter,
@@ -266,6 +308,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             "pretrained": args.pretrained,
             "ema": args.ema,
             "tta": args.tta,
+            "torchvision_anchors": args.torchvision_anchors,
         }
     )
     print(json.dumps(summary), flush=True)

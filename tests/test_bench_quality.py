@@ -71,7 +71,7 @@ def test_bench_quality_tiny_run_prints_its_json_line(data_root, tmp_path):
         data_root,
     ]
     cmd += ["--batch_size", "4", "--max_iter", "3", "--step_values", "2", "--warmup_iters", "1"]
-    cmd += ["--bench_root", str(tmp_path), "--conf_thresh", "0.001", "--log_step", "1"]
+    cmd += ["--bench_root", str(tmp_path), "--conf_thresh", "0.001", "--log_step", "1", "--tta", "flip"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
@@ -84,8 +84,30 @@ def test_bench_quality_tiny_run_prints_its_json_line(data_root, tmp_path):
         "torchvision_coco_ap",
         "ours_train_s",
         "torchvision_train_s",
+        "ours_plain_map50",  # --tta flip: also the trained weights without TTA
+        "ours_focal_plain_map50",
+        "ratio_plain_map50",
     ):
         assert key in summary
     assert summary["ratio_map50"] == pytest.approx(
         summary["ours_map50"] / max(summary["torchvision_map50"], 1e-9), rel=1e-2
     )
+    assert summary["ratio_plain_map50"] == pytest.approx(
+        summary["ours_plain_map50"] / max(summary["torchvision_map50"], 1e-9), rel=1e-2
+    )
+
+
+def test_torchvision_anchors_default_and_scaled():
+    """``default`` is retinanet_resnet50_fpn's own anchor table; ``scaled`` is it times input_dim / 800."""
+    from torchvision.models.detection.retinanet import _default_anchorgen
+
+    default = bench_quality.torchvision_anchor_generator(256, "default")
+    assert default.sizes == _default_anchorgen().sizes
+    assert default.aspect_ratios == _default_anchorgen().aspect_ratios
+    scaled = bench_quality.torchvision_anchor_generator(256, "scaled")
+    assert scaled.sizes[0] == pytest.approx((32 * 0.32, 40 * 0.32, 50 * 0.32))
+    assert scaled.sizes[4] == pytest.approx((512 * 0.32, 645 * 0.32, 812 * 0.32))
+    args = bench_quality.get_args_parser().parse_args(MODEL_OPTS + ["--input_dim", "256"])
+    assert args.torchvision_anchors == "scaled"
+    model = bench_quality._torchvision_retinanet(args, 3)
+    assert model.anchor_generator.sizes == scaled.sizes
