@@ -24,7 +24,7 @@ import cv2
 
 from data.image_io import read_image
 from data.image_list import ImageListDataset, find_images
-from data.loaders import build_eval_loader
+from data.loaders import build_eval_loader, loader_options
 from engine import Detector
 from utils.draw import draw_detections
 from utils.errors import UserError, run_cli
@@ -109,6 +109,7 @@ def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
         detector.batch_size,
         detector.args.num_workers,
         size_divisibility=detector.collate.size_divisibility,
+        **loader_options(detector.args, detector.device),
     )
     written: List[Dict[str, Any]] = []
     skipped: List[str] = []

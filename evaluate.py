@@ -31,7 +31,7 @@ from typing import Any, Dict, List
 import torch
 
 from data.dataset import build_dataset, check_same_classes
-from data.loaders import build_eval_loader
+from data.loaders import build_eval_loader, loader_options
 from engine import compute_metrics, evaluate
 from layers.tta import FlipTTA
 from utils import distributed as dist_utils
@@ -284,6 +284,7 @@ def evaluate_all(args: argparse.Namespace, device: torch.device) -> Dict[str, An
             run_args.num_workers,
             size_divisibility=32 if run_args.resize_mode == "keep_aspect" else 1,
             indices=dist_utils.shard_range(len(dataset)) if dist_utils.is_distributed() else None,
+            **loader_options(run_args, device),
         )
         metrics, results = evaluate(
             FlipTTA(model) if run_args.tta == "flip" else model,

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from data.dataset import build_dataset
 from data.image_list import ImageListDataset, find_images
-from data.loaders import build_eval_loader
+from data.loaders import build_eval_loader, loader_options
 from demo import check_skipped, counting_skips
 from engine import Detector
 from utils.errors import UserError, run_cli
@@ -174,6 +174,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         detector.batch_size,
         run_args.num_workers,
         size_divisibility=detector.collate.size_divisibility,
+        **loader_options(run_args, detector.device),
     )
     score_type = "sigmoid" if run_args.loss_type == "focal" and run_args.arch == "fpn_ohem" else "softmax"
     num_written, shape, skipped = 0, None, []

@@ -41,7 +41,7 @@ import torch
 from data.checks import check_train_split, check_val_split
 from data.dataset import build_dataset, check_same_classes
 from data.image_check import check_dataset_images
-from data.loaders import build_eval_loader, build_train_loader, iterate_batches
+from data.loaders import build_eval_loader, build_train_loader, iterate_batches, loader_options
 from engine import NonFiniteLossError, evaluate, targets_to_device, train_one_iter
 from layers.tta import FlipTTA
 from models import build_model
@@ -320,6 +320,7 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
         num_bins=args.num_bins,
         repeat_threshold=args.repeat_threshold,
         aspect_ratio_group=args.aspect_ratio_group,
+        **loader_options(args, device),
     )
     val_loader = None
     if val_set is not None:  # every rank validates its block of the val set; rank 0 scores them all
@@ -329,6 +330,7 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
             args.num_workers,
             size_divisibility=32 if args.resize_mode == "keep_aspect" else 1,
             indices=dist_utils.shard_range(len(val_set)) if world_size > 1 else None,
+            **loader_options(args, device),
         )
 
     is_main = rank == 0

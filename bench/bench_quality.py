@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate as evaluate_script  # noqa: E402
 import train  # noqa: E402
 from data.dataset import build_dataset  # noqa: E402
-from data.loaders import build_eval_loader, build_train_loader, iterate_batches  # noqa: E402
+from data.loaders import build_eval_loader, build_train_loader, iterate_batches, loader_options  # noqa: E402
 from engine import autocast_context, compute_metrics, evaluate, targets_to_device  # noqa: E402
 from layers.tta import FlipTTA  # noqa: E402
 from models.backbone import load_resnet_weights  # noqa: E402
@@ -153,7 +153,12 @@ def train_torchvision(args: argparse.Namespace, train_set, device: torch.device)
     amp_dtype = amp_dtype_of(args, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loader = build_train_loader(
-        train_set, args.batch_size, args.num_workers, size_divisibility=1, seed=args.man_seed
+        train_set,
+        args.batch_size,
+        args.num_workers,
+        size_divisibility=1,
+        seed=args.man_seed,
+        **loader_options(args, device),
     )
     model.train()
     iteration = 0
@@ -188,7 +193,9 @@ def evaluate_torchvision(model, val_set, args: argparse.Namespace, device: torch
     """Our metrics ("all": VOC + COCO) on torchvision's detections, mapped to original pixels."""
     model.eval()
     amp_dtype = amp_dtype_of(args, device.type)
-    loader = build_eval_loader(val_set, args.eval_batch_size, args.num_workers, size_divisibility=1)
+    loader = build_eval_loader(
+        val_set, args.eval_batch_size, args.num_workers, size_divisibility=1, **loader_options(args, device)
+    )
     results = []
     for images, targets, _ in loader:
         with autocast_context(device, amp_dtype):
@@ -219,7 +226,13 @@ def _evaluate_ours(path: str, args: argparse.Namespace, tta: str, weights: str, 
     )
     model, postprocessor, run_args, _ = build_model_from_checkpoint(path, cli, parser, device)
     val_set = build_dataset(run_args, run_args.val_sets, train=False)
-    loader = build_eval_loader(val_set, run_args.eval_batch_size, run_args.num_workers, size_divisibility=1)
+    loader = build_eval_loader(
+        val_set,
+        run_args.eval_batch_size,
+        run_args.num_workers,
+        size_divisibility=1,
+        **loader_options(run_args, device),
+    )
     metrics, _ = evaluate(
         FlipTTA(model) if tta == "flip" else model,
         postprocessor,

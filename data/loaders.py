@@ -4,13 +4,19 @@ Training draws batches epoch after epoch from one of the samplers in ``data/samp
 sample carries its own augmentation seed, a pure function of (seed, epoch, batch, position), so a
 run resumed at iteration i sees exactly the batches and augmentations an uninterrupted run would,
 whatever the number of workers.
+
+The index samplers and ResumableBatchSampler run in the main process (the DataLoader sends each worker
+the ``(index, seed)`` items of a batch), so ``set_epoch`` takes effect with persistent workers too:
+a worker holds no epoch state, and ``--persistent_workers`` gives the same batches as fresh workers.
+``loader_options`` turns ``--pin_memory``, ``--persistent_workers`` and ``--prefetch_factor`` into the
+builders' keywords.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -126,6 +132,49 @@ def build_index_sampler(
     raise UserError(f"unknown --sampler {sampler!r} (random, class_balanced, repeat_factor)")
 
 
+PIN_MEMORY_MODES = ("auto", "on", "off")
+
+
+def loader_options(args: Any, device: torch.device) -> Dict[str, Any]:
+    """``pin_memory``, ``persistent_workers`` and ``prefetch_factor`` for the builders below, from
+    ``--pin_memory`` (auto: when ``device`` is CUDA), ``--persistent_workers`` and ``--prefetch_factor``
+    with ``args.num_workers`` workers.
+
+    The last two need workers. check_common_args refuses them with ``-j 0`` on the command line; a
+    checkpoint's values (evaluate.py merges them) meeting a typed ``-j 0`` are left out with a log line.
+    """
+    persistent_workers = bool(args.persistent_workers)
+    prefetch_factor = args.prefetch_factor
+    if args.num_workers == 0 and (persistent_workers or prefetch_factor is not None):
+        logger.info("-j 0: --persistent_workers and --prefetch_factor do not apply (no worker processes)")
+        persistent_workers, prefetch_factor = False, None
+    pin_memory = {"auto": device.type == "cuda", "on": True, "off": False}[args.pin_memory]
+    return {
+        "pin_memory": pin_memory,
+        "persistent_workers": persistent_workers,
+        "prefetch_factor": prefetch_factor,
+    }
+
+
+def _worker_options(
+    num_workers: int, pin_memory: bool | None, persistent_workers: bool, prefetch_factor: int | None
+) -> Dict[str, Any]:
+    """The DataLoader keywords; ``pin_memory`` None: when CUDA is available (the builders' default)."""
+    if num_workers == 0 and (persistent_workers or prefetch_factor is not None):
+        raise UserError(
+            "persistent_workers and prefetch_factor need num_workers > 0 "
+            f"(got persistent_workers={persistent_workers}, prefetch_factor={prefetch_factor})"
+        )
+    if prefetch_factor is not None and prefetch_factor < 1:
+        raise UserError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
+    return {
+        "num_workers": num_workers,
+        "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory,
+        "persistent_workers": persistent_workers,
+        "prefetch_factor": prefetch_factor,
+    }
+
+
 def _worker_init(worker_id: int) -> None:
     # Samples are seeded one by one (SeededDataset); this only keeps stray RNG use distinct per worker.
     np.random.seed((torch.initial_seed() + worker_id) % 2**32)
@@ -143,8 +192,15 @@ def build_train_loader(
     num_bins: int = 1,
     repeat_threshold: float = 0.001,
     aspect_ratio_group: bool = False,
+    pin_memory: bool | None = None,
+    persistent_workers: bool = False,
+    prefetch_factor: int | None = None,
 ) -> DataLoader:
-    """A DataLoader whose ``batch_sampler`` is a ResumableBatchSampler; ``batch_size`` is per rank."""
+    """A DataLoader whose ``batch_sampler`` is a ResumableBatchSampler; ``batch_size`` is per rank.
+
+    ``pin_memory`` (None: when CUDA is available), ``persistent_workers`` and ``prefetch_factor`` (None:
+    the DataLoader's default, 2 batches per worker) go to the DataLoader; see ``loader_options``.
+    """
     index_sampler = build_index_sampler(
         dataset, sampler, seed, num_replicas, rank, num_bins, repeat_threshold
     )
@@ -161,11 +217,9 @@ def build_train_loader(
     return DataLoader(
         SeededDataset(dataset),
         batch_sampler=ResumableBatchSampler(batch_sampler, index_sampler, seed, num_replicas, rank),
-        num_workers=num_workers,
         collate_fn=Collate(size_divisibility),
         worker_init_fn=_worker_init,
-        persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
+        **_worker_options(num_workers, pin_memory, persistent_workers, prefetch_factor),
         # Own generator for the workers' base seed: without one, every epoch's iterator draws from torch's
         # global generator, which training's own random draws (Faster R-CNN sampling) then depend on.
         generator=torch.Generator().manual_seed(seed + rank),
@@ -200,15 +254,21 @@ def build_eval_loader(
     num_workers: int,
     size_divisibility: int,
     indices: List[int] | None = None,
+    pin_memory: bool | None = None,
+    persistent_workers: bool = False,
+    prefetch_factor: int | None = None,
 ) -> DataLoader:
-    """Sequential, unshuffled batches for inference."""
+    """Sequential, unshuffled batches for inference; the last three keywords as in build_train_loader.
+
+    Persistent workers of a loader that train.py validates with stay alive between validations (they
+    cost memory, not time, while idle).
+    """
     sampler = SequentialSampler(range(len(dataset))) if indices is None else indices
     batch_sampler = BatchSampler(sampler, batch_size, drop_last=False)
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,
-        num_workers=num_workers,
         collate_fn=Collate(size_divisibility),
-        pin_memory=torch.cuda.is_available(),
+        **_worker_options(num_workers, pin_memory, persistent_workers, prefetch_factor),
         generator=torch.Generator(),  # keeps validation from drawing from torch's global generator
     )

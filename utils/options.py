@@ -25,6 +25,7 @@ from typing import List
 import torch
 
 from data.image_check import CHECK_MODES
+from data.loaders import PIN_MEMORY_MODES
 from data.transforms import AUGMENTATIONS, CROP_RULES
 from layers.anchor_sets import shipped_anchor_file
 from utils.cli import BoolAction, OptionParser, add_config_option, str2bool  # noqa: F401 (re-exported)
@@ -127,6 +128,25 @@ def get_common_parser() -> argparse.ArgumentParser:
         "50 trials) or all (the original: every box must, 20 trials)",
     )
     g.add_argument("-j", "--num_workers", type=int, default=2, help="data loading worker processes")
+    g.add_argument(
+        "--pin_memory",
+        default="auto",
+        choices=PIN_MEMORY_MODES,
+        help="DataLoaders put batches in pinned (page-locked) memory, for faster and asynchronous copies to "
+        "the GPU: auto = when the device is CUDA",
+    )
+    g.add_argument(
+        "--persistent_workers",
+        action=BoolAction,
+        help="keep the -j worker processes alive from epoch to epoch (and from one validation to the next) "
+        "instead of starting them again; the batches are the same (needs -j > 0)",
+    )
+    g.add_argument(
+        "--prefetch_factor",
+        type=int,
+        default=None,
+        help="batches each worker loads ahead (default: the DataLoader's, 2; needs -j > 0)",
+    )
 
     # * Sampling (train.py)
     g = parser.add_argument_group("sampling")
@@ -777,6 +797,13 @@ def check_common_args(args: argparse.Namespace) -> None:
         errors.append("--arch faster_rcnn_fpn needs --topk >= 1")
     if args.num_workers < 0:
         errors.append(f"-j/--num_workers must be >= 0, got {args.num_workers}")
+    elif args.num_workers == 0:  # the main process loads the batches: there is no worker to keep or ask
+        if args.persistent_workers:
+            errors.append("--persistent_workers needs worker processes: give -j/--num_workers > 0")
+        if args.prefetch_factor is not None:
+            errors.append("--prefetch_factor needs worker processes: give -j/--num_workers > 0")
+    if args.prefetch_factor is not None and args.prefetch_factor < 1:
+        errors.append(f"--prefetch_factor must be >= 1, got {args.prefetch_factor}")
     if args.input_dim < 32 or args.min_size < 32 or args.max_size < args.min_size:
         errors.append(
             f"input sizes too small or inconsistent: --input_dim {args.input_dim}, "
