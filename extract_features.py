@@ -148,11 +148,13 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     args.num_nodes = args.topk  # --num_nodes is an alias of --topk
     if args.num_nodes < 1:
         raise SystemExit(f"--num_nodes must be >= 1, got {args.num_nodes}")
+    if args.tta != "none":  # a feature row belongs to one anchor of one pass; the flipped pass has none
+        raise SystemExit(f"--tta {args.tta} does not apply to extract_features.py (features are per anchor)")
     # The original keeps the top detections after class-agnostic NMS.
     args.class_agnostic_nms = True
     args.topk = args.num_nodes
-    if getattr(args, "explicit_options", None) is not None:  # these two win over the checkpoint's values
-        args.explicit_options = sorted(set(args.explicit_options) | {"class_agnostic_nms", "topk"})
+    if getattr(args, "explicit_options", None) is not None:  # these win over the checkpoint's values
+        args.explicit_options = sorted(set(args.explicit_options) | {"class_agnostic_nms", "topk", "tta"})
     files = None
     if args.images is not None:
         files, _ = unique_files(find_images(args.images))

@@ -34,6 +34,8 @@ from torch import Tensor, nn
 from data.collate import Collate
 from data.image_io import read_image, to_uint8_rgb
 from data.transforms import build_transforms
+from layers.tta import FlipTTA
+from models.detector import FPNDetector
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,8 @@ class Detector:
         device: where the model runs.
         amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for fp32.
         batch_size: images per forward pass.
+        tta: "none", or "flip" to merge each image's horizontal flip before NMS (layers/tta.py,
+            single-stage models only); features (``return_features``) come from the plain pass.
     """
 
     def __init__(
@@ -99,10 +103,20 @@ class Detector:
         device: torch.device | str = "cpu",
         amp_dtype: torch.dtype | None = None,
         batch_size: int = 8,
+        tta: str = "none",
     ):
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        if tta not in ("none", "flip"):
+            raise UserError(f"tta must be 'none' or 'flip', got {tta!r}")
+        if tta == "flip" and not isinstance(model, FPNDetector):
+            raise UserError(
+                f"tta 'flip' applies to the single-stage detector only, not {type(model).__name__}"
+            )
         self.model = model.eval()
+        self.tta = tta
+        # What predict runs: the model itself, or the model wrapped to merge the flipped pass.
+        self._forward_model = FlipTTA(self.model) if tta == "flip" else self.model
         self.postprocessor = postprocessor
         self.class_names = list(class_names)
         self.transforms = build_transforms(False, resize_mode, input_dim, min_size, max_size)
@@ -130,9 +144,9 @@ class Detector:
         device: default cuda when available. amp: None uses the checkpoint's ``--amp``/``--amp_dtype``
         (or the command line's, for a script), True/False forces it. batch_size: default the
         checkpoint's ``--eval_batch_size``. overrides: post-processing options of utils/options.py
-        (``conf_thresh=0.01``, ``nms_thresh``, ``topk``, ``pre_nms_topk``, ``class_agnostic_nms``), which
-        win over the checkpoint's. Scripts pass their parsed ``cli_args`` and ``parser`` instead, so that
-        every typed option wins as in evaluate.py.
+        (``conf_thresh=0.01``, ``nms_thresh``, ``topk``, ``pre_nms_topk``, ``class_agnostic_nms``) and
+        ``tta="flip"``, which win over the checkpoint's. Scripts pass their parsed ``cli_args`` and
+        ``parser`` instead, so that every typed option wins as in evaluate.py.
         """
         from utils.checkpoint import build_model_from_checkpoint
         from utils.options import OptionParser, amp_dtype_of, get_common_parser, resolve_device
@@ -172,6 +186,7 @@ class Detector:
             device,
             amp_dtype,
             batch_size or run_args.eval_batch_size,
+            run_args.tta,
         )
         detector.args, detector.checkpoint_path = run_args, path
         return detector
@@ -195,7 +210,7 @@ class Detector:
         from engine import predict
 
         yield from predict(
-            self.model, self.postprocessor, batches, self.device, self.amp_dtype, return_features
+            self._forward_model, self.postprocessor, batches, self.device, self.amp_dtype, return_features
         )
 
     def __call__(
@@ -231,5 +246,5 @@ class Detector:
     def __repr__(self) -> str:
         return (
             f"Detector({self.checkpoint_path or type(self.model).__name__}, {len(self.class_names)} classes, "
-            f"{self.transforms.transforms[-2]!r}, device={self.device}, amp={self.amp_dtype})"
+            f"{self.transforms.transforms[-2]!r}, device={self.device}, amp={self.amp_dtype}, tta={self.tta})"
         )

@@ -90,3 +90,10 @@ def test_an_empty_folder_is_an_error(checkpoint, tmp_path):
     with pytest.raises(UserError, match="no images found"):
         run_extract(checkpoint, [str(tmp_path / "empty")], tmp_path / "out")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_flip_tta_is_refused(checkpoint, data_root, tmp_path):
+    """A feature row belongs to one anchor of the plain pass: --tta flip would mix rows of two passes."""
+    with pytest.raises(SystemExit, match="--tta flip does not apply to extract_features.py"):
+        run_extract(checkpoint, [val_images(data_root)[0]], tmp_path / "out", "--tta", "flip")
+    assert not os.path.exists(tmp_path / "out")

@@ -14,6 +14,7 @@ from data.image_list import ImageListDataset
 from data.loaders import build_eval_loader
 from data.transforms import build_transforms
 from engine import Detector, predict
+from layers.tta import FlipTTA
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from utils.errors import UserError
 from utils.options import OptionParser, get_common_parser
@@ -29,8 +30,9 @@ def checkpoint(data_root, tmp_path_factory):
     return train_tiny(data_root, tmp_path_factory.mktemp("runs"))
 
 
-def reference_detections(path, files, **overrides):
-    """What evaluate.py / the old demo computed: build_model_from_checkpoint + eval loader + predict."""
+def reference_detections(path, files, tta="none", **overrides):
+    """What evaluate.py / the old demo computed: build_model_from_checkpoint + eval loader + predict
+    (through FlipTTA with ``tta="flip"``, as evaluate.py --tta flip)."""
     parser = OptionParser(add_help=False, parents=[get_common_parser()])
     cli = parser.parse_args([])
     for key, value in overrides.items():
@@ -44,6 +46,7 @@ def reference_detections(path, files, **overrides):
         0,
         size_divisibility=32 if args.resize_mode == "keep_aspect" else 1,
     )
+    model = FlipTTA(model) if tta == "flip" else model
     return [d for _, dets, _ in predict(model, postprocessor, loader, torch.device("cpu")) for d in dets]
 
 
@@ -133,6 +136,19 @@ def test_amp_follows_the_checkpoint(checkpoint, data_root, tmp_path, monkeypatch
     assert float(b[0]["scores"][0]) == pytest.approx(float(a[0]["scores"][0]), abs=0.02)
 
 
+def test_flip_tta_equals_evaluate_path_with_flip(checkpoint, data_root):
+    """tta="flip" (or the checkpoint's --tta) runs what evaluate.py --tta flip runs, and differs from
+    the plain pass."""
+    files = val_images(data_root)
+    reference = reference_detections(checkpoint, files, tta="flip", conf_thresh=0.0)
+    detector = Detector.from_checkpoint(checkpoint, device="cpu", conf_thresh=0.0, tta="flip")
+    assert detector.tta == "flip" and "tta=flip" in repr(detector)
+    assert_same(detector(files), reference, detector.class_names)
+    plain = Detector.from_checkpoint(checkpoint, device="cpu", conf_thresh=0.0)
+    assert plain.tta == "none"
+    assert any(not torch.equal(a["scores"], b["scores"]) for a, b in zip(plain(files), detector(files)))
+
+
 def test_bad_inputs_and_options_are_named(checkpoint):
     detector = Detector.from_checkpoint(checkpoint, device="cpu")
     with pytest.raises(UserError, match=r"<input 1>: expected a Tensor\[3, H, W\]"):
@@ -145,6 +161,10 @@ def test_bad_inputs_and_options_are_named(checkpoint):
         Detector.from_checkpoint(checkpoint, device="cpu", conf_threshold=0.1)
     with pytest.raises(UserError, match="either cli_args or option overrides"):
         Detector.from_checkpoint(checkpoint, cli_args=argparse.Namespace(), topk=3)
+    with pytest.raises(UserError, match="tta must be 'none' or 'flip', got 'rotate'"):
+        Detector(detector.model, detector.postprocessor, detector.class_names, tta="rotate")
+    with pytest.raises(UserError, match="single-stage detector only, not Sequential"):
+        Detector(torch.nn.Sequential(), detector.postprocessor, detector.class_names, tta="flip")
 
 
 @pytest.mark.slow
