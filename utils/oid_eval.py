@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from utils.box_ops import paired_box_ioa_xyxy_np, paired_box_iou_xyxy_np
 from utils.errors import UserError
 from utils.oid_arrays import oid_gt_arrays
 from utils.voc_eval import (
@@ -69,7 +70,6 @@ from utils.voc_eval import (
     gt_to_arrays,
     lookup_or_fill,
     map_detections,
-    paired_iou_xyxy,
     pairs_within_groups,
     pr_envelope,
     rank_by_class_and_score,
@@ -293,27 +293,6 @@ def expand_ground_truth(gt: dict, ancestors: dict[str, list[str]]) -> dict:
 # Metric
 
 
-def paired_ioa_xyxy(det_boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
-    """Element-wise intersection over the detection's area.
-
-    Args:
-        det_boxes (np.ndarray[P, 4]): xyxy.
-        gt_boxes (np.ndarray[P, 4]): xyxy.
-
-    Returns:
-        np.ndarray[P] float64, 0 where the detection has no area.
-    """
-    inter_w = np.clip(
-        np.minimum(det_boxes[:, 2], gt_boxes[:, 2]) - np.maximum(det_boxes[:, 0], gt_boxes[:, 0]), 0, None
-    )
-    inter_h = np.clip(
-        np.minimum(det_boxes[:, 3], gt_boxes[:, 3]) - np.maximum(det_boxes[:, 1], gt_boxes[:, 1]), 0, None
-    )
-    inter = inter_w * inter_h
-    area = (det_boxes[:, 2] - det_boxes[:, 0]) * (det_boxes[:, 3] - det_boxes[:, 1])
-    return np.divide(inter, area, out=np.zeros_like(inter), where=area > 0)
-
-
 def select_categories(gt: dict, category_ids: Iterable[int]) -> dict:
     """The ground truth of some categories only (e.g. the class subset a model was trained on).
 
@@ -423,7 +402,7 @@ def evaluate_oid(
     # Stage 1: ordinary boxes, IoU.
     normal_idx = np.flatnonzero(~group_of)
     d_idx, g_idx = pairs_within_groups(k_keys, gt_keys[normal_idx])
-    ious = paired_iou_xyxy(k_boxes[d_idx], gta["boxes"][normal_idx[g_idx]])
+    ious = paired_box_iou_xyxy_np(k_boxes[d_idx], gta["boxes"][normal_idx[g_idx]])
     max_iou, best = best_match_per_detection(num_kept, d_idx, g_idx, ious)
     best_gt = lookup_or_fill(normal_idx, best, -1)
     matched = max_iou >= iou_thresh
@@ -436,7 +415,7 @@ def evaluate_oid(
     left = ~is_tp & ~ignored_difficult
     group_idx = np.flatnonzero(group_of)
     d_idx, g_idx = pairs_within_groups(k_keys, gt_keys[group_idx])
-    ioas = paired_ioa_xyxy(k_boxes[d_idx], gta["boxes"][group_idx[g_idx]])
+    ioas = paired_box_ioa_xyxy_np(k_boxes[d_idx], gta["boxes"][group_idx[g_idx]])
     max_ioa, best = best_match_per_detection(num_kept, d_idx, g_idx, ioas)
     best_group = lookup_or_fill(group_idx, best, -1)
     in_group = left & (max_ioa >= iou_thresh)
