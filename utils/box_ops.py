@@ -14,13 +14,15 @@ Use torchvision.ops directly for what it has: ``box_iou`` ([..., N, 4] x [..., M
 - ``paired_box_iou_xyxy_np`` / ``paired_box_ioa_xyxy_np``: element-wise over already paired boxes
   (evaluation matches within an image and class only); IoA is Open Images' group-of criterion.
 - ``box_iou_wh_np``: IoU of (w, h) shapes at a common centre (anchor k-means).
+- ``box_area_xyxy_np``: NumPy's ``box_area``.
 
 Conventions:
 - ``paired_*`` work element-wise with NumPy broadcasting: [P, 4] x [P, 4] -> [P], [G, 4] x [4] -> [G].
 - NumPy ``dtype``: both inputs are cast to it first (float64 by default, as evaluation wants);
-  ``dtype=None`` computes in the inputs' own dtypes with NumPy's promotion, for callers that reproduce
-  float32 arithmetic (the exported network's NMS, as torchvision's; the original codebase's k-means).
-- An empty union (or, for IoA, a detection without area) gives 0, not NaN.
+  ``dtype=None`` computes in the inputs' own dtypes with NumPy's promotion, for callers whose numbers
+  must not move: RandomSampleCrop (float32 boxes, int64 window), the exported network's NMS (float32,
+  as torchvision's), the original codebase's float32 k-means.
+- ``paired_*``: an empty union (for IoA, a detection without area) gives 0, not NaN.
 
 Torch is not imported: the PyTorch functions only call tensor methods, so the NumPy-only users
 (utils/numpy_postprocess.py for exported networks, the VOC and Open Images evaluation,
