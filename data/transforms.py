@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import torch
 
+from utils.box_ops import paired_box_iou_xyxy_np
 from utils.errors import UserError
 
 # torchvision's ImageNet statistics (RGB, for images in [0, 1]).
@@ -48,16 +49,6 @@ def select_boxes(target: Target, keep: np.ndarray) -> Target:
         if key in out:
             out[key] = out[key][keep]
     return out
-
-
-def box_iou_numpy(boxes: np.ndarray, rect: np.ndarray) -> np.ndarray:
-    """IoU of boxes (np[G, 4], xyxy) with one rectangle (np[4], xyxy) -> np[G]."""
-    lt = np.maximum(boxes[:, :2], rect[:2])
-    rb = np.minimum(boxes[:, 2:], rect[2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=1)
-    area_boxes = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    area_rect = (rect[2] - rect[0]) * (rect[3] - rect[1])
-    return inter / np.maximum(area_boxes + area_rect - inter, 1e-12)
 
 
 def centers_inside(boxes: np.ndarray, rect: np.ndarray) -> np.ndarray:
@@ -287,7 +278,8 @@ class RandomSampleCrop:
                     continue
                 if len(boxes) == 0:
                     return crop(image, target, rect)
-                ious = box_iou_numpy(boxes[objects], rect)
+                # dtype=None: float32 boxes, int64 window, NumPy's promotion (the crops of a seed stay).
+                ious = paired_box_iou_xyxy_np(boxes[objects], rect, dtype=None)  # [G']
                 if (ious.min() if self.iou_rule == "all" else ious.max()) < min_iou:
                     continue
                 if not (centers_inside(boxes, rect) & objects).any():

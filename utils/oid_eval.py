@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from utils.box_ops import paired_box_ioa_xyxy_np, paired_box_iou_xyxy_np
 from utils.errors import UserError
 from utils.oid_arrays import oid_gt_arrays
 from utils.voc_eval import (
@@ -69,7 +70,6 @@ from utils.voc_eval import (
     gt_to_arrays,
     lookup_or_fill,
     map_detections,
-    paired_iou_xyxy,
     pairs_within_groups,
     pr_envelope,
     rank_by_class_and_score,
@@ -183,171 +183,8 @@ def load_hierarchy(path_or_dict: str | dict, mids: Iterable[str] | None = None) 
     }
 
 
-def descendants_from_ancestors(ancestors: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Invert an ancestor map: MID -> list of descendant MIDs (every key of ``ancestors`` is a key)."""
-    descendants: dict[str, list[str]] = {mid: [] for mid in ancestors}
-    for mid, ancs in ancestors.items():
-        for a in ancs:
-            descendants.setdefault(a, []).append(mid)
-    return descendants
-
-
-def _category_maps(
-    gt: dict, ancestors: dict[str, list[str]]
-) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-    """Ancestor and descendant maps from category id to category ids."""
-    no_mid = [c["id"] for c in gt["categories"] if not c.get("mid")]
-    if no_mid:
-        raise UserError(f"OID hierarchy: categories {no_mid[:10]} have no 'mid'")
-    id_of_mid = {c["mid"]: int(c["id"]) for c in gt["categories"]}
-    anc_by_cat = {
-        int(c["id"]): [id_of_mid[a] for a in ancestors.get(c["mid"], []) if a in id_of_mid]
-        for c in gt["categories"]
-    }
-    desc_by_cat: dict[int, list[int]] = {cid: [] for cid in anc_by_cat}
-    for cid, ancs in anc_by_cat.items():
-        for a in ancs:
-            desc_by_cat[a].append(cid)
-    return anc_by_cat, desc_by_cat
-
-
-def expand_image_labels(
-    present: Iterable[int],
-    absent: Iterable[int],
-    anc_by_cat: dict[int, list[int]],
-    desc_by_cat: dict[int, list[int]],
-) -> tuple[list[int], list[int]]:
-    """Verified-present labels plus their ancestors, verified-absent labels plus their descendants.
-
-    Args:
-        present, absent (Iterable[int]): category ids.
-        anc_by_cat, desc_by_cat (dict[int, list[int]]): category id -> ancestor / descendant category ids.
-
-    Returns:
-        (present, absent): sorted lists of unique category ids.
-    """
-    present_out, absent_out = set(present), set(absent)
-    for c in list(present_out):
-        present_out.update(anc_by_cat.get(c, ()))
-    for c in list(absent_out):
-        absent_out.update(desc_by_cat.get(c, ()))
-    return sorted(present_out), sorted(absent_out)
-
-
-def expand_annotations(
-    annotations: list[dict], anc_by_cat: dict[int, list[int]], first_id: int
-) -> list[dict]:
-    """Copies of each box for every ancestor class of its category (the originals are not included).
-
-    Args:
-        annotations (list[dict]): common-format annotations.
-        anc_by_cat (dict[int, list[int]]): category id -> ancestor category ids.
-        first_id (int): annotation id of the first copy; copies are numbered consecutively.
-
-    Returns:
-        list[dict]: the copies, each with ``category_id`` replaced, a new ``id`` and ``expanded_from`` (the
-        original annotation id); every other field as in the original.
-    """
-    out = []
-    next_id = first_id
-    for a in annotations:
-        for anc in anc_by_cat.get(int(a["category_id"]), ()):
-            out.append({**a, "id": next_id, "category_id": anc, "expanded_from": a.get("id")})
-            next_id += 1
-    return out
-
-
-def expand_ground_truth(gt: dict, ancestors: dict[str, list[str]]) -> dict:
-    """Hierarchically expanded copy of a common-format OID ground truth (the input is not modified).
-
-    Args:
-        gt (dict): images with ``verified_present`` / ``verified_absent`` (category ids), annotations,
-            categories with ``mid``.
-        ancestors (dict[str, list[str]]): from ``load_hierarchy``.
-
-    Returns:
-        dict: the same structure with boxes copied to ancestor classes and image labels expanded.
-    """
-    anc_by_cat, desc_by_cat = _category_maps(gt, ancestors)
-    first_id = max((int(a["id"]) for a in gt["annotations"]), default=0) + 1
-    extra = expand_annotations(gt["annotations"], anc_by_cat, first_id)
-    images = []
-    num_present = num_absent = 0
-    for img in gt["images"]:
-        present, absent = expand_image_labels(
-            img.get("verified_present", ()), img.get("verified_absent", ()), anc_by_cat, desc_by_cat
-        )
-        num_present += len(present) - len(set(img.get("verified_present", ())))
-        num_absent += len(absent) - len(set(img.get("verified_absent", ())))
-        images.append({**img, "verified_present": present, "verified_absent": absent})
-    logger.info(
-        "OID hierarchy expansion: +%d boxes, +%d verified-present and +%d verified-absent labels",
-        len(extra),
-        num_present,
-        num_absent,
-    )
-    return {**gt, "images": images, "annotations": list(gt["annotations"]) + extra}
-
-
 # --------------------------------------------------------------------------------------------------
 # Metric
-
-
-def paired_ioa_xyxy(det_boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
-    """Element-wise intersection over the detection's area.
-
-    Args:
-        det_boxes (np.ndarray[P, 4]): xyxy.
-        gt_boxes (np.ndarray[P, 4]): xyxy.
-
-    Returns:
-        np.ndarray[P] float64, 0 where the detection has no area.
-    """
-    inter_w = np.clip(
-        np.minimum(det_boxes[:, 2], gt_boxes[:, 2]) - np.maximum(det_boxes[:, 0], gt_boxes[:, 0]), 0, None
-    )
-    inter_h = np.clip(
-        np.minimum(det_boxes[:, 3], gt_boxes[:, 3]) - np.maximum(det_boxes[:, 1], gt_boxes[:, 1]), 0, None
-    )
-    inter = inter_w * inter_h
-    area = (det_boxes[:, 2] - det_boxes[:, 0]) * (det_boxes[:, 3] - det_boxes[:, 1])
-    return np.divide(inter, area, out=np.zeros_like(inter), where=area > 0)
-
-
-def select_categories(gt: dict, category_ids: Iterable[int]) -> dict:
-    """The ground truth of some categories only (e.g. the class subset a model was trained on).
-
-    Args:
-        gt (dict): common-format OID ground truth (already expanded, when the hierarchy is to count).
-        category_ids (Iterable[int]): categories to keep, in the order the result lists them.
-
-    Returns:
-        dict: a copy with those categories, their annotations, and the images' ``verified_present`` /
-        ``verified_absent`` restricted to them (every image is kept: its absent labels are negatives).
-
-    Raises:
-        ValueError: a category id that ``gt`` does not have.
-    """
-    category_ids = [int(c) for c in category_ids]
-    by_id = {int(c["id"]): c for c in gt["categories"]}
-    unknown = [c for c in category_ids if c not in by_id]
-    if unknown:
-        raise UserError(f"select_categories: category ids {unknown[:10]} are not in the ground truth")
-    keep = set(category_ids)
-    images = [
-        {
-            **img,
-            "verified_present": [c for c in img.get("verified_present", ()) if int(c) in keep],
-            "verified_absent": [c for c in img.get("verified_absent", ()) if int(c) in keep],
-        }
-        for img in gt["images"]
-    ]
-    return {
-        **gt,
-        "images": images,
-        "annotations": [a for a in gt["annotations"] if int(a["category_id"]) in keep],
-        "categories": [by_id[c] for c in category_ids],
-    }
 
 
 def evaluate_oid(
@@ -394,7 +231,8 @@ def evaluate_oid(
         if not all(mids):
             raise UserError("evaluate_oid: a hierarchy needs a 'mid' for every category")
         ancestors = load_hierarchy(hierarchy, mids)
-    # = gt_to_arrays(select_categories(expand_ground_truth(gt, ancestors), category_ids)), vectorised.
+    # = gt_to_arrays(select_categories(expand_ground_truth(gt, ancestors), category_ids)), vectorised
+    # (that dict path is the reference in tests/test_oid_eval.py).
     num_boxes = len(gt["annotations"])
     gta, evaluatable_keys, categories = oid_gt_arrays(gt, ancestors, category_ids)
     if ancestors is not None:
@@ -423,7 +261,7 @@ def evaluate_oid(
     # Stage 1: ordinary boxes, IoU.
     normal_idx = np.flatnonzero(~group_of)
     d_idx, g_idx = pairs_within_groups(k_keys, gt_keys[normal_idx])
-    ious = paired_iou_xyxy(k_boxes[d_idx], gta["boxes"][normal_idx[g_idx]])
+    ious = paired_box_iou_xyxy_np(k_boxes[d_idx], gta["boxes"][normal_idx[g_idx]])
     max_iou, best = best_match_per_detection(num_kept, d_idx, g_idx, ious)
     best_gt = lookup_or_fill(normal_idx, best, -1)
     matched = max_iou >= iou_thresh
@@ -436,7 +274,7 @@ def evaluate_oid(
     left = ~is_tp & ~ignored_difficult
     group_idx = np.flatnonzero(group_of)
     d_idx, g_idx = pairs_within_groups(k_keys, gt_keys[group_idx])
-    ioas = paired_ioa_xyxy(k_boxes[d_idx], gta["boxes"][group_idx[g_idx]])
+    ioas = paired_box_ioa_xyxy_np(k_boxes[d_idx], gta["boxes"][group_idx[g_idx]])
     max_ioa, best = best_match_per_detection(num_kept, d_idx, g_idx, ioas)
     best_group = lookup_or_fill(group_idx, best, -1)
     in_group = left & (max_ioa >= iou_thresh)
