@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from utils.voc_eval import evaluate_voc, format_voc_table, paired_iou_xyxy, voc_ap
+from metrics.voc import evaluate_voc, format_voc_table, paired_iou_xyxy, voc_ap
 
 
 def make_gt(images, annotations, categories):

@@ -59,9 +59,8 @@ from typing import Any
 
 import numpy as np
 
-from utils.errors import UserError
-from utils.oid_arrays import oid_gt_arrays
-from utils.voc_eval import (
+from metrics.oid.arrays import oid_gt_arrays
+from metrics.voc import (
     PR_RECALL_THRESHOLDS,
     best_match_per_detection,
     detections_to_arrays,
@@ -75,6 +74,7 @@ from utils.voc_eval import (
     rank_by_class_and_score,
     voc_ap,
 )
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
