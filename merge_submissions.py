@@ -16,9 +16,9 @@ import logging
 import os
 from typing import Any, Dict
 
+from metrics.oid.metric import merge_oid_submissions
 from utils.cli import HelpFormatter
 from utils.errors import run_cli
-from utils.oid_eval import merge_oid_submissions
 
 logger = logging.getLogger("merge_submissions")
 

@@ -36,10 +36,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.coco_eval import COCO_STAT_NAMES, evaluate_coco  # noqa: E402
+from metrics.coco import COCO_STAT_NAMES, evaluate_coco  # noqa: E402
+from metrics.oid.metric import evaluate_oid  # noqa: E402
+from metrics.voc import evaluate_voc  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
-from utils.oid_eval import evaluate_oid  # noqa: E402
-from utils.voc_eval import evaluate_voc  # noqa: E402
 
 FULL = {
     "voc": {"num_images": 4952, "num_classes": 20, "gt_per_image": 2.4, "dets_per_image": 100},

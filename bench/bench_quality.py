@@ -55,9 +55,9 @@ from data.dataset import build_dataset  # noqa: E402
 from data.loaders import build_eval_loader, build_train_loader, iterate_batches, loader_options  # noqa: E402
 from engine import autocast_context, compute_metrics, evaluate, targets_to_device  # noqa: E402
 from layers.tta import FlipTTA  # noqa: E402
+from metrics.coco import detections_to_coco_results  # noqa: E402
 from models.backbone import load_resnet_weights  # noqa: E402
 from utils.checkpoint import build_model_from_checkpoint, latest_checkpoint  # noqa: E402
-from utils.coco_eval import detections_to_coco_results  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.options import amp_dtype_of, resolve_defaults, resolve_device  # noqa: E402
 

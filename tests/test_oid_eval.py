@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from utils.oid_eval import (
+from metrics.oid.metric import (
     evaluate_oid,
     format_oid_table,
     load_hierarchy,
@@ -538,8 +538,8 @@ def test_array_expansion_equals_the_dict_path():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from bench_eval import synthetic_oid
 
-    from utils.oid_arrays import oid_gt_arrays
-    from utils.voc_eval import gt_to_arrays
+    from metrics.oid.arrays import oid_gt_arrays
+    from metrics.voc import gt_to_arrays
 
     gt, _dets, tree = synthetic_oid(np.random.default_rng(3), 60, 30, 5.0, 5)
     ancestors = load_hierarchy(tree, [c["mid"] for c in gt["categories"]])

@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
+from metrics.voc import evaluate_voc, format_voc_table, voc_ap
 from utils.box_ops import paired_box_iou_xyxy_np
-from utils.voc_eval import evaluate_voc, format_voc_table, voc_ap
 
 
 def make_gt(images, annotations, categories):

@@ -36,9 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.box_ops import paired_box_iou_xyxy_np
-from utils.errors import UserError
-from utils.eval_arrays import (  # noqa: F401 - detections/gt column helpers, importable from here too
+from metrics.arrays import (  # noqa: F401 - detections/gt column helpers, importable from here too
     box_column,
     column,
     detections_to_arrays,
@@ -47,6 +45,8 @@ from utils.eval_arrays import (  # noqa: F401 - detections/gt column helpers, im
     positions_of,
     unique_sorted,
 )
+from utils.box_ops import paired_box_iou_xyxy_np
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from metrics.arrays import gt_to_arrays, positions_of, unique_sorted
 from utils.errors import UserError
-from utils.eval_arrays import gt_to_arrays, positions_of, unique_sorted
 
 
 def csr_from_lists(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

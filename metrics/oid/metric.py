@@ -59,10 +59,8 @@ from typing import Any
 
 import numpy as np
 
-from utils.box_ops import paired_box_ioa_xyxy_np, paired_box_iou_xyxy_np
-from utils.errors import UserError
-from utils.oid_arrays import oid_gt_arrays
-from utils.voc_eval import (
+from metrics.oid.arrays import oid_gt_arrays
+from metrics.voc import (
     PR_RECALL_THRESHOLDS,
     best_match_per_detection,
     detections_to_arrays,
@@ -75,6 +73,8 @@ from utils.voc_eval import (
     rank_by_class_and_score,
     voc_ap,
 )
+from utils.box_ops import paired_box_ioa_xyxy_np, paired_box_iou_xyxy_np
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def evaluate_oid(
         num_fp, num_ignored_unverified (class not verified in that image), num_ignored_group_of
         (absorbed by a group-of box), num_ignored_difficult, num_invalid (zero width or height); and
         the curves: recall_thresholds [101] and pr_curves {class name: precision [101]} (the precision
-        envelope at those recalls, 0 beyond the last recall; see ``utils.voc_eval.pr_envelope``).
+        envelope at those recalls, 0 beyond the last recall; see ``metrics.voc.pr_envelope``).
     """
     if not 0.0 < iou_thresh <= 1.0:
         raise UserError(f"evaluate_oid: iou_thresh must be in (0, 1], got {iou_thresh}")
