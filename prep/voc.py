@@ -15,7 +15,7 @@ Box convention. VOC stores 1-based inclusive pixel indices: a box covering only 
 is ``xmin = ymin = xmax = ymax = 1``. In the continuous pixel coordinates of the common format
 (x in [0, width]) that pixel is [0, 1], so ``x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax``
 and ``w = xmax - xmin + 1``. Plain continuous IoU on converted boxes then equals the devkit's
-"+1" IoU exactly, so utils/voc_eval.py reproduces the official numbers. Float coordinates (some
+"+1" IoU exactly, so metrics/voc.py reproduces the official numbers. Float coordinates (some
 tools write them) go through the same formula.
 
 What real files contain, and what happens (every case is counted by reason in the summary):
