@@ -240,7 +240,8 @@ def split_val(
     return {stems[i] for i in order[:num_val]}, []
 
 
-def convert_folder(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
+def _folder_xml_names(args: argparse.Namespace) -> Tuple[List[str], List[str]]:
+    """Folder mode's options checked, and the XML files of --xml_dir: (file names, stems), sorted."""
     if not args.dataset:
         raise UserError("--dataset NAME is required with --xml_dir (the output goes to <data_root>/NAME)")
     if not os.path.isdir(args.xml_dir):
@@ -256,6 +257,11 @@ def convert_folder(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     stems = [os.path.splitext(f)[0] for f in xml_names]
     if len(set(stems)) != len(stems):
         raise UserError(f"{args.xml_dir}: several XML files share a stem (e.g. a.xml and a.XML)")
+    return xml_names, stems
+
+
+def convert_folder(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
+    xml_names, stems = _folder_xml_names(args)
     given_classes = read_class_list(args.classes) if args.classes else None
     dataset_dir = os.path.join(args.data_root, args.dataset)
     images_link = os.path.join(dataset_dir, "images")
