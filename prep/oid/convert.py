@@ -214,7 +214,7 @@ def order_by_image(
         num_images_without_annotations=num_no_annotations,
         box_rank=box_rank,
         box_start=np.searchsorted(box_rank, np.arange(num_images + 1)),
-        box_xywh=np.stack([np.round(x1, 6), np.round(y1, 6), bw, bh], axis=1).reshape(-1, 4),
+        box_xywh=np.stack([np.round(x1, 6), np.round(y1, 6), bw, bh], axis=1),
         box_area=np.round(bw * bh, 6),
         box_category=boxes["label"][box_order].astype(np.int64) + 1,
         box_flags=box_flags,
