@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from metrics.voc import detections_to_arrays, gt_to_arrays, map_detections
+from metrics.arrays import detections_to_arrays, gt_to_arrays, map_detections
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
