@@ -184,9 +184,9 @@ def compute_metrics(
     (``dataset.coco_gt(all_classes=True)``): the hierarchy is expanded over all classes and then
     ``gt``'s categories are kept, so a parent class in the subset also gets its children's boxes.
     coco_backend: "pycocotools" (the reference) or "faster" (faster-coco-eval, same numbers).
-    group_of_weight: for "oid", what a group-of box counts as (see utils.oid_eval.evaluate_oid).
+    group_of_weight: for "oid", what a group-of box counts as (see metrics.oid.metric.evaluate_oid).
     Returns {"voc": {...}, "coco": {...}, "oid": {...}} for the metrics run, each with a "table" string
-    (the COCO one: "summary") and everything the evaluator computed (see utils.metrics_file).
+    (the COCO one: "summary") and everything the evaluator computed (see metrics.metrics_file).
     """
     out: Dict[str, Any] = {}
     if metric in ("voc", "all"):

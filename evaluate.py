@@ -192,7 +192,7 @@ def save_metrics(
     stem: str,
     tag: str,
 ) -> None:
-    """metrics_<stem>.json with everything computed (utils.metrics_file); pr_<stem>.png with --plot."""
+    """metrics_<stem>.json with everything computed (metrics.metrics_file); pr_<stem>.png with --plot."""
     from metrics.metrics_file import write_metrics_file
 
     inference = metrics.pop("inference", None)
@@ -241,7 +241,7 @@ def evaluate_all(args: argparse.Namespace, device: torch.device) -> Dict[str, An
             return {}
         dataset = build_dataset(args, args.val_sets, train=False)
         if args.detections.endswith(".csv"):  # an Open Images submission (normalised boxes, MIDs)
-            from metrics.oid.metric import oid_submission_to_coco_results, read_oid_submission
+            from metrics.oid.submission import oid_submission_to_coco_results, read_oid_submission
 
             results = oid_submission_to_coco_results(read_oid_submission(args.detections), dataset.coco_gt())
         else:
@@ -309,7 +309,7 @@ def evaluate_all(args: argparse.Namespace, device: torch.device) -> Dict[str, An
         write_coco_results(results, os.path.join(save_dir, f"detections_{stem}.json"))
         save_metrics(args, metrics, headline, save_dir, stem, tag)
         if args.submission:
-            from metrics.oid.metric import write_oid_submission
+            from metrics.oid.submission import write_oid_submission
 
             write_oid_submission(results, dataset.coco_gt(), args.submission)
             logger.info("wrote the Open Images submission %s", args.submission)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from utils.box_ops import paired_box_iou_xyxy_np
+from utils.choices import AUGMENTATIONS, CROP_RULES
 from utils.errors import UserError
 
 # torchvision's ImageNet statistics (RGB, for images in [0, 1]).
@@ -36,8 +37,6 @@ MEAN_PIXEL = tuple(255.0 * m for m in IMAGENET_MEAN)
 
 BOX_FIELDS = ("boxes", "labels", "difficult", "iscrowd")
 RESIZE_MODES = ("square", "keep_aspect")
-# RandomSampleCrop's min-IoU rule: any (Caffe SSD, ours) or all (the original codebase), see there.
-CROP_RULES = ("any", "all")
 
 Target = Dict[str, Any]
 
@@ -389,9 +388,6 @@ class ToTensorNormalize:
 
     def __repr__(self) -> str:
         return f"ToTensorNormalize(mean={self.mean}, std={self.std})"
-
-
-AUGMENTATIONS = ("ssd", "flip", "none")
 
 
 def build_transforms(

@@ -4,10 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from metrics.oid.metric import (
-    evaluate_oid,
-    format_oid_table,
-    load_hierarchy,
+from metrics.oid.hierarchy import load_hierarchy
+from metrics.oid.metric import evaluate_oid, format_oid_table
+from metrics.oid.submission import (
     merge_oid_submissions,
     oid_submission_to_coco_results,
     read_oid_submission,

@@ -42,7 +42,7 @@ from data.dataset import DetectionDataset
 from data.loaders import build_train_loader, iterate_batches
 from data.transforms import build_transforms
 from layers.matcher import BACKGROUND, IGNORE, match_anchors, pad_targets
-from metrics.oid.metric import oid_submission_to_coco_results, read_oid_submission, write_oid_submission
+from metrics.oid.submission import oid_submission_to_coco_results, read_oid_submission, write_oid_submission
 from prep import openimages
 
 SIZE = 64

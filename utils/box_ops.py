@@ -3,7 +3,7 @@
 Formats are in the names: ``xyxy`` is (x1, y1, x2, y2) in continuous pixel coordinates (width x2 - x1,
 no "+1"); ``wh`` is (w, h) of boxes that share a centre. NumPy functions end in ``_np``. There is no "+1"
 variant: VOC's 1-based inclusive boxes become x1 = xmin - 1, x2 = xmax when read (prep/voc_xml.py), and
-then the plain IoU equals the devkit's "+1" IoU term by term (see utils/voc_eval.py).
+then the plain IoU equals the devkit's "+1" IoU term by term (see metrics/voc.py).
 
 Use torchvision.ops directly for what it has: ``box_iou`` ([..., N, 4] x [..., M, 4] -> [..., N, M]),
 ``box_area``, ``box_convert``, ``clip_boxes_to_image`` (one image size), ``nms`` / ``batched_nms``. Here:
