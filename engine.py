@@ -16,10 +16,10 @@ from typing import Any, Dict, Iterable, List, Tuple
 import torch
 from torch import Tensor
 
+from metrics.coco import detections_to_coco_results, evaluate_coco
+from metrics.voc import evaluate_voc, format_voc_table
 from models.predictor import Detector  # noqa: F401 (the Python inference API: from engine import Detector)
 from utils import distributed as dist_utils
-from utils.coco_eval import detections_to_coco_results, evaluate_coco
-from utils.voc_eval import evaluate_voc, format_voc_table
 
 logger = logging.getLogger(__name__)
 
@@ -184,9 +184,9 @@ def compute_metrics(
     (``dataset.coco_gt(all_classes=True)``): the hierarchy is expanded over all classes and then
     ``gt``'s categories are kept, so a parent class in the subset also gets its children's boxes.
     coco_backend: "pycocotools" (the reference) or "faster" (faster-coco-eval, same numbers).
-    group_of_weight: for "oid", what a group-of box counts as (see utils.oid_eval.evaluate_oid).
+    group_of_weight: for "oid", what a group-of box counts as (see metrics.oid.metric.evaluate_oid).
     Returns {"voc": {...}, "coco": {...}, "oid": {...}} for the metrics run, each with a "table" string
-    (the COCO one: "summary") and everything the evaluator computed (see utils.metrics_file).
+    (the COCO one: "summary") and everything the evaluator computed (see metrics.metrics_file).
     """
     out: Dict[str, Any] = {}
     if metric in ("voc", "all"):
@@ -196,7 +196,7 @@ def compute_metrics(
     if metric in ("coco", "all"):
         out["coco"] = evaluate_coco(gt, results, backend=coco_backend)
     if metric == "oid":
-        from utils.oid_eval import evaluate_oid, format_oid_table
+        from metrics.oid.metric import evaluate_oid, format_oid_table
 
         oid = evaluate_oid(
             gt if all_classes_gt is None else all_classes_gt,

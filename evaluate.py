@@ -34,9 +34,9 @@ from data.dataset import build_dataset, check_same_classes
 from data.loaders import build_eval_loader, loader_options
 from engine import compute_metrics, evaluate
 from layers.tta import FlipTTA
+from metrics.coco import write_coco_results
 from utils import distributed as dist_utils
 from utils.checkpoint import build_model_from_checkpoint, checkpoint_iteration, list_checkpoints
-from utils.coco_eval import write_coco_results
 from utils.errors import UserError, run_cli
 from utils.logger import setup_logging
 from utils.options import (
@@ -192,8 +192,8 @@ def save_metrics(
     stem: str,
     tag: str,
 ) -> None:
-    """metrics_<stem>.json with everything computed (utils.metrics_file); pr_<stem>.png with --plot."""
-    from utils.metrics_file import write_metrics_file
+    """metrics_<stem>.json with everything computed (metrics.metrics_file); pr_<stem>.png with --plot."""
+    from metrics.metrics_file import write_metrics_file
 
     inference = metrics.pop("inference", None)
     extra = {"inference": inference} if inference else {}
@@ -241,7 +241,7 @@ def evaluate_all(args: argparse.Namespace, device: torch.device) -> Dict[str, An
             return {}
         dataset = build_dataset(args, args.val_sets, train=False)
         if args.detections.endswith(".csv"):  # an Open Images submission (normalised boxes, MIDs)
-            from utils.oid_eval import oid_submission_to_coco_results, read_oid_submission
+            from metrics.oid.submission import oid_submission_to_coco_results, read_oid_submission
 
             results = oid_submission_to_coco_results(read_oid_submission(args.detections), dataset.coco_gt())
         else:
@@ -309,7 +309,7 @@ def evaluate_all(args: argparse.Namespace, device: torch.device) -> Dict[str, An
         write_coco_results(results, os.path.join(save_dir, f"detections_{stem}.json"))
         save_metrics(args, metrics, headline, save_dir, stem, tag)
         if args.submission:
-            from utils.oid_eval import write_oid_submission
+            from metrics.oid.submission import write_oid_submission
 
             write_oid_submission(results, dataset.coco_gt(), args.submission)
             logger.info("wrote the Open Images submission %s", args.submission)

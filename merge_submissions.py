@@ -5,8 +5,8 @@
 Each input is a CSV written by ``evaluate.py --submission`` (``ImageId,PredictionString``, predictions
 "LabelMID score xmin ymin xmax ymax" with normalised coordinates). Predictions of the same ImageId are
 concatenated in the order of ``--inputs``; every image that appears in any input gets one row, in order of
-first appearance (see ``utils.oid_eval.merge_oid_submissions``). Nothing is rescored: the models' scores
-are compared as they are, which is what the challenge metric does with one file per class bin.
+first appearance (see ``metrics.oid.submission.merge_oid_submissions``). Nothing is rescored: the models'
+scores are compared as they are, which is what the challenge metric does with one file per class bin.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import logging
 import os
 from typing import Any, Dict
 
+from metrics.oid.submission import merge_oid_submissions
 from utils.cli import HelpFormatter
 from utils.errors import run_cli
-from utils.oid_eval import merge_oid_submissions
 
 logger = logging.getLogger("merge_submissions")
 

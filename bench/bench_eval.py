@@ -7,14 +7,14 @@ Cases (sizes of the real sets; boxes log-normal in size, detections are jittered
 truth, copies in a wrong class and random boxes, scores higher for the good copies):
 
 - voc: 4,952 images, 20 classes, 2.4 boxes per image (VOC07 test has 12,032 objects), 10 % difficult,
-  100 detections per image -> ``utils.voc_eval.evaluate_voc`` (both AP definitions).
+  100 detections per image -> ``metrics.voc.evaluate_voc`` (both AP definitions).
 - coco: 5,000 images, 80 classes, 7.3 boxes per image (val2017: 36,781), 1 % crowd, 100 detections per
   image. The ground truth and the results are written to JSON files once, and each backend of
-  ``utils.coco_eval.evaluate_coco`` (pycocotools, the reference, and faster-coco-eval) scores the same
+  ``metrics.coco.evaluate_coco`` (pycocotools, the reference, and faster-coco-eval) scores the same
   two files, reading included. Our VOC evaluator also scores that case (``voc_on_coco_s``).
 - oid: 40,000 images, 500 classes in a 3-level hierarchy (the official nested JSON format), 7.3 boxes
   per image of leaf and inner classes, 10 % group-of, verified present / absent image labels, 50
-  detections per image -> ``utils.oid_eval.evaluate_oid`` with the hierarchy (expansion included).
+  detections per image -> ``metrics.oid.metric.evaluate_oid`` with the hierarchy (expansion included).
 
 Prints one JSON line last: seconds per evaluator (``*_s``), the mAPs (so a speed-up that changed a
 number shows), and ``ratio_coco_fast_vs_pycocotools`` = faster-coco-eval seconds / pycocotools seconds
@@ -36,10 +36,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.coco_eval import COCO_STAT_NAMES, evaluate_coco  # noqa: E402
+from metrics.coco import COCO_STAT_NAMES, evaluate_coco  # noqa: E402
+from metrics.oid.metric import evaluate_oid  # noqa: E402
+from metrics.voc import evaluate_voc  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
-from utils.oid_eval import evaluate_oid  # noqa: E402
-from utils.voc_eval import evaluate_voc  # noqa: E402
 
 FULL = {
     "voc": {"num_images": 4952, "num_classes": 20, "gt_per_image": 2.4, "dets_per_image": 100},

@@ -44,7 +44,7 @@ import torchvision
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d, clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,9 +55,9 @@ from data.dataset import build_dataset  # noqa: E402
 from data.loaders import build_eval_loader, build_train_loader, iterate_batches, loader_options  # noqa: E402
 from engine import autocast_context, compute_metrics, evaluate, targets_to_device  # noqa: E402
 from layers.tta import FlipTTA  # noqa: E402
+from metrics.coco import detections_to_coco_results  # noqa: E402
 from models.backbone import load_resnet_weights  # noqa: E402
 from utils.checkpoint import build_model_from_checkpoint, latest_checkpoint  # noqa: E402
-from utils.coco_eval import detections_to_coco_results  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.options import amp_dtype_of, resolve_defaults, resolve_device  # noqa: E402
 
@@ -205,7 +205,7 @@ def evaluate_torchvision(model, val_set, args: argparse.Namespace, device: torch
             sx, sy = (float(v) for v in t["scale"])
             h, w = (float(v) for v in t["orig_size"])
             boxes = out["boxes"].float().cpu() / torch.tensor([sx, sy, sx, sy])
-            boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([w, h, w, h]))
+            boxes = clip_boxes_to_image(boxes, (h, w))
             detections.append(
                 {"boxes": boxes, "scores": out["scores"].float().cpu(), "labels": out["labels"].cpu()}
             )

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
+from torchvision.ops import box_convert, box_iou
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -46,8 +46,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def _xywh_to_xyxy(boxes: List[Sequence[float]]) -> torch.Tensor:
     """[M, 4] xywh lists -> [M, 4] float64 xyxy."""
-    t = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
-    return torch.cat([t[:, :2], t[:, :2] + t[:, 2:]], dim=1)
+    return box_convert(torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4), "xywh", "xyxy")
 
 
 def found_mask(gt_xyxy: torch.Tensor, det_xyxy: torch.Tensor, det_scores: torch.Tensor, iou: float):

@@ -392,8 +392,3 @@ def save_annotations(coco: Dict[str, Any], path: str, validate: bool = True) -> 
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
     logger.info("wrote %s (%d images, %d boxes)", path, len(coco["images"]), len(coco["annotations"]))
-
-
-def category_labels(coco: Dict[str, Any]) -> Dict[int, int]:
-    """Map each original category id to its training label (its position in ``categories``)."""
-    return {category["id"]: label for label, category in enumerate(coco["categories"])}

@@ -24,12 +24,10 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch.distributed as dist
 
 from data.image_io import ImageReadError, read_image_size
+from utils.choices import CHECK_MODES
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-# --check_images: read the headers (default), only look for missing files, or check nothing.
-CHECK_MODES = ("headers", "exist", "none")
 
 # Below this many images one process reads the headers (a pool costs more to start than it saves).
 MIN_IMAGES_FOR_POOL = 20_000

@@ -35,7 +35,7 @@ _JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # length 0, type IEND, its CRC
-_EXIF_ORIENTATION = 0x0112
+EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # rotations by 90 degrees: width and height swap
 
 
@@ -185,7 +185,7 @@ def read_image_size(path: str) -> Tuple[int, int]:
         try:
             with Image.open(f) as image:
                 width, height = image.size
-                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+                orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
         except Exception:  # any PIL failure, a broken EXIF block too: let OpenCV decide
             return _decoded_size(path)
         problem = _end_problem(f, kind, file_size, head)

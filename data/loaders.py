@@ -132,9 +132,6 @@ def build_index_sampler(
     raise UserError(f"unknown --sampler {sampler!r} (random, class_balanced, repeat_factor)")
 
 
-PIN_MEMORY_MODES = ("auto", "on", "off")
-
-
 def loader_options(args: Any, device: torch.device) -> Dict[str, Any]:
     """``pin_memory``, ``persistent_workers`` and ``prefetch_factor`` for the builders below, from
     ``--pin_memory`` (auto: when ``device`` is CUDA), ``--persistent_workers`` and ``--prefetch_factor``

@@ -25,6 +25,8 @@ import cv2
 import numpy as np
 import torch
 
+from utils.box_ops import paired_box_iou_xyxy_np
+from utils.choices import AUGMENTATIONS, CROP_RULES
 from utils.errors import UserError
 
 # torchvision's ImageNet statistics (RGB, for images in [0, 1]).
@@ -35,8 +37,6 @@ MEAN_PIXEL = tuple(255.0 * m for m in IMAGENET_MEAN)
 
 BOX_FIELDS = ("boxes", "labels", "difficult", "iscrowd")
 RESIZE_MODES = ("square", "keep_aspect")
-# RandomSampleCrop's min-IoU rule: any (Caffe SSD, ours) or all (the original codebase), see there.
-CROP_RULES = ("any", "all")
 
 Target = Dict[str, Any]
 
@@ -48,16 +48,6 @@ def select_boxes(target: Target, keep: np.ndarray) -> Target:
         if key in out:
             out[key] = out[key][keep]
     return out
-
-
-def box_iou_numpy(boxes: np.ndarray, rect: np.ndarray) -> np.ndarray:
-    """IoU of boxes (np[G, 4], xyxy) with one rectangle (np[4], xyxy) -> np[G]."""
-    lt = np.maximum(boxes[:, :2], rect[:2])
-    rb = np.minimum(boxes[:, 2:], rect[2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=1)
-    area_boxes = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    area_rect = (rect[2] - rect[0]) * (rect[3] - rect[1])
-    return inter / np.maximum(area_boxes + area_rect - inter, 1e-12)
 
 
 def centers_inside(boxes: np.ndarray, rect: np.ndarray) -> np.ndarray:
@@ -287,7 +277,8 @@ class RandomSampleCrop:
                     continue
                 if len(boxes) == 0:
                     return crop(image, target, rect)
-                ious = box_iou_numpy(boxes[objects], rect)
+                # dtype=None: float32 boxes, int64 window, NumPy's promotion (the crops of a seed stay).
+                ious = paired_box_iou_xyxy_np(boxes[objects], rect, dtype=None)  # [G']
                 if (ious.min() if self.iou_rule == "all" else ious.max()) < min_iou:
                     continue
                 if not (centers_inside(boxes, rect) & objects).any():
@@ -397,9 +388,6 @@ class ToTensorNormalize:
 
     def __repr__(self) -> str:
         return f"ToTensorNormalize(mean={self.mean}, std={self.std})"
-
-
-AUGMENTATIONS = ("ssd", "flip", "none")
 
 
 def build_transforms(

@@ -89,7 +89,8 @@ class AnchorGenerator(nn.Module):
     The sizes are stored as one buffer ``anchor_whs`` (Tensor[L, k, 2]) so they are saved in the model's
     state dict. Loading a state dict whose ``anchor_whs`` has the same shape (other sizes, same k) works
     and clears the cache. A different k (or level count) changes the head's output channels too, so it
-    needs a new generator and model: build them from ``anchor_whs_from_state_dict`` instead.
+    needs a new generator and model (``utils.checkpoint.build_model_from_checkpoint`` rebuilds both from
+    the anchors a checkpoint carries).
     """
 
     def __init__(
@@ -212,24 +213,6 @@ def _grid_anchors(grid_h: int, grid_w: int, cell: Tuple[float, float], whs: Tens
     centres = torch.stack([cx, cy], dim=-1).reshape(-1, 1, 2)  # [H*W, 1, 2]
     half = 0.5 * whs.float()[None]  # [1, k, 2]
     return torch.cat([centres - half, centres + half], dim=-1).reshape(-1, 4)
-
-
-def anchor_whs_from_state_dict(state_dict: Dict[str, Tensor], prefix: str = "") -> List[Tensor]:
-    """The per-level (w, h) sizes saved in a model state dict, to rebuild a generator with another k.
-
-    ``prefix`` is the generator's key prefix (e.g. ``"anchor_generator."``); with an empty prefix the
-    single key ending in ``anchor_whs`` is used.
-    """
-    if prefix:
-        key = prefix + "anchor_whs"
-        if key not in state_dict:
-            raise UserError(f"state dict has no {key!r}")
-    else:
-        keys = [k for k in state_dict if k == "anchor_whs" or k.endswith(".anchor_whs")]
-        if len(keys) != 1:
-            raise UserError(f"expected one '*anchor_whs' key in the state dict, found {keys}")
-        key = keys[0]
-    return [w.clone().float() for w in state_dict[key]]
 
 
 def _check_anchor_whs(whs_per_level: Sequence[Tensor], strides: Sequence[int], source: str) -> None:

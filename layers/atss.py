@@ -24,7 +24,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from layers.matcher import BACKGROUND, IGNORE, box_iou_batched
+from layers.matcher import BACKGROUND, IGNORE
+from utils.box_ops import box_iou_xyxy_batched
 
 
 def atss_match(
@@ -60,7 +61,7 @@ def atss_match(
         return matched_idxs
 
     usable = gt_valid & ~gt_ignore  # [N, G]
-    iou = box_iou_batched(gt_boxes, anchors)  # [N, G, A]
+    iou = box_iou_xyxy_batched(gt_boxes, anchors)  # [N, G, A]
     anchor_centres = (anchors[:, :2] + anchors[:, 2:]) / 2  # [A, 2]
     gt_centres = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # [N, G, 2]
     # Squared distance orders like the distance; [N, G, A], one pass per level below.

@@ -4,7 +4,8 @@ The original codebase's joint k-means and its shape measure are in ``layers/kmea
 
 Clustering (numpy, float64). Boxes are (w, h) pairs in network-input pixels; the distance between a box
 and a cluster centre is ``1 - IoU`` of the two boxes aligned at a common centre (YOLOv2's k-means
-distance), so big boxes do not dominate as they would with a Euclidean distance.
+distance; ``utils.box_ops.box_iou_wh_np``), so big boxes do not dominate as they would with a Euclidean
+distance.
 
 - Level assignment. Each box is given to ONE pyramid level before clustering: the level whose
   predefined one-scale anchors (the initial centres) give it the highest centred IoU (ties: the lower
@@ -47,6 +48,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from layers.anchors import AnchorGenerator
+from utils.box_ops import box_iou_wh_np
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -63,25 +65,6 @@ def kmeans_aspect_ratios(k: int) -> Tuple[float, ...]:
     return tuple(float(2.0 ** (-1.0 + 2.0 * i / (k - 1))) for i in range(k))
 
 
-def centred_iou(whs: np.ndarray, centre_whs: np.ndarray) -> np.ndarray:
-    """IoU of boxes and centres aligned at a common centre.
-
-    Args:
-        whs (ndarray[N, 2]): (w, h) of the boxes, > 0.
-        centre_whs (ndarray[K, 2]): (w, h) of the cluster centres / anchors, > 0.
-
-    Returns:
-        ndarray[N, K] float64.
-    """
-    whs = np.asarray(whs, dtype=np.float64)
-    centre_whs = np.asarray(centre_whs, dtype=np.float64)
-    inter = np.minimum(whs[:, None, 0], centre_whs[None, :, 0]) * np.minimum(
-        whs[:, None, 1], centre_whs[None, :, 1]
-    )  # [N, K]
-    union = (whs[:, 0] * whs[:, 1])[:, None] + (centre_whs[:, 0] * centre_whs[:, 1])[None, :] - inter
-    return inter / union
-
-
 def assign_levels(whs: np.ndarray, init_whs_per_level: Sequence[np.ndarray]) -> np.ndarray:
     """Level of each box: the level whose initial anchors give it the highest centred IoU (ties: lower level).
 
@@ -96,7 +79,7 @@ def assign_levels(whs: np.ndarray, init_whs_per_level: Sequence[np.ndarray]) -> 
     if whs.shape[0] == 0:
         return np.zeros(0, dtype=np.int64)
     # [N, L]: per-level best IoU; keeps memory at N x k per step instead of N x (L * k).
-    best_per_level = np.stack([centred_iou(whs, init).max(axis=1) for init in init_whs_per_level], axis=1)
+    best_per_level = np.stack([box_iou_wh_np(whs, init).max(axis=1) for init in init_whs_per_level], axis=1)
     return best_per_level.argmax(axis=1)
 
 
@@ -129,7 +112,7 @@ def _distances(whs: np.ndarray, centres: np.ndarray) -> Tuple[np.ndarray, np.nda
 
     Ties go to the lower centre index (argmax), as everywhere in the k-means.
     """
-    iou = centred_iou(whs, centres)  # [N, K]
+    iou = box_iou_wh_np(whs, centres)  # [N, K]
     rows = np.arange(whs.shape[0])
     assignments = iou.argmax(axis=1)
     best = iou[rows, assignments]
@@ -194,7 +177,7 @@ def _reseed_empty(whs: np.ndarray, centres: np.ndarray, assignments: np.ndarray)
     empty = np.flatnonzero(np.bincount(assignments, minlength=centres.shape[0]) == 0)
     if empty.size == 0:
         return centres, 0
-    own_iou = centred_iou(whs, centres)[np.arange(whs.shape[0]), assignments]
+    own_iou = box_iou_wh_np(whs, centres)[np.arange(whs.shape[0]), assignments]
     worst = np.argsort(own_iou, kind="stable")[: empty.size]
     centres = centres.copy()
     centres[empty[: worst.size]] = whs[worst]
@@ -246,7 +229,7 @@ def iou_kmeans(whs: np.ndarray, init_centres: np.ndarray, max_iter: int = 300) -
     while num_iters < max_iter:
         num_iters += 1
         new_centres = np.stack([m.medians(assignments, centres[:, d]) for d, m in enumerate(medians)], axis=1)
-        shift = 1.0 - centred_iou(centres, new_centres).diagonal()  # [K] distance each centre moved
+        shift = 1.0 - box_iou_wh_np(centres, new_centres).diagonal()  # [K] distance each centre moved
         centres = new_centres
         # Triangle inequality: own distance grows by at most the own centre's shift, the distance to any
         # other centre shrinks by at most the largest shift among the others.
@@ -273,7 +256,7 @@ def iou_kmeans(whs: np.ndarray, init_centres: np.ndarray, max_iter: int = 300) -
         if not changed:
             converged = True
             break
-    own_iou = centred_iou(whs, centres)[np.arange(whs.shape[0]), assignments]
+    own_iou = box_iou_wh_np(whs, centres)[np.arange(whs.shape[0]), assignments]
     num_empty = int((np.bincount(assignments, minlength=k) == 0).sum())
     return KMeansResult(
         centres, assignments, num_iters, converged, num_reseeded, num_empty, float(own_iou.mean())
@@ -322,7 +305,7 @@ def cluster_anchor_whs(
         # Canonical order (aspect ratio, then area) so files from different runs compare line by line.
         centres = centres[np.lexsort((centres[:, 0] * centres[:, 1], centres[:, 1] / centres[:, 0]))]
         mean_iou_init = (
-            float(centred_iou(level_whs, level_init).max(axis=1).mean()) if level_whs.shape[0] else None
+            float(box_iou_wh_np(level_whs, level_init).max(axis=1).mean()) if level_whs.shape[0] else None
         )
         if level_whs.shape[0] and not result.converged:
             logger.warning("level %d: k-means stopped at max_iter=%d before converging", level, max_iter)

@@ -2,7 +2,7 @@
 
 Both work on box SHAPES only: every box (w, h) and every anchor (w, h) is moved to a common origin
 (the original zeroes x1, y1 of both and takes ``jaccard``), so IoU = min(w) * min(h) / union; that is
-``layers.kmeans.centred_iou`` (a common centre and a common corner give the same overlap).
+``utils.box_ops.box_iou_wh_np`` (a common centre and a common corner give the same overlap).
 
 The shape measure (:func:`shape_quality`) is the one of the original README's anchor table
 (``get_priors_recall.py``'s ``just_whs``): per box the best IoU with any shape of the set (all levels'
@@ -33,7 +33,7 @@ import numpy as np
 
 from layers.anchor_sets import original_anchor_fractions
 from layers.anchors import DEFAULT_STRIDES
-from layers.kmeans import centred_iou
+from utils.box_ops import box_iou_wh_np
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ def best_shape_iou(whs: np.ndarray, shape_whs: np.ndarray, chunk_size: int = 655
     shape_whs = np.asarray(shape_whs, dtype=np.float64).reshape(-1, 2)
     best = np.empty(whs.shape[0], dtype=np.float64)
     for start in range(0, whs.shape[0], chunk_size):
-        best[start : start + chunk_size] = centred_iou(whs[start : start + chunk_size], shape_whs).max(axis=1)
+        chunk = whs[start : start + chunk_size]
+        best[start : start + chunk_size] = box_iou_wh_np(chunk, shape_whs).max(axis=1)
     return best
 
 
@@ -98,22 +99,6 @@ class OriginalKMeansResult:
     history: list
 
 
-def origin_iou(whs: np.ndarray, centre_whs: np.ndarray) -> np.ndarray:
-    """IoU at a common origin in the inputs' dtype, with the original's ``jaccard`` arithmetic.
-
-    inter = min(w) * min(h), union = (area_a + area_b) - inter, IoU = inter / union: in float32 this is
-    bit for bit what its torch code computes (tests/test_kmeans_original.py checks it).
-
-    Args:
-        whs (ndarray[N, 2]), centre_whs (ndarray[K, 2]): (w, h), same dtype. Returns ndarray[N, K].
-    """
-    inter = np.minimum(whs[:, None, 0], centre_whs[None, :, 0]) * np.minimum(
-        whs[:, None, 1], centre_whs[None, :, 1]
-    )
-    union = (whs[:, 0] * whs[:, 1])[:, None] + (centre_whs[:, 0] * centre_whs[:, 1])[None, :] - inter
-    return inter / union
-
-
 def original_kmeans(
     whs: np.ndarray, init_centres: np.ndarray, max_iter: int = 10, dtype: type = np.float32
 ) -> OriginalKMeansResult:
@@ -153,7 +138,8 @@ def original_kmeans(
     previous = None
     num_iters, converged = 0, False
     while num_iters < max_iter:
-        iou = origin_iou(whs, centres)  # [N, K]
+        # dtype=None: in ``dtype`` (float32), bit for bit the original's torch ``jaccard``.
+        iou = box_iou_wh_np(whs, centres, dtype=None)  # [N, K]
         assignments = iou.argmax(axis=1)  # first maximum, as torch's max
         own = iou[rows, assignments].astype(np.float64)
         history.append({"mean_iou": float(own.mean()), "recall_pct": 100.0 * float((own > 0.5).mean())})
@@ -167,7 +153,7 @@ def original_kmeans(
         centres = centres.copy()
         centres[filled] = (sums[filled] / counts[filled, None]).astype(dtype)
         previous = assignments
-    iou = origin_iou(whs, centres)
+    iou = box_iou_wh_np(whs, centres, dtype=None)
     assignments = iou.argmax(axis=1)
     own = iou[rows, assignments].astype(np.float64)
     converged = converged or (previous is not None and np.array_equal(assignments, previous))
@@ -213,7 +199,7 @@ def cluster_anchor_whs_original(
     level_of_box = assignments // k
     counts = np.bincount(assignments, minlength=seeds.shape[0]).reshape(-1, k)  # [L, k]
     init_iou = best_shape_iou(whs, seeds)  # [N]
-    own_iou = centred_iou(whs, centres / input_side)[np.arange(whs.shape[0]), assignments]  # [N]
+    own_iou = box_iou_wh_np(whs, centres / input_side)[np.arange(whs.shape[0]), assignments]  # [N]
     summaries = []
     for level in range(len(seeds_per_level)):
         members = level_of_box == level

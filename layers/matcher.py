@@ -10,6 +10,8 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor
 
+from utils.box_ops import box_iou_xyxy_batched
+
 BACKGROUND = -1
 IGNORE = -2
 # How each gt box claims its best anchor(s) (rule 2 of match_anchors).
@@ -58,34 +60,6 @@ def pad_targets(targets: List[Dict], device: torch.device) -> Tuple[Tensor, Tens
     gt_valid[image_idx, slot_idx] = True
     gt_ignore[image_idx, slot_idx] = cat("difficult", torch.bool) | cat("iscrowd", torch.bool) | (labels < 0)
     return gt_boxes, gt_labels, gt_valid, gt_ignore
-
-
-def box_iou_batched(gt_boxes: Tensor, anchors: Tensor) -> Tensor:
-    """IoU of every gt box with every anchor, per image (torchvision's box_iou only takes 2-D inputs).
-
-    Args:
-        gt_boxes (Tensor[N, G, 4]): xyxy.
-        anchors (Tensor[A, 4]): xyxy, positive area.
-
-    Returns:
-        Tensor[N, G, A] float32. A zero-area box (e.g. padding) has IoU 0 with everything.
-    """
-    gt_boxes, anchors = gt_boxes.float(), anchors.float()
-    area_gt = (gt_boxes[..., 2] - gt_boxes[..., 0]) * (gt_boxes[..., 3] - gt_boxes[..., 1])  # [N, G]
-    area_anchor = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])  # [A]
-    # x and y overlaps separately: [N, G, A] temporaries instead of torchvision's [N, G, A, 2]; in place
-    # after the first op of each line, and union reuses inter_h's buffer: 4 fresh [N, G, A] buffers
-    # instead of 8 (on CPU each fresh buffer also costs its first-touch page faults).
-    g = gt_boxes[:, :, None, :]  # [N, G, 1, 4]
-    inter = (
-        torch.minimum(g[..., 2], anchors[:, 2]).sub_(torch.maximum(g[..., 0], anchors[:, 0])).clamp_(min=0)
-    )
-    inter_h = (
-        torch.minimum(g[..., 3], anchors[:, 3]).sub_(torch.maximum(g[..., 1], anchors[:, 1])).clamp_(min=0)
-    )
-    inter.mul_(inter_h)  # [N, G, A]
-    union = inter_h.copy_(area_gt[:, :, None]).add_(area_anchor).sub_(inter)
-    return inter.div_(union)
 
 
 @torch.no_grad()
@@ -138,7 +112,7 @@ def match_anchors(
 
     usable = gt_valid & ~gt_ignore  # [N, G]
     ignore = gt_valid & gt_ignore
-    iou = box_iou_batched(gt_boxes, anchors)  # [N, G, A]; N * G * A floats, the largest tensor here
+    iou = box_iou_xyxy_batched(gt_boxes, anchors)  # [N, G, A]; N * G * A floats, the largest tensor here
     # Max IoU with ignore regions first, then reuse the IoU buffer in place for the usable gts.
     # Most batches have no ignore box: skip an [N, G, A] pass then (a host sync, cheap next to the IoU).
     max_iou_ignore = iou.masked_fill(~ignore[:, :, None], -1.0).amax(dim=1) if bool(ignore.any()) else None

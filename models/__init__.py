@@ -47,7 +47,6 @@ __all__ = [
     "FPNDetector",
     "build_model",
     "build_anchors",
-    "build_anchor_whs",
     "count_parameters",
     "model_summary",
 ]
@@ -109,11 +108,6 @@ def build_anchors(
         f"--anchor_type must be one of predefined, kmeans, {', '.join(ORIGINAL_ANCHOR_TYPES)}; "
         f"got {args.anchor_type!r}"
     )
-
-
-def build_anchor_whs(args: argparse.Namespace, strides: Sequence[int] = DEFAULT_STRIDES) -> List[Tensor]:
-    """Per-level anchor (w, h) sizes from ``--anchor_type`` (see ``build_anchors``, which adds the layout)."""
-    return build_anchors(args, strides)[0]
 
 
 def build_fpn_ohem(

@@ -90,6 +90,7 @@ from torchvision.ops import MultiScaleRoIAlign, batched_nms
 
 from models.backbone import ResNetBackbone
 from models.fpn import FPN
+from utils.box_ops import clip_xyxy
 
 logger = logging.getLogger(__name__)
 
@@ -376,7 +377,7 @@ class FasterRCNNPostProcess(nn.Module):
         sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets]).to(device).float()  # [N, 2] h, w
         probs = F.softmax(class_logits, -1)  # [R, K+1]
         pred_boxes = self.box_coder.decode_single(outputs["box_regression"].float(), rois)
-        pred_boxes = _clip_xyxy(pred_boxes.reshape(num_rois, num_columns, 4), sizes[image_idxs][:, None, :])
+        pred_boxes = clip_xyxy(pred_boxes.reshape(num_rois, num_columns, 4), sizes[image_idxs][:, None, :])
 
         # Every (RoI, foreground class) pair is a candidate: [R, K] flattened RoI-major.
         scores = probs[:, 1:].reshape(-1)
@@ -404,7 +405,7 @@ class FasterRCNNPostProcess(nn.Module):
 
         scales, orig_sizes = _scales_and_orig_sizes(targets, sizes)
         scales, orig_sizes = scales.to(device), orig_sizes.to(device)
-        det_boxes = _clip_xyxy(boxes[keep] / scales[cand_images].repeat(1, 2), orig_sizes[cand_images])
+        det_boxes = clip_xyxy(boxes[keep] / scales[cand_images].repeat(1, 2), orig_sizes[cand_images])
         det_rois = roi_idxs[keep]
         columns = {
             "boxes": det_boxes,
@@ -423,12 +424,6 @@ class FasterRCNNPostProcess(nn.Module):
         split = counts.tolist()
         per_column = {name: value.split(split) for name, value in columns.items()}
         return [{name: per_column[name][i] for name in columns} for i in range(num_images)]
-
-
-def _clip_xyxy(boxes: Tensor, sizes_hw: Tensor) -> Tensor:
-    """Clip boxes (Tensor[..., 4] xyxy) to [0, w] x [0, h]; sizes_hw (Tensor[..., 2]) broadcasts per box."""
-    wh = sizes_hw.flip(-1)
-    return torch.minimum(boxes.clamp(min=0), torch.cat([wh, wh], dim=-1))
 
 
 def _scales_and_orig_sizes(targets: List[Dict[str, Any]], sizes: Tensor) -> Tuple[Tensor, Tensor]:

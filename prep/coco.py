@@ -148,6 +148,35 @@ def convert_images(
     return converted
 
 
+def _checked_box(
+    bbox: Any, image: Dict[str, Any], name: str, report: ConversionReport, tiny_boxes: str
+) -> List[float] | None:
+    """The box [x, y, w, h] clipped to the image; None (counted in ``report``) when it is dropped."""
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_finite(v) for v in bbox)):
+        report.drop_box("bbox is not 4 finite numbers", name)
+        return None
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        report.drop_box("zero area (w <= 0 or h <= 0)", name)
+        return None
+    width, height = image["width"], image["height"]
+    if x < 0 or y < 0 or x + w > width or y + h > height:
+        x1, y1 = max(x, 0), max(y, 0)
+        x2, y2 = min(x + w, width), min(y + h, height)
+        if x2 <= x1 or y2 <= y1:
+            report.drop_box("zero area after clipping", name)
+            return None
+        report.clip_box("outside the image", name)
+        x, y, w, h = x1, y1, x2 - x1, y2 - y1
+    if is_tiny_box(w, h):
+        example = f"{name}: {w:g} x {h:g}"
+        if tiny_boxes == "drop":
+            report.drop_box(f"at most {TINY_BOX_SIZE:g} px wide or high (--tiny_boxes drop)", example)
+            return None
+        report.note(f"box at most {TINY_BOX_SIZE:g} px wide or high (kept; --tiny_boxes drop)", example)
+    return [x, y, w, h]
+
+
 def convert_annotations(
     annotations: List[Any],
     images: Dict[int, Dict[str, Any]],
@@ -187,29 +216,10 @@ def convert_annotations(
         if not _is_int(ann["category_id"]) or ann["category_id"] not in category_ids:
             report.drop_box("unknown category_id", f"{name} (category_id {ann['category_id']!r})")
             continue
-        bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_finite(v) for v in bbox)):
-            report.drop_box("bbox is not 4 finite numbers", name)
+        box = _checked_box(ann["bbox"], image, name, report, tiny_boxes)
+        if box is None:
             continue
-        x, y, w, h = bbox
-        if w <= 0 or h <= 0:
-            report.drop_box("zero area (w <= 0 or h <= 0)", name)
-            continue
-        width, height = image["width"], image["height"]
-        if x < 0 or y < 0 or x + w > width or y + h > height:
-            x1, y1 = max(x, 0), max(y, 0)
-            x2, y2 = min(x + w, width), min(y + h, height)
-            if x2 <= x1 or y2 <= y1:
-                report.drop_box("zero area after clipping", name)
-                continue
-            report.clip_box("outside the image", name)
-            x, y, w, h = x1, y1, x2 - x1, y2 - y1
-        if is_tiny_box(w, h):
-            example = f"{name}: {w:g} x {h:g}"
-            if tiny_boxes == "drop":
-                report.drop_box(f"at most {TINY_BOX_SIZE:g} px wide or high (--tiny_boxes drop)", example)
-                continue
-            report.note(f"box at most {TINY_BOX_SIZE:g} px wide or high (kept; --tiny_boxes drop)", example)
+        x, y, w, h = box
         area = ann.get("area")
         if not (_is_finite(area) and area >= 0):
             report.note("no valid area: box area used", name)

@@ -242,12 +242,3 @@ def case_variants(names: List[str]) -> List[List[str]]:
 def is_tiny_box(w: float, h: float) -> bool:
     """A box of at most ``TINY_BOX_SIZE`` px on a side (w, h in continuous pixels)."""
     return w <= TINY_BOX_SIZE or h <= TINY_BOX_SIZE
-
-
-def find_image(image_dir: str, stem: str, names_in_dir: set | None = None) -> str | None:
-    """File name (not path) of the image ``<stem><ext>`` in ``image_dir``, trying ``IMAGE_EXTENSIONS``.
-
-    ``names_in_dir`` (the folder's listing) avoids a stat per extension for large folders.
-    """
-    found = find_images(image_dir, stem, names_in_dir)
-    return found[0] if found else None

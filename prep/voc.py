@@ -15,7 +15,7 @@ Box convention. VOC stores 1-based inclusive pixel indices: a box covering only 
 is ``xmin = ymin = xmax = ymax = 1``. In the continuous pixel coordinates of the common format
 (x in [0, width]) that pixel is [0, 1], so ``x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax``
 and ``w = xmax - xmin + 1``. Plain continuous IoU on converted boxes then equals the devkit's
-"+1" IoU exactly, so utils/voc_eval.py reproduces the official numbers. Float coordinates (some
+"+1" IoU exactly, so metrics/voc.py reproduces the official numbers. Float coordinates (some
 tools write them) go through the same formula.
 
 What real files contain, and what happens (every case is counted by reason in the summary):
@@ -240,7 +240,8 @@ def split_val(
     return {stems[i] for i in order[:num_val]}, []
 
 
-def convert_folder(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
+def _folder_xml_names(args: argparse.Namespace) -> Tuple[List[str], List[str]]:
+    """Folder mode's options checked, and the XML files of --xml_dir: (file names, stems), sorted."""
     if not args.dataset:
         raise UserError("--dataset NAME is required with --xml_dir (the output goes to <data_root>/NAME)")
     if not os.path.isdir(args.xml_dir):
@@ -256,6 +257,11 @@ def convert_folder(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     stems = [os.path.splitext(f)[0] for f in xml_names]
     if len(set(stems)) != len(stems):
         raise UserError(f"{args.xml_dir}: several XML files share a stem (e.g. a.xml and a.XML)")
+    return xml_names, stems
+
+
+def convert_folder(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
+    xml_names, stems = _folder_xml_names(args)
     given_classes = read_class_list(args.classes) if args.classes else None
     dataset_dir = os.path.join(args.data_root, args.dataset)
     images_link = os.path.join(dataset_dir, "images")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.coco_eval import (
+from metrics.coco import (
     COCO_STAT_NAMES,
     detections_to_coco_results,
     evaluate_coco,

@@ -371,8 +371,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_root, tmp_path, mo
 def test_evaluate_keeps_every_metric_and_draws(trained_run, data_root, tmp_path):
     """The metrics file holds per-class AP, COCO's 12 numbers and arrays (here from faster-coco-eval,
     checked against pycocotools), inference speed; --plot draws PR curves; training drew its curves."""
-    from utils.coco_eval import COCO_STAT_NAMES, evaluate_coco
-    from utils.voc_eval import evaluate_voc
+    from metrics.coco import COCO_STAT_NAMES, evaluate_coco
+    from metrics.voc import evaluate_voc
 
     _, run_dir = trained_run
     assert os.path.getsize(os.path.join(run_dir, "curves.png")) > 10_000  # written at the end of training

@@ -14,11 +14,11 @@ from layers.kmeans import (
     anchor_quality,
     assign_levels,
     best_anchor_iou,
-    centred_iou,
     cluster_anchor_whs,
     iou_kmeans,
     kmeans_aspect_ratios,
 )
+from utils.box_ops import box_iou_wh_np
 
 ROOT = kmeans_for_anchors.__file__.rsplit("/", 1)[0]
 ROW_FIELDS = {
@@ -52,12 +52,6 @@ def test_kmeans_aspect_ratios():
     np.testing.assert_allclose(kmeans_aspect_ratios(5), [0.5, 2**-0.5, 1.0, 2**0.5, 2.0])
     with pytest.raises(ValueError):
         kmeans_aspect_ratios(0)
-
-
-def test_centred_iou_hand_computed():
-    # (2, 4) vs (4, 2): intersection 2 x 2 = 4, union 8 + 8 - 4 = 12; (2, 4) vs (1, 1): 1 / 8.
-    iou = centred_iou(np.array([[2.0, 4.0]]), np.array([[4.0, 2.0], [1.0, 1.0], [2.0, 4.0]]))
-    np.testing.assert_allclose(iou, [[1 / 3, 1 / 8, 1.0]])
 
 
 def test_iou_kmeans_recovers_planted_clusters_deterministically():
@@ -97,7 +91,7 @@ def plain_iou_kmeans(whs, init, max_iter=300):
     """Reference: the textbook loop, every box re-measured and every median recomputed each iteration."""
 
     def assign(centres):
-        iou = centred_iou(whs, centres)
+        iou = box_iou_wh_np(whs, centres)
         assignments = iou.argmax(1)
         return assignments, iou[np.arange(len(whs)), assignments]
 

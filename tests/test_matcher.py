@@ -3,7 +3,7 @@ import torch
 from torchvision.ops import box_iou
 
 from layers.anchors import AnchorGenerator, predefined_anchor_whs
-from layers.matcher import BACKGROUND, IGNORE, box_iou_batched, match_anchors, pad_targets
+from layers.matcher import BACKGROUND, IGNORE, match_anchors, pad_targets
 
 
 def _target(boxes, labels=None, difficult=None, iscrowd=None):
@@ -62,19 +62,6 @@ def reference_match(anchors, target, pos_thr, neg_thr, low_quality):
         if neg_thr <= max_usable[a] < pos_thr or any(iou[g][a] >= neg_thr for g in ignore):
             result[a] = IGNORE
     return torch.tensor(result)
-
-
-def test_box_iou_batched_equals_torchvision():
-    g = torch.Generator().manual_seed(1)
-    xy = torch.rand(3, 7, 2, generator=g) * 50
-    gt = torch.cat([xy, xy + 1 + torch.rand(3, 7, 2, generator=g) * 30], dim=-1)
-    anchors = AnchorGenerator(
-        predefined_anchor_whs(2, base_sizes=(12, 24)), strides=(8, 16)
-    ).anchors_for_input(64, 64)
-    iou = box_iou_batched(gt, anchors)
-    assert iou.shape == (3, 7, anchors.shape[0])
-    for i in range(3):
-        assert torch.equal(iou[i], box_iou(gt[i], anchors))
 
 
 def test_pad_targets():

@@ -5,7 +5,7 @@ import csv
 import pytest
 
 import merge_submissions
-from utils.oid_eval import read_oid_submission
+from metrics.oid.submission import read_oid_submission
 
 BIN_0 = [
     ["ImageId", "PredictionString"],

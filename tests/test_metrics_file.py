@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from utils.metrics_file import dumps_two_levels, json_safe, metrics_record, write_metrics_file
+from metrics.metrics_file import dumps_two_levels, json_safe, metrics_record, write_metrics_file
 
 
 def test_json_safe_writes_nan_and_inf_as_null_and_numpy_as_python():

@@ -4,12 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from utils.oid_eval import (
-    descendants_from_ancestors,
-    evaluate_oid,
-    expand_ground_truth,
-    format_oid_table,
-    load_hierarchy,
+from metrics.oid.hierarchy import load_hierarchy
+from metrics.oid.metric import evaluate_oid, format_oid_table
+from metrics.oid.submission import (
     merge_oid_submissions,
     oid_submission_to_coco_results,
     read_oid_submission,
@@ -69,14 +66,69 @@ def test_load_hierarchy_tree_and_parent_map():
     # Root skipped, Part links ignored (as the reference).
     full = load_hierarchy(HIERARCHY)
     assert "/m/0bl9f" not in full and "/m/wheel" not in full
-    assert descendants_from_ancestors(expected) == {
-        "/m/a": ["/m/m", "/m/d"],
-        "/m/m": ["/m/d"],
-        "/m/d": [],
-        "/m/c": [],
-    }
     with pytest.raises(ValueError, match="cycle"):
         load_hierarchy({"/m/x": ["/m/y"], "/m/y": ["/m/x"]})
+
+
+# The dict path of the hierarchy expansion: the reference that utils/oid_arrays.oid_gt_arrays (what
+# evaluate_oid uses) vectorises; test_array_expansion_equals_the_dict_path compares the two.
+
+
+def _category_maps(gt, ancestors):
+    """(ancestors, descendants): category id -> category ids."""
+    id_of_mid = {c["mid"]: int(c["id"]) for c in gt["categories"]}
+    anc_by_cat = {
+        int(c["id"]): [id_of_mid[a] for a in ancestors.get(c["mid"], []) if a in id_of_mid]
+        for c in gt["categories"]
+    }
+    desc_by_cat = {cid: [] for cid in anc_by_cat}
+    for cid, ancs in anc_by_cat.items():
+        for a in ancs:
+            desc_by_cat[a].append(cid)
+    return anc_by_cat, desc_by_cat
+
+
+def expand_ground_truth(gt, ancestors):
+    """Expanded copy of a common-format OID ground truth: each box copied to every ancestor class (copies
+    numbered after the last id, with ``expanded_from``), verified-present labels plus their ancestors and
+    verified-absent labels plus their descendants (sorted)."""
+    anc_by_cat, desc_by_cat = _category_maps(gt, ancestors)
+    next_id = max((int(a["id"]) for a in gt["annotations"]), default=0) + 1
+    extra = []
+    for a in gt["annotations"]:
+        for anc in anc_by_cat.get(int(a["category_id"]), ()):
+            extra.append({**a, "id": next_id, "category_id": anc, "expanded_from": a.get("id")})
+            next_id += 1
+    images = []
+    for img in gt["images"]:
+        present, absent = set(img.get("verified_present", ())), set(img.get("verified_absent", ()))
+        for c in list(present):
+            present.update(anc_by_cat.get(c, ()))
+        for c in list(absent):
+            absent.update(desc_by_cat.get(c, ()))
+        images.append({**img, "verified_present": sorted(present), "verified_absent": sorted(absent)})
+    return {**gt, "images": images, "annotations": list(gt["annotations"]) + extra}
+
+
+def select_categories(gt, category_ids):
+    """The ground truth of ``category_ids`` only (in that order); every image is kept."""
+    category_ids = [int(c) for c in category_ids]
+    by_id = {int(c["id"]): c for c in gt["categories"]}
+    keep = set(category_ids)
+    images = [
+        {
+            **img,
+            "verified_present": [c for c in img.get("verified_present", ()) if int(c) in keep],
+            "verified_absent": [c for c in img.get("verified_absent", ()) if int(c) in keep],
+        }
+        for img in gt["images"]
+    ]
+    return {
+        **gt,
+        "images": images,
+        "annotations": [a for a in gt["annotations"] if int(a["category_id"]) in keep],
+        "categories": [by_id[c] for c in category_ids],
+    }
 
 
 def test_expand_ground_truth():
@@ -485,9 +537,8 @@ def test_array_expansion_equals_the_dict_path():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from bench_eval import synthetic_oid
 
-    from utils.oid_arrays import oid_gt_arrays
-    from utils.oid_eval import select_categories
-    from utils.voc_eval import gt_to_arrays
+    from metrics.oid.arrays import oid_gt_arrays
+    from metrics.voc import gt_to_arrays
 
     gt, _dets, tree = synthetic_oid(np.random.default_rng(3), 60, 30, 5.0, 5)
     ancestors = load_hierarchy(tree, [c["mid"] for c in gt["categories"]])

@@ -42,8 +42,8 @@ from data.dataset import DetectionDataset
 from data.loaders import build_train_loader, iterate_batches
 from data.transforms import build_transforms
 from layers.matcher import BACKGROUND, IGNORE, match_anchors, pad_targets
+from metrics.oid.submission import oid_submission_to_coco_results, read_oid_submission, write_oid_submission
 from prep import openimages
-from utils.oid_eval import oid_submission_to_coco_results, read_oid_submission, write_oid_submission
 
 SIZE = 64
 CLASSES = [("/m/apple", "Apple"), ("/m/banana", "Banana"), ("/m/cherry", "Cherry"), ("/m/fruit", "Fruit")]

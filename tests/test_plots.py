@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from engine import compute_metrics
+from metrics.metrics_file import metrics_record
+from metrics.voc import pr_envelope
 from utils.errors import UserError
-from utils.metrics_file import metrics_record
 from utils.plots import plot_pr_curves, plot_run, pr_curve_series, read_metrics_jsonl
-from utils.voc_eval import pr_envelope
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "bench"))
 from bench_eval import synthetic_case  # noqa: E402

@@ -8,6 +8,8 @@ Classes: /m/01 Cat, /m/02 Dog, /m/03 "Ball, toy", /m/04 Person, /m/05 Animal (ca
 
 import json
 import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -17,6 +19,9 @@ from PIL import Image, ImageOps
 from data.annotations import load_annotations
 from data.image_io import read_image
 from prep import openimages
+from prep.oid import images as oid_images
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def key(n: int) -> str:
@@ -87,7 +92,7 @@ def oid(tmp_path):
     stored = np.zeros((40, 60, 3), np.uint8)
     stored[0:10, 0:30] = (255, 0, 0)
     exif = Image.Exif()
-    exif[openimages.EXIF_ORIENTATION_TAG] = 6
+    exif[oid_images.EXIF_ORIENTATION_TAG] = 6
     Image.fromarray(stored).save(image_dir / f"{R}.jpg", quality=95, exif=exif)
     (image_dir / f"{U}.jpg").write_bytes(b"this is not a JPEG")
 
@@ -251,13 +256,13 @@ def test_apply_exif_orientation_matches_pil_exif_transpose(orientation):
     stored = np.zeros((7, 10), np.uint8)
     stored[1:3, 2:5] = 255
     image = Image.fromarray(stored)
-    image.getexif()[openimages.EXIF_ORIENTATION_TAG] = orientation
+    image.getexif()[oid_images.EXIF_ORIENTATION_TAG] = orientation
     shown = np.asarray(ImageOps.exif_transpose(image))
     ys, xs = np.nonzero(shown)
     expected = [xs.min() / shown.shape[1], (xs.max() + 1) / shown.shape[1]]
     expected += [ys.min() / shown.shape[0], (ys.max() + 1) / shown.shape[0]]
     coords = np.array([[2 / 10, 5 / 10, 1 / 7, 3 / 7]])
-    got = openimages.apply_exif_orientation(coords, np.array([orientation]))
+    got = oid_images.apply_exif_orientation(coords, np.array([orientation]))
     np.testing.assert_allclose(got[0], expected, atol=1e-12)
 
 
@@ -397,9 +402,25 @@ def test_bad_inputs_raise_naming_the_problem(oid, tmp_path):
 
 
 def test_image_ids_from_keys():
-    assert openimages.image_ids_from_keys(["000002b66c9c498e"]).tolist() == [0x000002B66C9C4]
-    assert openimages.image_ids_from_keys(["ffffffffffffffff"]).tolist() == [2**52 - 1]
+    assert oid_images.image_ids_from_keys(["000002b66c9c498e"]).tolist() == [0x000002B66C9C4]
+    assert oid_images.image_ids_from_keys(["ffffffffffffffff"]).tolist() == [2**52 - 1]
     with pytest.raises(ValueError, match="share their first 13 hex digits"):
-        openimages.image_ids_from_keys(["0000000000001aaa", "0000000000001bbb"])
+        oid_images.image_ids_from_keys(["0000000000001aaa", "0000000000001bbb"])
     with pytest.raises(ValueError, match="'img_1' is not hexadecimal"):
-        openimages.image_ids_from_keys(["img_1"])
+        oid_images.image_ids_from_keys(["img_1"])
+
+
+@pytest.mark.parametrize("command", [["prep/openimages.py"], ["-m", "prep.openimages"]])
+def test_command_lines_write_what_main_writes(oid, tmp_path, command):
+    """`python prep/openimages.py ...` (README.md, prep/README.md) and `python -m prep.openimages ...`, run
+    from the repository root, write the annotation file that main() writes in process."""
+    summary, _ = run(oid)
+    data_root = tmp_path / "cli"
+    options = [f"--{k}={v}" for k, v in oid.items() if k != "data_root"] + [f"--data_root={data_root}"]
+    argv = [sys.executable, *command, "--split", "validation", *options]
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    annotation_file = data_root / "openimages" / "annotations" / "validation.json"
+    assert out.stdout.startswith(f"validation: {annotation_file}\n")
+    with open(summary["output"]) as expected, open(annotation_file) as got:
+        assert got.read() == expected.read()

@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from utils.voc_eval import evaluate_voc, format_voc_table, paired_iou_xyxy, voc_ap
+from metrics.voc import evaluate_voc, format_voc_table, voc_ap
+from utils.box_ops import paired_box_iou_xyxy_np
 
 
 def make_gt(images, annotations, categories):
@@ -88,7 +89,7 @@ def test_iou_equals_devkit_plus_one_on_converted_boxes():
     def convert(b):  # common-format box convention
         return (b[0] - 1, b[1] - 1, b[2], b[3])
 
-    got = paired_iou_xyxy(np.array([convert(b) for b in voc_a]), np.array([convert(b) for b in voc_b]))
+    got = paired_box_iou_xyxy_np(np.array([convert(b) for b in voc_a]), np.array([convert(b) for b in voc_b]))
     np.testing.assert_array_equal(got, expected)
     assert got[2] == 0.0  # adjacent pixels do not overlap
     assert got[3] == pytest.approx(1 / 220)  # one shared pixel: 1 / (100 + 121 - 1)

@@ -53,11 +53,6 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 def reduce_dict(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Average a dict of scalar tensors over all ranks (for logging; the gradients are DDP's job)."""
     if not is_distributed():

@@ -37,25 +37,17 @@ def setup_logging(rank: int = 0, log_file: str | None = None) -> None:
 
 
 class SmoothedValue:
-    """Tracks a series and gives its median/average over a window and its global average."""
+    """Tracks a series and gives its average over the last ``window_size`` values."""
 
     def __init__(self, window_size: int = 20):
         self.values: deque = deque(maxlen=window_size)
-        self.total = 0.0
-        self.count = 0
 
-    def update(self, value: float, n: int = 1) -> None:
+    def update(self, value: float) -> None:
         self.values.append(value)
-        self.total += value * n
-        self.count += n
 
     @property
     def avg(self) -> float:
         return sum(self.values) / max(len(self.values), 1)
-
-    @property
-    def global_avg(self) -> float:
-        return self.total / max(self.count, 1)
 
 
 class MetricLogger:

@@ -25,6 +25,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 import cv2
 import numpy as np
 
+from utils.box_ops import paired_box_iou_xyxy_np
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -91,17 +93,13 @@ def decode(
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_thresh: float) -> np.ndarray:
     """Greedy NMS (as torchvision.ops.nms): indices kept, by decreasing score."""
     order = np.argsort(-scores, kind="stable")
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     keep = []
     while order.size:
         i, rest = order[0], order[1:]
         keep.append(i)
-        lt = np.maximum(boxes[i, :2], boxes[rest, :2])
-        rb = np.minimum(boxes[i, 2:], boxes[rest, 2:])
-        inter = np.clip(rb - lt, 0, None).prod(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            iou = inter / (areas[i] + areas[rest] - inter)
-        order = rest[~(iou > iou_thresh)]  # 0 / 0 (two empty boxes) is NaN: kept, as torchvision does
+        # In the boxes' dtype, as torchvision. Two empty boxes: IoU 0 here, NaN there; kept by both.
+        iou = paired_box_iou_xyxy_np(boxes[i], boxes[rest], dtype=None)  # [len(rest)]
+        order = rest[~(iou > iou_thresh)]
     return np.asarray(keep, dtype=np.int64)
 
 

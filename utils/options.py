@@ -24,10 +24,8 @@ from typing import List
 
 import torch
 
-from data.image_check import CHECK_MODES
-from data.loaders import PIN_MEMORY_MODES
-from data.transforms import AUGMENTATIONS, CROP_RULES
 from layers.anchor_sets import shipped_anchor_file
+from utils.choices import AUGMENTATIONS, CHECK_MODES, CROP_RULES, PIN_MEMORY_MODES
 from utils.cli import BoolAction, OptionParser, add_config_option, str2bool  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)

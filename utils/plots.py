@@ -1,6 +1,6 @@
 """Pictures of metrics: precision/recall curves per class, and a run's loss / lr / mAP curves.
 
-Both read what evaluate.py and train.py already write (the metrics JSON of ``utils.metrics_file`` and
+Both read what evaluate.py and train.py already write (the metrics JSON of ``metrics.metrics_file`` and
 the run folder's ``metrics.jsonl``), so any past run can be drawn again without evaluating. matplotlib
 runs on its Agg backend (no display needed).
 """

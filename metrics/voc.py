@@ -17,9 +17,10 @@ Semantics follow the official VOC devkit (``VOCevaldet.m``, ``VOCap.m``):
   keeps them as (0, 0) entries, which only repeats a (recall, precision) point (or gives a 0/0
   precision that MATLAB's ``max`` skips), so both AP definitions come out the same.
 
-IoU is continuous (no "+1"): by the common format's box convention (x1 = xmin - 1, x2 = xmax for VOC's
-1-based inclusive pixel indices) it equals the devkit's "+1" IoU on the original VOC coordinates
-exactly; see ``paired_iou_xyxy``.
+IoU is continuous (no "+1", ``utils.box_ops.paired_box_iou_xyxy_np`` in float64): by the common format's
+box convention (x1 = xmin - 1, x2 = xmax for VOC's 1-based inclusive pixel indices) it equals the devkit's
+"+1" IoU on the original VOC coordinates exactly, term by term: the overlap width min(x2) - max(x1) is the
+devkit's min(xmax) - max(xmin) + 1 and each box's width x2 - x1 is xmax - xmin + 1 (the same for y).
 
 Ties in score are broken by input order (the detection that comes first in ``detections`` is ranked
 first): a stable sort (``kind="mergesort"``). The devkit's MATLAB ``sort`` is stable too;
@@ -35,8 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.errors import UserError
-from utils.eval_arrays import (  # noqa: F401 - detections/gt column helpers, importable from here too
+from metrics.arrays import (  # noqa: F401 - detections/gt column helpers, importable from here too
     box_column,
     column,
     detections_to_arrays,
@@ -45,6 +45,8 @@ from utils.eval_arrays import (  # noqa: F401 - detections/gt column helpers, im
     positions_of,
     unique_sorted,
 )
+from utils.box_ops import paired_box_iou_xyxy_np
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -52,38 +54,6 @@ logger = logging.getLogger(__name__)
 STATUS_FP = 0
 STATUS_TP = 1
 STATUS_IGNORED = -1
-
-
-def paired_iou_xyxy(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
-    """Element-wise IoU of two equally long box arrays (row i of boxes1 with row i of boxes2).
-
-    torchvision.ops.box_iou computes the full [N, M] matrix; here the (detection, gt) pairs are already
-    restricted to the same image and class, so only the pairs themselves are needed.
-
-    Args:
-        boxes1 (np.ndarray[P, 4]): xyxy, continuous pixel coordinates.
-        boxes2 (np.ndarray[P, 4]): xyxy, continuous pixel coordinates.
-
-    Returns:
-        np.ndarray[P] float64: intersection / union, 0 where the union is empty.
-
-    With VOC's 1-based inclusive indices converted as x1 = xmin - 1, x2 = xmax (and the same for y),
-    the width min(x2) - max(x1) equals the devkit's min(xmax) - max(xmin) + 1 and each box's width
-    x2 - x1 equals xmax - xmin + 1, so this is the devkit's "+1" IoU, term by term.
-    """
-    boxes1 = np.asarray(boxes1, dtype=np.float64)
-    boxes2 = np.asarray(boxes2, dtype=np.float64)
-    inter_w = np.clip(
-        np.minimum(boxes1[:, 2], boxes2[:, 2]) - np.maximum(boxes1[:, 0], boxes2[:, 0]), 0, None
-    )
-    inter_h = np.clip(
-        np.minimum(boxes1[:, 3], boxes2[:, 3]) - np.maximum(boxes1[:, 1], boxes2[:, 1]), 0, None
-    )
-    inter = inter_w * inter_h
-    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
-    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
-    union = area1 + area2 - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def pairs_within_groups(det_keys: np.ndarray, gt_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -264,7 +234,7 @@ def match_detections_voc(
     det_keys = det_img * num_classes + det_cls
     gt_keys = gt_arrays["img"] * num_classes + gt_arrays["cls"]
     det_idx, gt_idx = pairs_within_groups(det_keys, gt_keys)
-    ious = paired_iou_xyxy(det_boxes[det_idx], gt_arrays["boxes"][gt_idx])
+    ious = paired_box_iou_xyxy_np(det_boxes[det_idx], gt_arrays["boxes"][gt_idx])  # float64
     max_iou, best_gt = best_match_per_detection(num_det, det_idx, gt_idx, ious)
     # The devkit only considers boxes that overlap (iw > 0 and ih > 0).
     matched = (max_iou >= iou_thresh) & (max_iou > 0)

@@ -5,13 +5,13 @@ and then convert it to arrays; at Open Images validation size (40k images, ~300k
 that took most of its time. ``oid_gt_arrays`` gives the same arrays, in the same order, directly:
 
 - boxes: the original annotations first, then one copy per (box, ancestor) in annotation order and the
-  ancestor order of ``load_hierarchy`` (exactly ``expand_ground_truth``'s order, which decides ties);
+  ancestor order of ``load_hierarchy`` (exactly the dict path's order, which decides ties);
 - the (image, class) pairs where a class is evaluated: verified-present labels and their ancestors,
   verified-absent labels and their descendants, and the classes of the (expanded) boxes;
-- restricted to ``category_ids`` (in that order) after the expansion, as ``select_categories``.
+- restricted to ``category_ids`` (in that order) after the expansion.
 
-tests/test_oid_eval.py checks it against the dict path (``expand_ground_truth`` + ``select_categories``
-+ ``gt_to_arrays``).
+tests/test_oid_eval.py keeps the dict path (``expand_ground_truth`` + ``select_categories``) and checks
+this against it followed by ``gt_to_arrays``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from metrics.arrays import gt_to_arrays, positions_of, unique_sorted
 from utils.errors import UserError
-from utils.eval_arrays import gt_to_arrays, positions_of, unique_sorted
 
 
 def csr_from_lists(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,1 @@
+"""The Open Images challenge metric, its class hierarchy and its submission CSV."""
