@@ -205,7 +205,7 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
     device = resolve_device(args.device)
     dist_info = dist_utils.init_distributed(device, args.dist_timeout)
     rank, world_size = dist_info["rank"], dist_info["world_size"]
-    if device.type == "cuda" and world_size > 1:
+    if device.type == "cuda" and dist_utils.is_distributed():
         device = torch.device("cuda", dist_info["local_rank"])
     torch.manual_seed(args.man_seed + rank)
 
@@ -307,9 +307,14 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
         ema.load(checkpoint["model_ema"], checkpoint["ema_updates"])
 
     model_without_ddp = model
-    if world_size > 1:
+    if dist_utils.is_distributed():  # under torchrun, one process included (as torchvision's reference)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        logger.info(
+            "DistributedDataParallel over %d processes (%s backend)",
+            world_size,
+            torch.distributed.get_backend(),
         )
     if args.compile:  # in place, after the EMA's copy: the same parameters and state-dict keys
         compile_network(model_without_ddp, args.compile_mode)
