@@ -29,7 +29,7 @@ def eager_backend(monkeypatch):
     torch._dynamo.reset()
     real_compile = torch.compile
 
-    def compile_eager(fn, *args, mode=None, **kwargs):
+    def compile_eager(fn, *args, mode=None, backend=None, **kwargs):
         return real_compile(fn, *args, backend="eager", **kwargs)
 
     monkeypatch.setattr(torch, "compile", compile_eager)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 from typing import List
 
-import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -32,13 +31,15 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 NETWORK_PARTS = ("backbone", "fpn", "head")
 
 
-def compile_network(model: nn.Module, mode: str = "default") -> List[str]:
+def compile_network(model: nn.Module, mode: str = "default", backend: str = "inductor") -> List[str]:
     """Compile ``model``'s network parts (NETWORK_PARTS that it has) in place; returns their names.
 
     Args:
         model: the detector itself, not a DDP or FlipTTA wrapper (their ``module`` / ``model``).
         mode: torch.compile's mode: "default", "reduce-overhead" (CUDA graphs on CUDA; on the CPU the
             same as default) or "max-autotune" (benchmarks kernel choices while compiling: slower start).
+        backend: torch.compile's backend; "eager" captures the graphs with dynamo and runs them op by
+            op (seconds to compile, no speed-up: bench/gpu_suite.py --tiny checks the plumbing with it).
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
@@ -46,20 +47,17 @@ def compile_network(model: nn.Module, mode: str = "default") -> List[str]:
     if not parts:
         raise ValueError(f"{type(model).__name__} has none of the network parts {NETWORK_PARTS} to compile")
     for name in parts:
-        getattr(model, name).compile(mode=mode)
-    logger.info("torch.compile (mode %s) of %s: compiled at the first call", mode, ", ".join(parts))
+        # inductor's modes only: the other backends take no mode
+        getattr(model, name).compile(**({"mode": mode} if backend == "inductor" else {}), backend=backend)
+    logger.info(
+        "torch.compile (mode %s) of %s: compiled at the first call%s",
+        mode,
+        ", ".join(parts),
+        "" if backend == "inductor" else f" (backend {backend})",
+    )
     return parts
 
 
 def is_compiled(module: nn.Module) -> bool:
     """True when ``module`` was compiled in place (``nn.Module.compile``)."""
     return getattr(module, "_compiled_call_impl", None) is not None
-
-
-def reset_compiled(model: nn.Module) -> None:
-    """Undo ``compile_network`` (the parts run eagerly again) and drop dynamo's caches."""
-    for name in NETWORK_PARTS:
-        part = getattr(model, name, None)
-        if isinstance(part, nn.Module):
-            part._compiled_call_impl = None
-    torch._dynamo.reset()
