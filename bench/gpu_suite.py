@@ -18,7 +18,8 @@ they run (the headline figures first):
   references/detection train loop. Both are fed the same synthetic in-memory batch.
 - memory_ours, memory_torchvision: peak torch.cuda.max_memory_allocated of one COCO training step (forward
   + loss + backward; weights and gradients included, no optimizer state) in the same setting, batch 24,
-  600 px, bf16 + channels-last; ours also in fp32 (memory_ours_fp32). On the CPU: peak RSS instead.
+  600 px, bf16 + channels-last (ours in fp32 NCHW too: memory_ours_fp32, the last step). On the CPU:
+  peak RSS instead.
 - pytest_cuda: ``pytest -m cuda tests/test_cuda.py`` (passed / failed / skipped counts, failed names).
 - train_ours_compiled: train_ours with --compile (utils/compile.py; the warm-up includes compilation,
   whose time is recorded). --tiny compiles with dynamo's eager backend: the plumbing, not the speed.
@@ -64,12 +65,12 @@ STEP_BOXES = (
     ("train_torchvision", 90),
     ("memory_ours", 60),
     ("memory_torchvision", 60),
-    ("memory_ours_fp32", 60),
     ("pytest_cuda", 210),
     ("train_ours_compiled", 180),
     ("data_loader", 60),
     ("data_per_worker", 60),
     ("components", 90),
+    ("memory_ours_fp32", 60),
 )
 STEPS = tuple(name for name, _ in STEP_BOXES)
 MIN_STEP_S = 10  # a step is not started with less than this left

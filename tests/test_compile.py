@@ -13,8 +13,10 @@ import pytest
 import torch
 from tiny_shapes import MODEL_OPTS, make_tiny_shapes
 
+import evaluate
 import train
 from models import build_model
+from models.predictor import Detector
 from utils.checkpoint import load_checkpoint
 from utils.compile import NETWORK_PARTS, compile_network, is_compiled
 from utils.options import check_common_args, get_common_parser, resolve_defaults
@@ -104,6 +106,29 @@ def test_train_compile_writes_the_eager_checkpoint(data_root, tmp_path, eager_ba
     assert compiled_losses == eager_losses
     # Resuming the compiled run's checkpoint without --compile (and the reverse) is allowed.
     train_run(data_root, tmp_path, "compiled", "--ema", "--resume", "auto", "--max_iter", "3")
+
+
+def test_detector_and_evaluate_compile_give_the_eager_detections(data_root, tmp_path, eager_backend):
+    """Detector.from_checkpoint(compile=True) and evaluate.py --compile: compiled parts, same results;
+    a checkpoint trained with --compile does not make inference compile."""
+    train_run(data_root, tmp_path, "r", "--compile")
+    checkpoint = str(tmp_path / "r" / "model_000002.pth")
+    image = torch.rand(3, 64, 64)
+    eager = Detector.from_checkpoint(checkpoint, device="cpu", conf_thresh=0.0)
+    compiled = Detector.from_checkpoint(checkpoint, device="cpu", conf_thresh=0.0, compile=True)
+    assert not is_compiled(eager.model.backbone) and is_compiled(compiled.model.backbone)
+    expected, got = eager(image), compiled(image)
+    assert len(expected["scores"]) > 0
+    for key in ("boxes", "scores", "labels"):
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+    argv = MODEL_OPTS + ["--data_root", data_root, "--checkpoint", checkpoint, "--conf_thresh", "0.01"]
+    metrics = [
+        evaluate.main(
+            evaluate.get_args_parser().parse_args(argv + extra + ["--save_path", str(tmp_path / n)])
+        )
+        for n, extra in (("eager", []), ("compiled", ["--compile"]))
+    ]
+    assert metrics[0][checkpoint] == metrics[1][checkpoint]
 
 
 @pytest.mark.slow
