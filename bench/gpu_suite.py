@@ -76,7 +76,7 @@ STEPS = tuple(name for name, _ in STEP_BOXES)
 MIN_STEP_S = 10  # a step is not started with less than this left
 # --tiny: every step takes seconds on an idle CPU, but minutes where the CPU is shared (a box per step;
 # the budget --tiny_budget_s)
-TINY_BOX_S = 300
+TINY_BOX_S = 600
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -94,7 +94,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--budget_s",
         type=float,
         default=None,
-        help="the whole suite's wall-clock limit (default 480 s; --tiny: 1800 s, for shared CPUs)",
+        help="the whole suite's wall-clock limit (default 480 s; --tiny: 3600 s, for shared CPUs)",
     )
     parser.add_argument(
         "--steps", default=",".join(STEPS), help=f"comma-separated subset of: {', '.join(STEPS)}"
@@ -578,7 +578,13 @@ def figures_and_targets(steps: Dict[str, Dict[str, Any]], config: Dict[str, Any]
     for name in ("data_loader", "data_per_worker", "components"):
         r = result(name)
         if isinstance(r, dict):
-            figures.update({f"{name}.{k}": v for k, v in r.items() if isinstance(v, (int, float))})
+            figures.update(
+                {
+                    f"{name}.{k}": v
+                    for k, v in r.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
+            )
 
     judged = config["device"].startswith("cuda") and not config["tiny"]
 
@@ -631,7 +637,7 @@ def run_suite(args: argparse.Namespace) -> Dict[str, Any]:
         "figures": {},
         "targets": {},
     }
-    budget_s = args.budget_s if args.budget_s is not None else (1800.0 if config["tiny"] else 480.0)
+    budget_s = args.budget_s if args.budget_s is not None else (3600.0 if config["tiny"] else 480.0)
     if budget_s <= 0:
         raise SystemExit(f"--budget_s must be positive, got {budget_s}")
     report["budget_s"] = budget_s
