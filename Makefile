@@ -2,7 +2,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv shapes demo test test-slow lint bench clean-venv
+.PHONY: venv shapes demo test test-slow lint bench gpu-suite clean-venv
 
 # The venv is (re)built whenever it is missing. PIP_CONSTRAINT reaches pip's isolated build
 # environments too, which `-c` alone does not (see constraints.txt for why we need it).
@@ -69,6 +69,12 @@ lint: $(BIN)/python
 
 bench: $(BIN)/python
 	$(BIN)/python bench/bench_components.py
+
+# The GPU path in one run of at most 8 minutes (bench/gpu_suite.py): ONE JSON of every figure. No venv
+# needed: a GPU machine's own python3 (offline) runs it; GPU_SUITE_OPTS="--device cpu --tiny" on a CPU.
+GPU_SUITE_OPTS ?=
+gpu-suite:
+	bash bench/gpu_suite.sh $(GPU_SUITE_OPTS)
 
 clean-venv:
 	rm -rf $(VENV)

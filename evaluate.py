@@ -37,6 +37,7 @@ from layers.tta import FlipTTA
 from metrics.coco import write_coco_results
 from utils import distributed as dist_utils
 from utils.checkpoint import build_model_from_checkpoint, checkpoint_iteration, list_checkpoints
+from utils.compile import compile_network
 from utils.errors import UserError, run_cli
 from utils.logger import setup_logging
 from utils.options import (
@@ -270,6 +271,8 @@ def evaluate_all(args: argparse.Namespace, device: torch.device) -> Dict[str, An
     summary: Dict[str, Any] = {}
     for path in paths:
         model, postprocessor, run_args, _ = build_model_from_checkpoint(path, args, parser, device)
+        if args.compile:  # this command's --compile, not the checkpoint's
+            compile_network(model, args.compile_mode)
         dataset = build_dataset(run_args, run_args.val_sets, train=False)
         if run_args.class_names is not None and run_args.category_ids is not None:
             try:

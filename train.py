@@ -17,6 +17,9 @@ Learning-rate rule: keep ``lr / total_batch`` constant, total_batch = batch_size
 original settings are lr 0.0005 at a total batch of 24 (scale linearly, with --warmup_iters for
 large batches).
 
+Compiled (``--compile``, utils/compile.py): the backbone, FPN and heads run through torch.compile; the
+checkpoints are the same as without it, so a run may be resumed with or without ``--compile``.
+
 Resume: ``--resume auto`` continues from the newest checkpoint of the run folder (or give a path);
 the schedule, optimizer, scaler, data order, augmentation and every process's torch generators (which
 Faster R-CNN's RPN and RoI sampling draw from) continue exactly where they stopped.
@@ -57,6 +60,7 @@ from utils.checkpoint import (
     save_checkpoint,
     state_dict_mismatch,
 )
+from utils.compile import compile_network
 from utils.ema import ModelEMA
 from utils.errors import CheckpointError, run_cli
 from utils.init_from import check_resumable, init_model_from
@@ -201,7 +205,7 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
     device = resolve_device(args.device)
     dist_info = dist_utils.init_distributed(device, args.dist_timeout)
     rank, world_size = dist_info["rank"], dist_info["world_size"]
-    if device.type == "cuda" and world_size > 1:
+    if device.type == "cuda" and dist_utils.is_distributed():
         device = torch.device("cuda", dist_info["local_rank"])
     torch.manual_seed(args.man_seed + rank)
 
@@ -303,10 +307,17 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
         ema.load(checkpoint["model_ema"], checkpoint["ema_updates"])
 
     model_without_ddp = model
-    if world_size > 1:
+    if dist_utils.is_distributed():  # under torchrun, one process included (as torchvision's reference)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+        logger.info(
+            "DistributedDataParallel over %d processes (%s backend)",
+            world_size,
+            torch.distributed.get_backend(),
+        )
+    if args.compile:  # in place, after the EMA's copy: the same parameters and state-dict keys
+        compile_network(model_without_ddp, args.compile_mode)
 
     train_loader = build_train_loader(
         train_set,

@@ -145,8 +145,10 @@ class Detector:
         (or the command line's, for a script), True/False forces it. batch_size: default the
         checkpoint's ``--eval_batch_size``. overrides: post-processing options of utils/options.py
         (``conf_thresh=0.01``, ``nms_thresh``, ``topk``, ``pre_nms_topk``, ``class_agnostic_nms``) and
-        ``tta="flip"``, which win over the checkpoint's. Scripts pass their parsed ``cli_args`` and
-        ``parser`` instead, so that every typed option wins as in evaluate.py.
+        ``tta="flip"``, which win over the checkpoint's, and ``compile=True`` (``compile_mode=...``):
+        torch.compile the network (utils/compile.py; the first batch of each input size compiles).
+        Scripts pass their parsed ``cli_args`` and ``parser`` instead, so that every typed option wins
+        as in evaluate.py.
         """
         from utils.checkpoint import build_model_from_checkpoint
         from utils.options import OptionParser, amp_dtype_of, get_common_parser, resolve_device
@@ -165,6 +167,10 @@ class Detector:
             raise UserError("Detector.from_checkpoint: give either cli_args or option overrides, not both")
         device = resolve_device(None if device is None else str(device))
         model, postprocessor, run_args, _ = build_model_from_checkpoint(path, cli_args, parser, device)
+        if getattr(cli_args, "compile", False):  # compile=True or --compile, never the checkpoint's
+            from utils.compile import compile_network
+
+            compile_network(model, cli_args.compile_mode)
         if amp is not None:
             run_args.amp = amp
         amp_dtype = None

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from tiny_shapes import MODEL_OPTS, ROOT, TRAIN_OPTS, make_tiny_shapes
 
 import evaluate
@@ -215,3 +216,26 @@ def test_torchrun_validation_and_evaluate_match_one_process(data_root, tmp_path)
     (detections,) = glob.glob(str(tmp_path / "two" / "detections_*.json"))
     (reference,) = glob.glob(str(tmp_path / "one" / "detections_*.json"))
     assert len(json.load(open(detections))) == len(json.load(open(reference)))
+
+
+def test_torchrun_one_process_wraps_ddp_and_trains_like_one_process(data_root, tmp_path):
+    """torchrun --nproc_per_node 1: DDP over one gloo process (as torchvision's reference does), whose
+    all-reduce averages one gradient: the weights of a plain run (tests/test_cuda.py does it with NCCL)."""
+    argv = MODEL_OPTS + TRAIN_OPTS + ["--data_root", data_root, "--save_root", str(tmp_path)]
+    argv += ["--max_iter", "2", "--step_values", "", "--save_step", "2", "--no_val"]
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"]
+        + ["--master_port", str(free_port()), os.path.join(ROOT, "train.py"), *argv, "--run_name", "ddp"],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    with open(tmp_path / "ddp" / "train.log") as f:
+        assert "DistributedDataParallel over 1 processes (gloo backend)" in f.read()
+    train.main(train.get_args_parser().parse_args(argv + ["--run_name", "single"]))
+    ddp = torch.load(tmp_path / "ddp" / "model_000002.pth", weights_only=True)["model"]
+    single = torch.load(tmp_path / "single" / "model_000002.pth", weights_only=True)["model"]
+    assert list(ddp) == list(single)
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-5, atol=1e-6)

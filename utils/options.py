@@ -27,6 +27,7 @@ import torch
 from layers.anchor_sets import shipped_anchor_file
 from utils.choices import AUGMENTATIONS, CHECK_MODES, CROP_RULES, PIN_MEMORY_MODES
 from utils.cli import BoolAction, OptionParser, add_config_option, str2bool  # noqa: F401 (re-exported)
+from utils.compile import COMPILE_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -477,6 +478,20 @@ def get_common_parser() -> argparse.ArgumentParser:
         help="NHWC weights and activations: faster convolutions with oneDNN on CPU (most of all with "
         "--amp bf16 on CPUs with AMX) and with tensor cores on GPU; results are unchanged",
     )
+    g.add_argument(
+        "--compile",
+        action=BoolAction,
+        help="torch.compile the network (backbone, FPN, heads; not the loss or post-processing) in place: "
+        "checkpoints are the same with or without it (utils/compile.py). A choice of this command only, "
+        "never taken from a checkpoint. The first iterations compile (about a minute on a GPU)",
+    )
+    g.add_argument(
+        "--compile_mode",
+        default="default",
+        choices=COMPILE_MODES,
+        help="torch.compile mode with --compile: reduce-overhead adds CUDA graphs, max-autotune also "
+        "benchmarks kernels while compiling (a longer start)",
+    )
     add_config_option(g)
 
     # * The original codebase's options that have no equivalent here (its other names are aliases above:
@@ -818,6 +833,8 @@ def check_common_args(args: argparse.Namespace) -> None:
         errors.append(
             f"--ema_decay must be in [0, 1) and --ema_tau >= 0, got {args.ema_decay}, {args.ema_tau}"
         )
+    if getattr(args, "compile_mode", "default") != "default" and not getattr(args, "compile", False):
+        errors.append(f"--compile_mode {args.compile_mode} needs --compile")
     if args.tta != "none" and args.arch != "fpn_ohem":
         errors.append(f"--tta {args.tta} applies to --arch fpn_ohem only")
     # A NaN fails every range check too: report it once, as not finite.

@@ -39,6 +39,8 @@ FREE_OPTIONS = frozenset(
         "save_root",
         "data_root",
         "device",
+        "compile",  # the same weights train eagerly or compiled (utils/compile.py)
+        "compile_mode",
         "num_workers",
         "pin_memory",
         "persistent_workers",
