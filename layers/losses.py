@@ -321,7 +321,8 @@ class _SigmoidFocalSum(torch.autograd.Function):
         negative_sum = row_sums.double().dot(row_valid.double())
         x = logits[pos_rows, pos_cols]
         p = torch.sigmoid(x)
-        positive_sum = (w_pos * (1 - p).pow(gamma) * F.softplus(-x) - w_neg * p.pow(gamma) * F.softplus(x)).sum()
+        positive_terms = w_pos * (1 - p).pow(gamma) * F.softplus(-x) - w_neg * p.pow(gamma) * F.softplus(x)
+        positive_sum = positive_terms.sum()
         loss = ((w_neg * negative_sum + positive_sum) / normaliser).float()
         if needs_grad:
             d_positive = -((1 - p).pow(gamma) * (gamma * p * F.softplus(-x) + (1 - p)))
