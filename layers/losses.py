@@ -320,12 +320,12 @@ class _SigmoidFocalSum(torch.autograd.Function):
         # float64 for the sum over M rows, whose float32 rounding would reach 1e-6 of the total.
         negative_sum = row_sums.double().dot(row_valid.double())
         x = logits[pos_rows, pos_cols]
-        p = torch.sigmoid(x)
-        positive_terms = w_pos * (1 - p).pow(gamma) * F.softplus(-x) - w_neg * p.pow(gamma) * F.softplus(x)
+        p, q = torch.sigmoid(x), torch.sigmoid(-x)  # q = 1 - p, without the cancellation for p near 1
+        positive_terms = w_pos * q.pow(gamma) * F.softplus(-x) - w_neg * p.pow(gamma) * F.softplus(x)
         positive_sum = positive_terms.sum()
         loss = ((w_neg * negative_sum + positive_sum) / normaliser).float()
         if needs_grad:
-            d_positive = -((1 - p).pow(gamma) * (gamma * p * F.softplus(-x) + (1 - p)))
+            d_positive = -(q.pow(gamma) * (gamma * p * F.softplus(-x) + q))
             if w_neg == 0:  # negatives weigh nothing: no common factor to take out
                 grad.zero_()
                 grad[pos_rows, pos_cols] = w_pos * d_positive
