@@ -17,8 +17,9 @@ class PostProcess(nn.Module):
 
     Steps: per level, scores above ``conf_thresh`` (strictly), the ``pre_nms_topk`` best (anchor, class)
     pairs per image; decode those boxes and clip them to the image's valid (unpadded) size; NMS per image
-    and class (or per image with ``class_agnostic``) as ONE ``batched_nms`` call over the batch; keep the
-    ``max_detections`` best per image; map to original image pixels.
+    and class (or per image with ``class_agnostic``) for the whole batch at once (CUDA: one
+    ``batched_nms``; CPU: ``_nms_sorted_groups``, the same result); keep the ``max_detections`` best per
+    image; map to original image pixels.
 
     Args:
         box_coder: decodes the deltas (same variances as in training).
