@@ -139,15 +139,13 @@ class PostProcess(nn.Module):
                 scores = sel.sigmoid()
             scores = scores.reshape(num_images, -1)  # [N, k * K], anchor-major
             scores = scores.masked_fill(scores <= self.conf_thresh, -1.0)
-            top_scores, top_idxs = _topk_above(
-                scores, min(self.pre_nms_topk, scores.shape[1]), self.conf_thresh
-            )
+            top_scores, top_idxs = scores.topk(min(self.pre_nms_topk, scores.shape[1]), dim=1)
             cand_scores.append(top_scores)
             cand_anchor_idxs.append(top_anchors.gather(1, top_idxs // num_classes) + start)
             cand_labels.append(top_idxs % num_classes)
             start += num_level
         scores = torch.cat(cand_scores, dim=1)  # [N, M]
-        keep = scores > self.conf_thresh  # -1 (or -inf): below threshold
+        keep = scores > self.conf_thresh  # -1: below threshold
         image_idxs = torch.arange(num_images, device=device)[:, None].expand_as(scores)[keep]
         scores = scores[keep]
         anchor_idxs = torch.cat(cand_anchor_idxs, dim=1)[keep]
@@ -218,6 +216,7 @@ _LOGSUMEXP_ROWS = 4096
 # _nms_sorted_groups resolves groups of up to this many boxes with vectorised pairwise IoUs (at most
 # 128 * 127 / 2 pairs per group) and calls torchvision's nms for larger ones.
 _NMS_VECTOR_MAX = 128
+_NMS_PAIRS_PER_CHUNK = 1 << 15
 
 
 def _logsumexp_last(x: Tensor) -> Tensor:
@@ -231,36 +230,6 @@ def _logsumexp_last(x: Tensor) -> Tensor:
             rows = slice(begin, begin + _LOGSUMEXP_ROWS)
             torch.logsumexp(x[i, rows], dim=1, out=out[i, rows])
     return out
-
-
-def _topk_above(scores: Tensor, k: int, threshold: float) -> Tuple[Tensor, Tensor]:
-    """``scores.topk(k, dim=1)`` for the entries above ``threshold``; the others are dropped by the caller.
-
-    scores (Tensor[N, S]). Returns values and indices (Tensor[N, k]): per row the entries > threshold in
-    topk's order, then -inf (index 0) where a row has fewer than k. On CPU only the entries above the
-    threshold are sorted (a few % of them after training) instead of a top-k over all S. Where two of
-    them are equal among a row's first k + 1 (topk orders equal values its own way, and may cut between
-    them), or a score is NaN, this calls topk itself, so the result is always topk's.
-    """
-    if scores.device.type != "cpu":
-        return scores.topk(k, dim=1)
-    num_rows = scores.shape[0]
-    rows, cols = (scores > threshold).nonzero(as_tuple=True)
-    values = scores[rows, cols]
-    order = torch.argsort(values, descending=True, stable=True)
-    order = order[torch.argsort(rows[order], stable=True)]  # by row, then decreasing value
-    rows, cols, values = rows[order], cols[order], values[order]
-    counts = torch.bincount(rows, minlength=num_rows)
-    rank = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
-    tied = (values[1:] == values[:-1]) & (rows[1:] == rows[:-1]) & (rank[1:] <= k)
-    if bool(tied.any()) or bool(scores.isnan().any()):
-        return scores.topk(k, dim=1)
-    first_k = rank < k
-    top_values = scores.new_full((num_rows, k), float("-inf"))
-    top_idxs = torch.zeros((num_rows, k), dtype=torch.int64, device=scores.device)
-    top_values[rows[first_k], rank[first_k]] = values[first_k]
-    top_idxs[rows[first_k], rank[first_k]] = cols[first_k]
-    return top_values, top_idxs
 
 
 def _nms_sorted_groups(boxes: Tensor, scores: Tensor, group_sizes: Tensor, iou_threshold: float) -> Tensor:
@@ -293,27 +262,40 @@ def _nms_sorted_groups(boxes: Tensor, scores: Tensor, group_sizes: Tensor, iou_t
     # Pairs (i, j), i before j, within the small groups: position p pairs with the rest of its group.
     size_per_box = torch.repeat_interleave(group_sizes, group_sizes)
     rank = torch.arange(num_boxes) - torch.repeat_interleave(starts, group_sizes)
-    partners = torch.where(size_per_box <= _NMS_VECTOR_MAX, size_per_box - 1 - rank, 0)
-    first = torch.repeat_interleave(torch.arange(num_boxes), partners)
-    offsets = torch.arange(first.numel()) - torch.repeat_interleave(
-        torch.cumsum(partners, 0) - partners, partners
-    )
-    second = first + 1 + offsets
-    # As torchvision's nms_kernel: areas (x2 - x1) * (y2 - y1); w, h = max(0, min(x2) - max(x1)), ...;
-    # ovr = inter / (area_i + area_j - inter) in the boxes' dtype; suppress if ovr > threshold (a double).
+    partners = torch.where(size_per_box <= _NMS_VECTOR_MAX, size_per_box - 1 - rank, 0)  # [M]
     x1, y1, x2, y2 = (c.contiguous() for c in boxes.unbind(1))
     areas = (x2 - x1) * (y2 - y1)
-
-    def pair(values: Tensor) -> Tuple[Tensor, Tensor]:  # index_select: much faster than values[idxs]
-        return values.index_select(0, first), values.index_select(0, second)
-
-    w = torch.minimum(*pair(x2)).sub_(torch.maximum(*pair(x1))).clamp_(min=0)
-    h = torch.minimum(*pair(y2)).sub_(torch.maximum(*pair(y1))).clamp_(min=0)
-    inter = w.mul_(h)
-    area_first, area_second = pair(areas)
-    iou = inter / area_first.add_(area_second).sub_(inter)
-    overlapping = iou.double() > iou_threshold
-    first, second = first[overlapping], second[overlapping]
+    # The pairs of a run of positions at a time, about _NMS_PAIRS_PER_CHUNK: [pairs] temporaries of a few
+    # hundred kB, reused, where all pairs at once (a million on bench_components' batch) would be fresh
+    # pages for each of the twenty operations below.
+    pairs_before = torch.cumsum(partners, 0) - partners
+    bounds = torch.searchsorted(pairs_before, torch.arange(0, int(partners.sum()), _NMS_PAIRS_PER_CHUNK))
+    overlapping_pairs = []
+    for lo, hi in zip(bounds.tolist(), bounds[1:].tolist() + [num_boxes]):
+        count = partners[lo:hi]
+        first = torch.repeat_interleave(torch.arange(lo, hi), count)
+        second = first + 1 + torch.arange(first.numel()) - torch.repeat_interleave(pairs_before[lo:hi], count)
+        second += pairs_before[lo]  # (pairs_before counts from position 0, the chunk's arange from 0)
+        # index_select: much faster than values[first] for many indices
+        pair = lambda values, first=first, second=second: (  # noqa: E731
+            values.index_select(0, first),
+            values.index_select(0, second),
+        )
+        # As torchvision's nms_kernel: areas (x2 - x1) * (y2 - y1); w, h = max(0, min(x2) - max(x1)), ...;
+        # ovr = inter / (area_i + area_j - inter) in the boxes' dtype; suppress if ovr > threshold (double).
+        w = torch.minimum(*pair(x2)).sub_(torch.maximum(*pair(x1))).clamp_(min=0)
+        h = torch.minimum(*pair(y2)).sub_(torch.maximum(*pair(y1))).clamp_(min=0)
+        inter = w.mul_(h)
+        area_first, area_second = pair(areas)
+        iou = inter / area_first.add_(area_second).sub_(inter)
+        overlapping = iou.double() > iou_threshold
+        overlapping_pairs.append((first[overlapping], second[overlapping]))
+    first = (
+        torch.cat([f for f, _ in overlapping_pairs])
+        if overlapping_pairs
+        else torch.zeros(0, dtype=torch.int64)
+    )
+    second = torch.cat([s for _, s in overlapping_pairs]) if overlapping_pairs else first
 
     small_keep = torch.ones(num_boxes, dtype=torch.bool)
     while True:

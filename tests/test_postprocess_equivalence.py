@@ -13,7 +13,7 @@ from torchvision.ops import batched_nms, nms
 import layers.postprocess as postprocess
 from layers.anchors import AnchorGenerator, predefined_anchor_whs
 from layers.box_coder import BoxCoder
-from layers.postprocess import PostProcess, _nms_sorted_groups, _topk_above
+from layers.postprocess import PostProcess, _nms_sorted_groups
 
 
 class ReferencePostProcess(PostProcess):
@@ -290,9 +290,11 @@ def test_same_detections_as_before(score_type, columns, case, settings):
 @pytest.mark.parametrize("score_type, columns", [("sigmoid", 4), ("softmax", 5)])
 def test_same_detections_with_large_groups_and_small_chunks(score_type, columns, monkeypatch):
     """Groups beyond _NMS_VECTOR_MAX go to torchvision's nms, mixed with vectorised ones; the softmax
-    normaliser in chunks of 7 rows gives the same values as in one piece."""
+    normaliser in chunks of 7 rows, and the NMS pairs in chunks of about 5, give the same result as in
+    one piece."""
     monkeypatch.setattr(postprocess, "_NMS_VECTOR_MAX", 3)
     monkeypatch.setattr(postprocess, "_LOGSUMEXP_ROWS", 7)
+    monkeypatch.setattr(postprocess, "_NMS_PAIRS_PER_CHUNK", 5)
     g = torch.Generator().manual_seed(11)
     outputs = _outputs(g, columns=columns, spread=3.0)
     settings = {**OUR_PROTOCOL, "nms_thresh": 0.4}
@@ -381,20 +383,3 @@ def test_nms_sorted_groups_long_suppression_chain():
     kept = _nms_sorted_groups(boxes, scores, torch.tensor([num_boxes]), 0.5)
     assert torch.equal(kept, nms(boxes, scores, 0.5))
     assert torch.equal(kept, torch.arange(0, num_boxes, 2))
-
-
-@pytest.mark.parametrize("quantise", [None, 4])
-def test_topk_above_equals_topk(quantise):
-    g = torch.Generator().manual_seed(3)
-    scores = torch.rand(5, 3000, generator=g)
-    if quantise:
-        scores = (scores * quantise).round() / quantise
-    scores = scores.masked_fill(scores <= 0.9, -1.0)
-    scores[3] = -1.0  # a row with nothing above
-    for k in (1, 17, 300, 3000):
-        values, idxs = _topk_above(scores, k, 0.9)
-        expected_values, expected_idxs = scores.topk(k, dim=1)
-        above = expected_values > 0.9
-        assert torch.equal(values > 0.9, above)
-        assert torch.equal(values[above], expected_values[above])
-        assert torch.equal(idxs[above], expected_idxs[above])
