@@ -8,7 +8,9 @@ Both sides get the same seeded tensors: a batch of ``--batch_size`` (8) images a
 columns, 2 to 20 ground-truth boxes per image, the 67,995 anchors of P3..P7 (9 per location).
 - loss: our OHEM MultiBoxLoss (80 classes + background = 81 columns) and our FocalLoss (81 classes) vs
   ``RetinaNet.compute_loss`` (its Matcher on box_iou per image, then the head's focal + L1 losses). The
-  forward pass only, on logits that require grad (so both sides record their autograd graph).
+  forward pass only, on logits that require grad (so both sides record their autograd graph); then
+  forward + backward (``*_fwd_bwd``, the figures to compare: our FocalLoss computes its gradient during
+  the forward pass, so its forward row includes most of its backward).
 - postprocess: ours (sigmoid, also softmax for information) vs ``RetinaNet.postprocess_detections`` on the
   outputs split per level, both with score 0.05, 1000 candidates per level, NMS 0.5, 100 detections.
   Logits are N(-6, 1.5^2), so about 2 % of the (anchor, class) pairs pass 0.05: the trained-model

@@ -19,6 +19,9 @@ from layers.matcher import BACKGROUND, match_anchors, pad_targets
 
 # How anchors become positives: fixed IoU thresholds (match_anchors) or adaptive (ATSS).
 MATCHERS = ("iou", "atss")
+# label_anchors matches this many (image, gt, anchor) IoUs at a time (at least one image): 4 MB per
+# [n, G, A] float32 buffer.
+_MATCH_CHUNK_ELEMENTS = 1 << 20
 
 logger = logging.getLogger(__name__)
 
@@ -88,29 +91,42 @@ class _AnchorLoss(nn.Module):
         gt_boxes_per_anchor [N, A, 4] (the matched gt box; meaningless unless positive).
         ``num_anchors_per_level`` (A_l per level) is needed by the ATSS matcher only."""
         gt_boxes, gt_labels, gt_valid, gt_ignore = pad_targets(targets, anchors.device)
-        if self.matcher == "atss":
-            if num_anchors_per_level is None:
-                raise ValueError("the ATSS matcher needs the model's num_anchors_per_level")
-            matched_idxs = atss_match(
-                anchors,
-                num_anchors_per_level,
-                gt_boxes,
-                gt_valid,
-                gt_ignore,
-                self.atss_topk,
-                ignore_threshold=self.negative_threshold,
-            )
-        else:
-            matched_idxs = match_anchors(
-                anchors,
-                gt_boxes,
-                gt_valid,
-                gt_ignore,
-                self.positive_threshold,
-                self.negative_threshold,
-                allow_low_quality=True,
-                best_anchor_match=self.best_anchor_match,
-            )
+        if self.matcher == "atss" and num_anchors_per_level is None:
+            raise ValueError("the ATSS matcher needs the model's num_anchors_per_level")
+        # Both matchers label each image independently of the others. Chunks of images keep their
+        # [n, G, A] IoU buffers a few MB, which the allocator serves again from freed memory, where one
+        # batch-wide buffer would be fresh memory on every call (first-touch page faults on CPU).
+        num_images, num_gt = gt_valid.shape
+        step = max(1, _MATCH_CHUNK_ELEMENTS // max(1, num_gt * anchors.shape[0]))
+        matched_per_chunk = []
+        for i in range(0, num_images, step):
+            chunk = (gt_boxes[i : i + step], gt_valid[i : i + step], gt_ignore[i : i + step])
+            if self.matcher == "atss":
+                matched_per_chunk.append(
+                    atss_match(
+                        anchors,
+                        num_anchors_per_level,
+                        *chunk,
+                        self.atss_topk,
+                        ignore_threshold=self.negative_threshold,
+                    )
+                )
+            else:
+                matched_per_chunk.append(
+                    match_anchors(
+                        anchors,
+                        *chunk,
+                        self.positive_threshold,
+                        self.negative_threshold,
+                        allow_low_quality=True,
+                        best_anchor_match=self.best_anchor_match,
+                    )
+                )
+        matched_idxs = (
+            torch.cat(matched_per_chunk)
+            if matched_per_chunk
+            else torch.full((0, anchors.shape[0]), BACKGROUND, dtype=torch.int64, device=anchors.device)
+        )
         positive = matched_idxs >= 0
         idx = matched_idxs.clamp(min=0)
         if gt_boxes.shape[1] == 0:  # no gt in the whole batch: nothing to gather from
@@ -227,7 +243,7 @@ def sigmoid_focal_loss_sum(logits: Tensor, targets: Tensor, alpha: float, gamma:
 
 # Rows per chunk: [rows, K] temporaries stay a few MB, so they are served from the allocator's free
 # memory instead of fresh pages (on CPU, first-touch page faults cost more than the arithmetic).
-_CHUNK_ROWS = 8192
+_CHUNK_ROWS = 4096
 
 
 def _softplus(x: Tensor, out: Tensor) -> Tensor:
@@ -235,50 +251,101 @@ def _softplus(x: Tensor, out: Tensor) -> Tensor:
     return torch._C._nn.softplus(x, 1, 20, out=out)
 
 
-class _NegativeFocalSum(torch.autograd.Function):
-    """sum over rows r with weight w_r of sum_k p^gamma * softplus(x)  (p = sigmoid(x)), chunked.
+def _negative_focal_terms(logits: Tensor, gamma: float, grad: Tensor | None) -> Tensor:
+    """Per row r, sum_k p^gamma * softplus(x) (p = sigmoid(x)); with ``grad``, also d/dx of each term.
 
-    Every (anchor, class) pair scored as a negative: its focal term is (1 - alpha) * p^gamma * -log(1 - p),
-    and -log(1 - p) = softplus(x). With s = softplus(x), ds/dx = p and dp/dx = p (1 - p):
+    logits (Tensor[M, K] float32). Returns Tensor[M]; writes p^gamma * (gamma * (1 - p) * softplus(x) + p)
+    (see _SigmoidFocalSum) into ``grad`` (Tensor[M, K]) when given. Chunks of rows: two [rows, K] buffers
+    reused across chunks, and nothing else of size [M, K] but ``grad``.
+    """
+    num_rows, num_columns = logits.shape
+    rows = max(1, min(_CHUNK_ROWS, num_rows))
+    p_buf, s_buf = logits.new_empty((rows, num_columns)), logits.new_empty((rows, num_columns))
+    row_sums = logits.new_empty(num_rows)
+    for begin in range(0, num_rows, rows):
+        x = logits[begin : begin + rows]
+        m = x.shape[0]
+        p = torch.sigmoid(x, out=p_buf[:m])
+        s = _softplus(x, s_buf[:m])
+        if grad is not None:
+            g = grad[begin : begin + m]
+            # gamma * (1 - p) * s + p, as p + (-gamma) * (p - 1) * s; (p - 1) is formed in g itself.
+            torch.addcmul(p, torch.sub(p, 1, out=g), s, value=-gamma, out=g)
+        p.pow_(gamma)
+        if grad is not None:
+            g.mul_(p)
+        torch.sum(s.mul_(p), dim=1, out=row_sums[begin : begin + m])
+    return row_sums
 
-        d/dx [p^gamma * s] = gamma p^(gamma - 1) * p (1 - p) * s + p^gamma * p
-                           = p^gamma * (gamma * (1 - p) * s + p),
 
-    which backward recomputes chunk by chunk from the logits: nothing of size [M, K] is saved but the
-    input itself, and both passes write their per-chunk values into two [rows, K] buffers reused across
-    chunks (plus, in backward, the [M, K] gradient, which is the output). tests/test_losses.py checks
-    the gradient against autograd through torchvision's sigmoid_focal_loss.
+class _SigmoidFocalSum(torch.autograd.Function):
+    """Focal loss (Lin et al. 2017) summed over the scored (anchor, class) pairs, / normaliser, with the
+    gradient computed during the forward pass.
+
+    Inputs: logits (Tensor[M, K] float32, M = N * A rows), row_valid (Tensor[M] float32: 1 for positive and
+    negative anchors, 0 for IGNORE), pos_rows and pos_cols (Tensor[P] int64: each positive anchor's row and
+    its class), normaliser (0-dim float32), alpha (< 0: no weighting), gamma, needs_grad.
+
+    Value: with w_neg = 1 - alpha and w_pos = alpha (both 1 if alpha < 0), p = sigmoid(x),
+    s = softplus(x) = -log(1 - p) and u = softplus(-x) = -log(p),
+
+        [ w_neg * sum over valid rows and all K columns of p^gamma * s
+          + sum over positives of (w_pos * (1 - p)^gamma * u - w_neg * p^gamma * s) ] / normaliser,
+
+    i.e. every valid pair is scored as a negative first, then each positive's own class swaps its
+    negative term for the positive one: no [M, K] target tensor. This equals
+    torchvision.ops.sigmoid_focal_loss(reduction="sum") over the valid rows with one-hot targets.
+
+    Gradient. With ds/dx = p, du/dx = -(1 - p) and dp/dx = p (1 - p):
+
+        d/dx [p^gamma * s]       = gamma p^(gamma - 1) * p (1 - p) * s + p^gamma * p
+                                 = p^gamma * (gamma * (1 - p) * s + p),
+        d/dx [(1 - p)^gamma * u] = -gamma (1 - p)^(gamma - 1) * p (1 - p) * u - (1 - p)^gamma * (1 - p)
+                                 = -(1 - p)^gamma * (gamma * p * u + (1 - p)).
+
+    The forward pass needs p and s of every pair anyway, so it also writes the first derivative of every
+    pair into a [M, K] buffer (chunk by chunk, in place), overwrites the positives' entries with
+    w_pos / w_neg times the second, and zeroes the IGNORE rows. That buffer is the gradient up to the
+    factor w_neg / normaliser, which backward applies in place together with grad_output: no
+    recomputation of sigmoid and softplus, and the buffer is the one [M, K] tensor of the whole pass
+    (it becomes the logits' gradient). tests/test_losses.py checks value and gradient against autograd
+    through torchvision's sigmoid_focal_loss.
     """
 
     @staticmethod
-    def forward(ctx, logits, row_weight, gamma):  # logits [M, K] float32, row_weight [M] float32
-        rows = max(1, min(_CHUNK_ROWS, logits.shape[0]))
-        p_buf, s_buf = logits.new_empty((rows, logits.shape[1])), logits.new_empty((rows, logits.shape[1]))
-        total = logits.new_zeros(())
-        for x, w in zip(logits.split(rows), row_weight.split(rows)):
-            m = x.shape[0]
-            p = torch.sigmoid(x, out=p_buf[:m])
-            total += p.pow_(gamma).mul_(_softplus(x, s_buf[:m])).sum(dim=1).dot(w)
-        ctx.save_for_backward(logits, row_weight)
-        ctx.gamma = gamma
-        return total
+    def forward(ctx, logits, row_valid, pos_rows, pos_cols, normaliser, alpha, gamma, needs_grad):
+        w_pos, w_neg = (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
+        grad = torch.empty_like(logits) if needs_grad else None
+        row_sums = _negative_focal_terms(logits, gamma, grad)
+        # float64 for the sum over M rows, whose float32 rounding would reach 1e-6 of the total.
+        negative_sum = row_sums.double().dot(row_valid.double())
+        x = logits[pos_rows, pos_cols]
+        p, q = torch.sigmoid(x), torch.sigmoid(-x)  # q = 1 - p, without the cancellation for p near 1
+        positive_terms = w_pos * q.pow(gamma) * F.softplus(-x) - w_neg * p.pow(gamma) * F.softplus(x)
+        positive_sum = positive_terms.sum()
+        loss = ((w_neg * negative_sum + positive_sum) / normaliser).float()
+        if needs_grad:
+            d_positive = -(q.pow(gamma) * (gamma * p * F.softplus(-x) + q))
+            if w_neg == 0:  # negatives weigh nothing: no common factor to take out
+                grad.zero_()
+                grad[pos_rows, pos_cols] = w_pos * d_positive
+                ctx.scale = 1.0 / normaliser
+            else:
+                grad[pos_rows, pos_cols] = (w_pos / w_neg) * d_positive
+                ctx.scale = w_neg / normaliser
+            grad.index_fill_(0, (row_valid == 0).nonzero().flatten(), 0.0)
+        ctx.grad = grad
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        logits, row_weight = ctx.saved_tensors
-        gamma = ctx.gamma
-        rows = max(1, min(_CHUNK_ROWS, logits.shape[0]))
-        p_buf, s_buf = logits.new_empty((rows, logits.shape[1])), logits.new_empty((rows, logits.shape[1]))
-        grad = torch.empty_like(logits)
-        for x, w, g in zip(logits.split(rows), row_weight.split(rows), grad.split(rows)):
-            m = x.shape[0]
-            p = torch.sigmoid(x, out=p_buf[:m])
-            t = _softplus(x, s_buf[:m])
-            # g = p^gamma * ((1 - p) * s * gamma + p) * w * grad_output; 1 - p is formed in g itself.
-            t.mul_(torch.neg(p, out=g).add_(1)).mul_(gamma).add_(p)
-            torch.mul(p.pow_(gamma), t, out=g)
-            g.mul_((w * grad_output)[:, None])
-        return grad, None, None
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError(
+                "the focal loss computes its gradient in the forward pass and hands it over once: "
+                "a second backward (retain_graph=True) needs a second forward"
+            )
+        return grad.mul_(ctx.scale * grad_output), None, None, None, None, None, None, None
 
 
 class FocalLoss(_AnchorLoss):
@@ -327,28 +394,21 @@ class FocalLoss(_AnchorLoss):
         positive = matched_idxs >= 0
         valid = matched_idxs >= BACKGROUND  # positives and negatives, not IGNORE
         normaliser = positive.sum().clamp(min=1).float()
-        w_pos, w_neg = (self.alpha, 1.0 - self.alpha) if self.alpha >= 0 else (1.0, 1.0)
 
         with torch.autocast(device_type=pred_logits.device.type, enabled=False):
             logits = pred_logits.float()  # [N, A, K]
             num_columns = logits.shape[-1]
-            # Every non-ignored (anchor, class) pair as a negative first ...
-            loss_cls = w_neg * _NegativeFocalSum.apply(
-                logits.reshape(-1, num_columns), valid.reshape(-1).float(), self.gamma
-            )
-            # ... then, for each positive's own class, swap the negative term for the positive one.
             pos_image, pos_anchor = positive.nonzero(as_tuple=True)
-            pos_label = labelled["gt_labels_per_anchor"][pos_image, pos_anchor]
-            x = logits[pos_image, pos_anchor, pos_label]
-            p = torch.sigmoid(x)
-            loss_cls = (
-                loss_cls
-                + (
-                    w_pos * (1 - p).pow(self.gamma) * F.softplus(-x)
-                    - w_neg * p.pow(self.gamma) * F.softplus(x)
-                ).sum()
+            loss_cls = _SigmoidFocalSum.apply(
+                logits.reshape(-1, num_columns).contiguous(),
+                valid.reshape(-1).float(),
+                pos_image * logits.shape[1] + pos_anchor,
+                labelled["gt_labels_per_anchor"][pos_image, pos_anchor],
+                normaliser,
+                self.alpha,
+                self.gamma,
+                torch.is_grad_enabled() and logits.requires_grad,
             )
-            loss_cls = loss_cls / normaliser
             loss_box = (
                 self.box_loss(outputs["pred_box_deltas"], anchors, labelled["gt_boxes_per_anchor"], positive)
                 / normaliser

@@ -17,8 +17,9 @@ class PostProcess(nn.Module):
 
     Steps: per level, scores above ``conf_thresh`` (strictly), the ``pre_nms_topk`` best (anchor, class)
     pairs per image; decode those boxes and clip them to the image's valid (unpadded) size; NMS per image
-    and class (or per image with ``class_agnostic``) as ONE ``batched_nms`` call over the batch; keep the
-    ``max_detections`` best per image; map to original image pixels.
+    and class (or per image with ``class_agnostic``) for the whole batch at once (CUDA: one
+    ``batched_nms``; CPU: ``_nms_sorted_groups``, the same result); keep the ``max_detections`` best per
+    image; map to original image pixels.
 
     Args:
         box_coder: decodes the deltas (same variances as in training).
@@ -105,6 +106,8 @@ class PostProcess(nn.Module):
             )
         softmax = self.score_type == "softmax"
         num_classes = num_columns - 1 if softmax else num_columns
+        if num_images == 0:  # (the reshapes below cannot infer a size from 0 elements)
+            return []
 
         # 1. Per level, the pre_nms_topk best (anchor, class) pairs above conf_thresh, per image.
         # They lie within the pre_nms_topk anchors of highest best-class score (each better anchor has a
@@ -115,17 +118,21 @@ class PostProcess(nn.Module):
             cand_scores, cand_anchor_idxs, cand_labels = _per_class_candidates(
                 pred_logits, softmax, self.pre_nms_topk, self.conf_thresh
             )
+        image_range = torch.arange(num_images, device=device)
+        flat_logits = pred_logits.reshape(-1, num_columns)  # [N * A, C], a view
         start = 0
         for num_level in [] if self.per_class_topk else num_anchors_per_level:
             logits = pred_logits[:, start : start + num_level]  # [N, A_l, C]
             if softmax:
-                log_norm = torch.logsumexp(logits.float(), dim=2)  # [N, A_l]
+                log_norm = _logsumexp_last(logits.float())  # [N, A_l]
                 best = logits[..., 1:].amax(dim=2).float() - log_norm  # log of the best class probability
             else:
                 best = logits.amax(dim=2)  # sigmoid is monotonic: rank by logit
             k = min(self.pre_nms_topk, num_level)
             top_anchors = best.topk(k, dim=1).indices  # [N, k]
-            sel = logits.gather(1, top_anchors[..., None].expand(-1, -1, num_columns)).float()  # [N, k, C]
+            # [N, k, C]: whole rows copied (index_select on rows, much faster than gather or logits[i, j])
+            rows = (top_anchors + (image_range * num_anchors + start)[:, None]).flatten()
+            sel = flat_logits.index_select(0, rows).view(num_images, k, -1).float()
             if softmax:
                 scores = (sel[..., 1:] - log_norm.gather(1, top_anchors)[..., None]).exp()
             else:
@@ -146,31 +153,28 @@ class PostProcess(nn.Module):
 
         # 2. Decode and clip to the valid (unpadded) image area.
         sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets]).to(device)  # [N, 2] (h, w)
-        boxes = self.box_coder.decode(pred_box_deltas[image_idxs, anchor_idxs], anchors[anchor_idxs])
+        # index_select (row copies): several times faster than advanced indexing for thousands of rows
+        boxes = self.box_coder.decode(
+            pred_box_deltas.reshape(-1, 4).index_select(0, image_idxs * num_anchors + anchor_idxs),
+            anchors.index_select(0, anchor_idxs),
+        )
         if self.clip_before_nms:
             boxes = _clip_xyxy(boxes, sizes[image_idxs].float())
 
-        # 3. NMS per image and class (or per image). On CPU: one nms() per group on contiguous slices
-        # after one sort (batched_nms would scan all boxes once per group); on GPU: one batched_nms.
+        # 3. NMS per image and class (or per image). On CPU: one sort makes every group a contiguous
+        # slice, then _nms_sorted_groups (batched_nms would scan all boxes once per group); on GPU: one
+        # batched_nms.
         nms_groups = image_idxs if self.class_agnostic else image_idxs * num_classes + labels
         if device.type == "cpu":
-            # Sort once by group, then score: every group is a contiguous, already sorted slice (views).
+            # Sort once by group, then score: every group is a contiguous, already sorted slice.
             order = torch.argsort(scores, descending=True, stable=True)
             order = order[torch.argsort(nms_groups[order], stable=True)]
-            sorted_boxes, sorted_scores = boxes[order], scores[order]
-            group_sizes = torch.unique_consecutive(nms_groups[order], return_counts=True)[1].tolist()
-            keep, start = [], 0
-            for size in group_sizes:
-                keep.append(
-                    nms(
-                        sorted_boxes[start : start + size],
-                        sorted_scores[start : start + size],
-                        self.nms_thresh,
-                    )
-                    + start
+            group_sizes = torch.unique_consecutive(nms_groups[order], return_counts=True)[1]
+            keep = order[
+                _nms_sorted_groups(
+                    boxes.index_select(0, order), scores.index_select(0, order), group_sizes, self.nms_thresh
                 )
-                start += size
-            keep = order[torch.cat(keep)] if keep else order
+            ]
             keep = keep[torch.argsort(scores[keep], descending=True, stable=True)]
         else:
             keep = batched_nms(boxes.double(), scores.double(), nms_groups, self.nms_thresh)
@@ -203,6 +207,104 @@ class PostProcess(nn.Module):
                 anchor_idxs[keep].split(split),
             )
         ]
+
+
+# CPU row chunks of the softmax normaliser: [rows, C] temporaries of about 1 MB, served from the
+# allocator's free memory (a level-wide temporary would be fresh pages, whose first touch costs more
+# than the arithmetic on CPU).
+_LOGSUMEXP_ROWS = 4096
+# _nms_sorted_groups resolves groups of up to this many boxes with vectorised pairwise IoUs (at most
+# 128 * 127 / 2 pairs per group) and calls torchvision's nms for larger ones.
+_NMS_VECTOR_MAX = 128
+_NMS_PAIRS_PER_CHUNK = 1 << 15
+
+
+def _logsumexp_last(x: Tensor) -> Tensor:
+    """torch.logsumexp(x, dim=2) for x (Tensor[N, R, C]), by chunks of rows on CPU (the same values: each
+    row is reduced on its own). Returns Tensor[N, R]."""
+    if x.device.type != "cpu":
+        return torch.logsumexp(x, dim=2)
+    out = x.new_empty(x.shape[:2])
+    for i in range(x.shape[0]):
+        for begin in range(0, x.shape[1], _LOGSUMEXP_ROWS):
+            rows = slice(begin, begin + _LOGSUMEXP_ROWS)
+            torch.logsumexp(x[i, rows], dim=1, out=out[i, rows])
+    return out
+
+
+def _nms_sorted_groups(boxes: Tensor, scores: Tensor, group_sizes: Tensor, iou_threshold: float) -> Tensor:
+    """torchvision's nms within each group, on CPU, for boxes already sorted by group then score.
+
+    Args:
+        boxes (Tensor[M, 4] float, xyxy), scores (Tensor[M]): group after group, each group by decreasing
+            score (ties in a stable order, which is the order torchvision's CPU nms keeps them in).
+        group_sizes (Tensor[G] int64): boxes per group, summing to M.
+
+    Returns:
+        Tensor[D] int64: the positions kept, increasing (so group by group, each by decreasing score).
+
+    A box is kept iff no kept box before it in its group overlaps it by IoU > iou_threshold (greedy NMS).
+    Groups of up to _NMS_VECTOR_MAX boxes are resolved together: the IoU of every pair within a group,
+    computed with the same float operations as torchvision's kernel (so the same comparisons at the
+    threshold), then the rule above iterated to its fixed point (the greedy result is its unique
+    solution, reached after at most one pass per box of the longest suppression chain). Larger groups
+    call torchvision's nms each.
+    """
+    num_boxes = boxes.shape[0]
+    keep = torch.ones(num_boxes, dtype=torch.bool)
+    starts = torch.cumsum(group_sizes, 0) - group_sizes
+    large = group_sizes > _NMS_VECTOR_MAX
+    for start, size in zip(starts[large].tolist(), group_sizes[large].tolist()):
+        kept = nms(boxes[start : start + size], scores[start : start + size], iou_threshold)
+        keep[start : start + size] = False
+        keep[kept + start] = True
+
+    # Pairs (i, j), i before j, within the small groups: position p pairs with the rest of its group.
+    size_per_box = torch.repeat_interleave(group_sizes, group_sizes)
+    rank = torch.arange(num_boxes) - torch.repeat_interleave(starts, group_sizes)
+    partners = torch.where(size_per_box <= _NMS_VECTOR_MAX, size_per_box - 1 - rank, 0)  # [M]
+    x1, y1, x2, y2 = (c.contiguous() for c in boxes.unbind(1))
+    areas = (x2 - x1) * (y2 - y1)
+    # The pairs of a run of positions at a time, about _NMS_PAIRS_PER_CHUNK: [pairs] temporaries of a few
+    # hundred kB, reused, where all pairs at once (a million on bench_components' batch) would be fresh
+    # pages for each of the twenty operations below.
+    pairs_before = torch.cumsum(partners, 0) - partners
+    bounds = torch.searchsorted(pairs_before, torch.arange(0, int(partners.sum()), _NMS_PAIRS_PER_CHUNK))
+    overlapping_pairs = []
+    for lo, hi in zip(bounds.tolist(), bounds[1:].tolist() + [num_boxes]):
+        count = partners[lo:hi]
+        first = torch.repeat_interleave(torch.arange(lo, hi), count)
+        second = first + 1 + torch.arange(first.numel()) - torch.repeat_interleave(pairs_before[lo:hi], count)
+        second += pairs_before[lo]  # (pairs_before counts from position 0, the chunk's arange from 0)
+        # index_select: much faster than values[first] for many indices
+        pair = lambda values, first=first, second=second: (  # noqa: E731
+            values.index_select(0, first),
+            values.index_select(0, second),
+        )
+        # As torchvision's nms_kernel: areas (x2 - x1) * (y2 - y1); w, h = max(0, min(x2) - max(x1)), ...;
+        # ovr = inter / (area_i + area_j - inter) in the boxes' dtype; suppress if ovr > threshold (double).
+        w = torch.minimum(*pair(x2)).sub_(torch.maximum(*pair(x1))).clamp_(min=0)
+        h = torch.minimum(*pair(y2)).sub_(torch.maximum(*pair(y1))).clamp_(min=0)
+        inter = w.mul_(h)
+        area_first, area_second = pair(areas)
+        iou = inter / area_first.add_(area_second).sub_(inter)
+        overlapping = iou.double() > iou_threshold
+        overlapping_pairs.append((first[overlapping], second[overlapping]))
+    first = (
+        torch.cat([f for f, _ in overlapping_pairs])
+        if overlapping_pairs
+        else torch.zeros(0, dtype=torch.int64)
+    )
+    second = torch.cat([s for _, s in overlapping_pairs]) if overlapping_pairs else first
+
+    small_keep = torch.ones(num_boxes, dtype=torch.bool)
+    while True:
+        suppressed = torch.zeros(num_boxes, dtype=torch.bool)
+        suppressed[second[small_keep[first]]] = True
+        if torch.equal(suppressed, ~small_keep):
+            break
+        small_keep = ~suppressed
+    return (keep & small_keep).nonzero().flatten()
 
 
 def _per_class_candidates(

@@ -231,3 +231,72 @@ def test_fp32_under_autocast(loss_cls, columns):
         assert value.dtype == torch.float32, name
         # Only the bf16 rounding of the inputs differs from the fp32 run.
         assert value.item() == pytest.approx(reference[name].item(), rel=2e-2)
+
+
+def _focal_reference(logits, targets, anchors, alpha, gamma):
+    """torchvision.ops.sigmoid_focal_loss (float64, autograd) over the non-ignored anchors / positives."""
+    gt_boxes, gt_labels, gt_valid, gt_ignore = pad_targets(targets, torch.device("cpu"))
+    matched = match_anchors(anchors, gt_boxes, gt_valid, gt_ignore, 0.5, 0.4)
+    onehot = torch.zeros_like(logits)
+    pos_image, pos_anchor = (matched >= 0).nonzero(as_tuple=True)
+    onehot[pos_image, pos_anchor, gt_labels[pos_image, matched[pos_image, pos_anchor]]] = 1.0
+    keep = matched != IGNORE
+    return sigmoid_focal_loss(logits[keep], onehot[keep], alpha, gamma, reduction="sum") / max(
+        len(pos_image), 1
+    )
+
+
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (-1.0, 2.0), (1.0, 2.0), (0.5, 1.5), (0.25, 0.0)])
+def test_focal_value_and_gradient_to_1e6(alpha, gamma):
+    """Value to 1e-6 relative and gradient to 1e-6 of its largest entry, against a float64 autograd
+    reference through torchvision's sigmoid_focal_loss; also alpha < 0 (no weighting) and alpha = 1
+    (negatives weigh nothing), whose gradients take other branches; the loss scaled by 3 before
+    backward scales the gradient."""
+    g = torch.Generator().manual_seed(9)
+    anchors, targets, outputs = _random_batch(g)
+    outputs["pred_logits"] = outputs["pred_logits"] * 3  # some p near 0 and 1
+    logits = outputs["pred_logits"].clone().requires_grad_(True)
+    losses = FocalLoss(BoxCoder(), 0.5, 0.4, alpha=alpha, gamma=gamma)(
+        {**outputs, "pred_logits": logits}, targets
+    )
+    (3 * losses["loss_cls"]).backward()
+
+    reference_logits = outputs["pred_logits"].double().requires_grad_(True)
+    reference = _focal_reference(reference_logits, targets, anchors, alpha, gamma)
+    (3 * reference).backward()
+    assert losses["loss_cls"].item() == pytest.approx(reference.item(), rel=1e-6)
+    expected = reference_logits.grad.float()
+    torch.testing.assert_close(logits.grad, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+
+
+def test_focal_without_grad_and_second_backward():
+    g = torch.Generator().manual_seed(10)
+    anchors, targets, outputs = _random_batch(g)
+    criterion = FocalLoss(BoxCoder())
+    with torch.no_grad():
+        value = criterion(outputs, targets)["loss_cls"]
+    logits = outputs["pred_logits"].clone().requires_grad_(True)
+    loss = criterion({**outputs, "pred_logits": logits}, targets)["loss_cls"]
+    assert loss.item() == value.item()
+    loss.backward(retain_graph=True)
+    # The gradient is computed in the forward pass and handed over once: say so instead of a wrong one.
+    with pytest.raises(RuntimeError, match="second forward"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("matcher", ["iou", "atss"])
+def test_label_anchors_in_image_chunks_equals_whole_batch(matcher, monkeypatch):
+    import layers.losses as losses_module
+
+    g = torch.Generator().manual_seed(12)
+    gen = AnchorGenerator(predefined_anchor_whs(2, base_sizes=(12, 24, 48)), strides=(8, 16, 32))
+    grid_sizes = gen.grid_sizes_for_input(64, 64)
+    anchors = gen(grid_sizes)
+    _, targets, _ = _random_batch(g, num_images=5)
+    criterion = FocalLoss(BoxCoder(), matcher=matcher)
+    whole = criterion.label_anchors(anchors, targets, gen.num_anchors_per_level(grid_sizes))
+    monkeypatch.setattr(losses_module, "_MATCH_CHUNK_ELEMENTS", 1)  # one image per chunk
+    chunked = criterion.label_anchors(anchors, targets, gen.num_anchors_per_level(grid_sizes))
+    assert (whole["matched_idxs"] >= 0).any()
+    for key in whole:
+        assert torch.equal(whole[key], chunked[key]), key
