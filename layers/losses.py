@@ -226,21 +226,6 @@ class MultiBoxLoss(_AnchorLoss):
         return {"loss_cls": loss_cls, "loss_box": loss_box}
 
 
-def sigmoid_focal_loss_sum(logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
-    """Focal loss (Lin et al. 2017) summed over all elements, as torchvision.ops.sigmoid_focal_loss.
-
-    Args:
-        logits (Tensor[M, K]), targets (Tensor[M, K] float, 0 or 1). alpha < 0 disables the weighting.
-    """
-    p = torch.sigmoid(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
-    return loss.sum()
-
-
 # Rows per chunk: [rows, K] temporaries stay a few MB, so they are served from the allocator's free
 # memory instead of fresh pages (on CPU, first-touch page faults cost more than the arithmetic).
 _CHUNK_ROWS = 4096

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, nms
 
 from layers.box_coder import BoxCoder
+from utils.box_ops import clip_xyxy
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class PostProcess(nn.Module):
             anchors.index_select(0, anchor_idxs),
         )
         if self.clip_before_nms:
-            boxes = _clip_xyxy(boxes, sizes[image_idxs].float())
+            boxes = clip_xyxy(boxes, sizes[image_idxs].float())
 
         # 3. NMS per image and class (or per image). On CPU: one sort makes every group a contiguous
         # slice, then _nms_sorted_groups (batched_nms would scan all boxes once per group); on GPU: one
@@ -196,7 +197,7 @@ class PostProcess(nn.Module):
         scales, orig_sizes = _scales_and_orig_sizes(targets, sizes)
         image_idxs = image_idxs[keep]
         boxes = boxes[keep] / scales.to(device)[image_idxs].repeat(1, 2)
-        boxes = _clip_xyxy(boxes, orig_sizes.to(device)[image_idxs].float())
+        boxes = clip_xyxy(boxes, orig_sizes.to(device)[image_idxs].float())
         split = counts.tolist()
         return [
             {"boxes": b, "scores": s, "labels": lab, "anchor_idxs": a}
@@ -340,12 +341,6 @@ def _first_k_per_group(groups: Tensor, k: int) -> Tensor:
     mask = torch.empty_like(groups, dtype=torch.bool)
     mask[order] = torch.arange(groups.numel(), device=groups.device) - first < k
     return mask
-
-
-def _clip_xyxy(boxes: Tensor, sizes_hw: Tensor) -> Tensor:
-    """Clip boxes (Tensor[M, 4] xyxy) to [0, w] x [0, h], with sizes_hw (Tensor[M, 2]) per box."""
-    upper = sizes_hw.flip(-1).repeat(1, 2)  # (w, h, w, h)
-    return torch.minimum(boxes.clamp(min=0), upper)
 
 
 def _scales_and_orig_sizes(targets: List[Dict], sizes: Tensor):
