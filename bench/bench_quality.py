@@ -306,12 +306,10 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             if f"{prefix}_map50" not in summary:
                 continue
             suffix = prefix[len("ours") :]
-            summary[f"ratio{suffix}_map50"] = round(
-                summary[f"{prefix}_map50"] / max(summary["torchvision_map50"], 1e-9), 3
-            )
-            summary[f"ratio{suffix}_coco_ap"] = round(
-                summary[f"{prefix}_coco_ap"] / max(summary["torchvision_coco_ap"], 1e-9), 3
-            )
+            for metric in ("map50", "coco_ap"):  # null, not a huge number, when torchvision scored 0
+                peer = summary[f"torchvision_{metric}"]
+                ratio = round(summary[f"{prefix}_{metric}"] / peer, 3) if peer > 0 else None
+                summary[f"ratio{suffix}_{metric}"] = ratio
     summary.update(
         {
             "max_iter": args.max_iter,
