@@ -42,7 +42,7 @@ from data.checks import check_train_split, check_val_split
 from data.dataset import build_dataset, check_same_classes
 from data.image_check import check_dataset_images
 from data.loaders import build_eval_loader, build_train_loader, iterate_batches, loader_options
-from engine import NonFiniteLossError, evaluate, targets_to_device, train_one_iter
+from engine import NonFiniteLossError, evaluate, metric_summary, targets_to_device, train_one_iter
 from layers.tta import FlipTTA
 from models import build_model
 from utils import distributed as dist_utils
@@ -382,22 +382,17 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
             sharded=True,
             progress=is_main,
         )
-        summary = {}
-        if metrics.get("images", {}).get("skipped"):
-            summary["val_skipped_images"] = metrics["images"]["skipped"]
-            summary["val_images"] = metrics["images"]["evaluated"]
         if "voc" in metrics:
-            summary["val_map50_07"] = metrics["voc"]["map_07_11pt"]
-            summary["val_map50_area"] = metrics["voc"]["map_area"]
             logger.info("iteration %d validation:\n%s", iteration, metrics["voc"]["table"])
-        if "coco" in metrics:
-            summary["val_coco_ap"] = metrics["coco"]["AP"]
         if "oid" in metrics:
-            summary["val_oid_map"] = metrics["oid"]["map"]
             logger.info(
                 "iteration %d validation (Open Images metric):\n%s", iteration, metrics["oid"]["table"]
             )
-        return summary
+        summary = metric_summary(metrics)  # evaluate.py's keys, prefixed val_ below
+        if not summary.get("skipped_images"):  # the counts only when images were skipped
+            summary.pop("num_images", None)
+            summary.pop("skipped_images", None)
+        return {f"val_{k}": v for k, v in summary.items()}
 
     if checkpoint is not None:
         # Last, after everything that draws from torch's generators at start-up (weight init): the
