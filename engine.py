@@ -1,5 +1,9 @@
 """The one training/inference engine, shared by train.py, evaluate.py, demo.py and extract_features.py.
 
+Here: one training step (``train_one_iter``), inference (``predict``), scoring (``evaluate``,
+``compute_metrics``) and the headline numbers of a score (``metric_summary``). train.py's loop, with
+its logging, checkpointing and validation hooks, is in training.py.
+
 Every architecture plugs in through the same three objects returned by ``models.build_model``:
 ``outputs = model(images, targets)``, ``loss_dict = criterion(outputs, targets)`` and
 ``detections = postprocessor(outputs, targets)``, so nothing here knows which detector it runs.
