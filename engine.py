@@ -1,5 +1,9 @@
 """The one training/inference engine, shared by train.py, evaluate.py, demo.py and extract_features.py.
 
+Here: one training step (``train_one_iter``), inference (``predict``), scoring (``evaluate``,
+``compute_metrics``) and the headline numbers of a score (``metric_summary``). train.py's loop, with
+its logging, checkpointing and validation hooks, is in training.py.
+
 Every architecture plugs in through the same three objects returned by ``models.build_model``:
 ``outputs = model(images, targets)``, ``loss_dict = criterion(outputs, targets)`` and
 ``detections = postprocessor(outputs, targets)``, so nothing here knows which detector it runs.
@@ -208,6 +212,29 @@ def compute_metrics(
         oid["table"] = format_oid_table(oid)
         out["oid"] = oid
     return out
+
+
+def metric_summary(metrics: Dict[str, Any]) -> Dict[str, float]:
+    """The headline numbers of ``compute_metrics`` (or ``evaluate``) output as one flat dict.
+
+    The one naming of these numbers: evaluate.py returns and writes these keys (its metrics file's top
+    level), and train.py's validation logs them prefixed ``val_`` (``val_ema_`` for the EMA weights) in
+    metrics.jsonl. A key is ``<metric>_<key in that metric's dict>``, each present when its metric ran:
+    ``voc_map_07_11pt`` and ``voc_map_area`` (VOC07 11-point and area-under-curve AP at the IoU
+    threshold), ``coco_AP``, ``coco_AP50``, ``coco_AP75``, ``oid_map``; and ``num_images`` (scored) and
+    ``skipped_images`` when ``metrics`` has ``evaluate``'s image counts.
+    """
+    summary: Dict[str, float] = {}
+    if "images" in metrics:
+        summary["num_images"] = metrics["images"]["evaluated"]
+        summary["skipped_images"] = metrics["images"]["skipped"]
+    if "voc" in metrics:
+        summary.update({f"voc_{k}": metrics["voc"][k] for k in ("map_07_11pt", "map_area")})
+    if "coco" in metrics:
+        summary.update({f"coco_{k}": metrics["coco"][k] for k in ("AP", "AP50", "AP75")})
+    if "oid" in metrics:
+        summary["oid_map"] = metrics["oid"]["map"]
+    return summary
 
 
 def gt_without_images(gt: Dict[str, Any], image_ids: set) -> Dict[str, Any]:

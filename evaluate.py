@@ -32,7 +32,7 @@ import torch
 
 from data.dataset import build_dataset, check_same_classes
 from data.loaders import build_eval_loader, loader_options
-from engine import compute_metrics, evaluate
+from engine import compute_metrics, evaluate, metric_summary
 from layers.tta import FlipTTA
 from metrics.coco import write_coco_results
 from utils import distributed as dist_utils
@@ -147,28 +147,20 @@ def load_hierarchy(args: argparse.Namespace) -> Any:
 
 
 def report(metrics: Dict[str, Any], tag: str) -> Dict[str, float]:
-    """Print every metric table; return the headline numbers (with the image counts when known)."""
-    headline = {}
+    """Print every metric table; return the headline numbers (engine.metric_summary)."""
     images = metrics.get("images")
-    if images is not None:
-        headline["num_images"] = images["evaluated"]
-        headline["skipped_images"] = images["skipped"]
-        if images["skipped"]:
-            print(
-                f"\n[{tag}] {images['skipped']} images skipped; metrics over {images['evaluated']} images "
-                f"(unreadable: {', '.join(images['skipped_files'][:5])})"
-            )
+    if images is not None and images["skipped"]:
+        print(
+            f"\n[{tag}] {images['skipped']} images skipped; metrics over {images['evaluated']} images "
+            f"(unreadable: {', '.join(images['skipped_files'][:5])})"
+        )
     if "voc" in metrics:
         print(f"\n[{tag}] PASCAL VOC AP@{metrics['voc'].get('iou_thresh', 0.5)}\n{metrics['voc']['table']}")
-        headline["voc_map_07_11pt"] = metrics["voc"]["map_07_11pt"]
-        headline["voc_map_area"] = metrics["voc"]["map_area"]
     if "coco" in metrics:
         print(f"\n[{tag}] COCO bbox\n{metrics['coco']['summary']}")
-        headline.update({f"coco_{k}": metrics["coco"][k] for k in ("AP", "AP50", "AP75")})
     if "oid" in metrics:
         print(f"\n[{tag}] Open Images challenge metric\n{metrics['oid']['table']}")
-        headline["oid_map"] = metrics["oid"]["map"]
-    return headline
+    return metric_summary(metrics)
 
 
 def inference_amp(run_args: argparse.Namespace, device: Any) -> Any:

@@ -28,6 +28,9 @@ One run per folder (utils/run_folder.py): a folder whose args.json has other opt
 checkpoints when --resume is not given, is refused; train.lock keeps a second live run out. Weights
 and optimizer state are checked to be finite before every save, and a failed save leaves the earlier
 checkpoints intact (utils/checkpoint.py).
+
+This script builds the parts (datasets, loaders, model, DDP, optimizer, resume); the loop and its hooks
+(metrics.jsonl, checkpoints, validation) are training.py's ``Trainer``.
 """
 
 from __future__ import annotations
@@ -36,18 +39,24 @@ import argparse
 import json
 import logging
 import os
-import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 
 from data.checks import check_train_split, check_val_split
 from data.dataset import build_dataset, check_same_classes
 from data.image_check import check_dataset_images
-from data.loaders import build_eval_loader, build_train_loader, iterate_batches, loader_options
-from engine import NonFiniteLossError, evaluate, targets_to_device, train_one_iter
-from layers.tta import FlipTTA
+from data.loaders import build_eval_loader, build_train_loader, loader_options
+from engine import NonFiniteLossError
 from models import build_model
+from training import (
+    CheckpointSaver,
+    MetricsLog,
+    Trainer,
+    Validator,
+    load_training_state,
+    restore_rng_state,
+)
 from utils import distributed as dist_utils
 from utils.checkpoint import (
     NonFiniteWeightsError,
@@ -55,17 +64,13 @@ from utils.checkpoint import (
     args_to_dict,
     load_checkpoint,
     load_newest_checkpoint,
-    non_finite_state,
-    prune_checkpoints,
-    save_checkpoint,
-    state_dict_mismatch,
 )
 from utils.compile import compile_network
 from utils.ema import ModelEMA
-from utils.errors import CheckpointError, run_cli
+from utils.errors import run_cli
 from utils.init_from import check_resumable, init_model_from
 from utils.launch import relaunch_with_torchrun
-from utils.logger import JsonLinesWriter, MetricLogger, Progress, ScalarSinks, peak_memory_mib, setup_logging
+from utils.logger import setup_logging
 from utils.options import (
     OptionParser,
     amp_dtype_of,
@@ -76,7 +81,6 @@ from utils.options import (
     resume_checkpoint_path,
     run_folder,
 )
-from utils.plots import plot_run_curves
 from utils.run_folder import RunLock, check_resume_fits, prepare_run_folder, report_resume_auto
 
 logger = logging.getLogger("train")
@@ -157,37 +161,6 @@ def check_images_exist(
     check_dataset_images(datasets, skip_bad_images, mode, num_workers)
 
 
-def rng_state(device: torch.device) -> Dict[str, torch.Tensor]:
-    """The state of torch's global generators this process draws from (CPU, and ``device``'s on CUDA)."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_rng_state(
-    rng_states: List[Dict[str, torch.Tensor]] | None, rank: int, world_size: int, device: torch.device
-) -> None:
-    """Set this rank's generators to their state at the checkpoint (saved by every rank)."""
-    if rng_states is None or len(rng_states) != world_size:
-        logger.warning(
-            "random generators re-seeded from --man_seed, not restored: the checkpoint holds %s",
-            "none" if rng_states is None else f"{len(rng_states)} processes' states, not {world_size}",
-        )
-        return
-    torch.set_rng_state(rng_states[rank]["cpu"])
-    if device.type == "cuda" and "cuda" in rng_states[rank]:
-        torch.cuda.set_rng_state(rng_states[rank]["cuda"], device)
-
-
-def anchors_of(model: torch.nn.Module) -> List[List[List[float]]] | None:
-    """The (w, h) anchors per level, for the checkpoint (None for architectures without our anchors)."""
-    generator = getattr(model, "anchor_generator", None)
-    if generator is None or not hasattr(generator, "anchor_whs_per_level"):
-        return None
-    return [w.tolist() for w in generator.anchor_whs_per_level()]
-
-
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     """Train; the run folder's lock (see utils/run_folder.py) is released however training ends."""
     relaunch_with_torchrun(args)  # --ngpu N (the original's option): N processes under torchrun
@@ -198,23 +171,9 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         run_lock.release()
 
 
-def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
-    resolve_defaults(args)
-    check_common_args(args)
-    check_train_args(args)
-    device = resolve_device(args.device)
-    dist_info = dist_utils.init_distributed(device, args.dist_timeout)
-    rank, world_size = dist_info["rank"], dist_info["world_size"]
-    if device.type == "cuda" and dist_utils.is_distributed():
-        device = torch.device("cuda", dist_info["local_rank"])
-    torch.manual_seed(args.man_seed + rank)
-
-    run_dir = run_folder(args, dist_utils.get_world_size())
-    prepare_run_folder(run_dir, args, rank, run_lock)
-    setup_logging(rank, os.path.join(run_dir, "train.log"))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
+def build_datasets(args: argparse.Namespace) -> Tuple[Any, Any]:
+    """The training set and the validation set (None with --no_val), checked: same classes, splits that
+    fit, images present (check_images_exist), and the class hierarchy attached for --metric oid."""
     train_set = build_dataset(args, args.train_sets, train=True)
     args.num_classes = len(train_set.class_names)
     logger.info(
@@ -247,7 +206,14 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
             )
         with open(hierarchy_path) as f:
             val_set.hierarchy = json.load(f)
+    return train_set, val_set
 
+
+def checkpoint_to_resume(
+    args: argparse.Namespace, run_dir: str, rank: int
+) -> Tuple[str | None, Dict[str, Any] | None]:
+    """(path, checkpoint) of --resume (auto: the run folder's newest), checked to fit these options;
+    (None, None) when not resuming or --resume auto found nothing."""
     resume_path, checkpoint = None, None
     if args.resume == "auto":
         resume_path, checkpoint = load_newest_checkpoint(run_dir)
@@ -259,6 +225,19 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
     if checkpoint is not None:
         check_resumable(checkpoint, resume_path)  # not a weights-only file (utils/init_from.py)
         check_resume_fits(checkpoint, resume_path, args)
+    return resume_path, checkpoint
+
+
+def build_train_model(
+    args: argparse.Namespace,
+    checkpoint: Dict[str, Any] | None,
+    resume_path: str | None,
+    device: torch.device,
+    world_size: int,
+) -> Tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """(model, criterion, postprocessor) on ``device``: with the checkpoint's anchors when resuming (its
+    weights are loaded with the optimizer's, by load_training_state), else with --init_from's weights or
+    --pretrained's; channels_last and SyncBatchNorm as asked."""
     anchor_whs = anchors_from_checkpoint(checkpoint) if checkpoint is not None else None
     # The checkpoint holds every weight: build frozen as --pretrained implies, but read no weight file.
     model, criterion, postprocessor = build_model(
@@ -278,47 +257,14 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif args.sync_bn:
         logger.warning("--sync_bn has no effect in a single process (launch with torchrun to use it)")
-    optimizer = build_optimizer(model, args)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda it: lr_factor(it, args.warmup_iters, args.warmup_factor, args.step_values, args.gamma),
-    )
-    amp_dtype = amp_dtype_of(args, device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return model, criterion, postprocessor
 
-    start_iter = 0
-    if checkpoint is not None:
-        problem = state_dict_mismatch(model.state_dict(), checkpoint["model"])
-        if problem:
-            raise CheckpointError(
-                f"--resume {resume_path!r} does not fit the model of these options: {problem}"
-            )
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_iter = int(checkpoint["iteration"])
-        logger.info("resumed from %s at iteration %d", resume_path, start_iter)
 
-    ema = ModelEMA(model, args.ema_decay, args.ema_tau) if args.ema else None
-    if ema is not None and checkpoint is not None:
-        if checkpoint.get("model_ema") is None:
-            raise SystemExit(f"--ema: the checkpoint {resume_path!r} was trained without --ema")
-        ema.load(checkpoint["model_ema"], checkpoint["ema_updates"])
-
-    model_without_ddp = model
-    if dist_utils.is_distributed():  # under torchrun, one process included (as torchvision's reference)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-        logger.info(
-            "DistributedDataParallel over %d processes (%s backend)",
-            world_size,
-            torch.distributed.get_backend(),
-        )
-    if args.compile:  # in place, after the EMA's copy: the same parameters and state-dict keys
-        compile_network(model_without_ddp, args.compile_mode)
-
+def build_loaders(
+    args: argparse.Namespace, train_set: Any, val_set: Any, device: torch.device, rank: int, world_size: int
+) -> Tuple[Any, Any]:
+    """The training loader (this rank's share of the sampler's order) and the validation loader over
+    this rank's block of the val set (None without a val set)."""
     train_loader = build_train_loader(
         train_set,
         args.batch_size,
@@ -343,203 +289,121 @@ def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
             indices=dist_utils.shard_range(len(val_set)) if world_size > 1 else None,
             **loader_options(args, device),
         )
+    return train_loader, val_loader
 
-    is_main = rank == 0
-    if is_main:
-        os.makedirs(run_dir, exist_ok=True)
+
+def run_training(args: argparse.Namespace, run_lock: RunLock) -> Dict[str, Any]:
+    resolve_defaults(args)
+    check_common_args(args)
+    check_train_args(args)
+    device = resolve_device(args.device)
+    dist_info = dist_utils.init_distributed(device, args.dist_timeout)
+    rank, world_size = dist_info["rank"], dist_info["world_size"]
+    if device.type == "cuda" and dist_utils.is_distributed():
+        device = torch.device("cuda", dist_info["local_rank"])
+    torch.manual_seed(args.man_seed + rank)
+
+    run_dir = run_folder(args, dist_utils.get_world_size())
+    prepare_run_folder(run_dir, args, rank, run_lock)
+    setup_logging(rank, os.path.join(run_dir, "train.log"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_set, val_set = build_datasets(args)
+    resume_path, checkpoint = checkpoint_to_resume(args, run_dir, rank)
+
+    model, criterion, postprocessor = build_train_model(args, checkpoint, resume_path, device, world_size)
+    optimizer = build_optimizer(model, args)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda it: lr_factor(it, args.warmup_iters, args.warmup_factor, args.step_values, args.gamma),
+    )
+    amp_dtype = amp_dtype_of(args, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = ModelEMA(model, args.ema_decay, args.ema_tau) if args.ema else None
+    start_iter = 0
+    if checkpoint is not None:
+        start_iter = load_training_state(checkpoint, resume_path, model, optimizer, scheduler, scaler, ema)
+
+    model_without_ddp = model
+    if dist_utils.is_distributed():  # under torchrun, one process included (as torchvision's reference)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        logger.info(
+            "DistributedDataParallel over %d processes (%s backend)",
+            world_size,
+            torch.distributed.get_backend(),
+        )
+    if args.compile:  # in place, after the EMA's copy: the same parameters and state-dict keys
+        compile_network(model_without_ddp, args.compile_mode)
+
+    train_loader, val_loader = build_loaders(args, train_set, val_set, device, rank, world_size)
+
+    if rank == 0:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(args_to_dict(args), f, indent=2, sort_keys=True)
-    metrics_log = JsonLinesWriter(os.path.join(run_dir, "metrics.jsonl")) if is_main else None
-    sinks = (
-        ScalarSinks(run_dir, args.tensorboard, args.visdom, args.vis_port, env=os.path.basename(run_dir))
-        if is_main
-        else None
-    )
-
-    def checkpoint_state(iteration: int) -> Dict[str, Any]:
-        return {
-            "model": model_without_ddp.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "iteration": iteration,
-            "args": args_to_dict(args),
-            "class_names": list(train_set.class_names),
-            "category_ids": [int(c) for c in train_set.category_ids],
-            "anchors": anchors_of(model_without_ddp),
-            "model_ema": None if ema is None else ema.module.state_dict(),
-            "ema_updates": None if ema is None else ema.updates,
-        }
-
-    def validate(iteration: int) -> Dict[str, float]:
-        summary: Dict[str, float] = {}
-        if ema is not None:  # the EMA weights first, under val_ema_*; then the trained weights
-            summary = {
-                k.replace("val_", "val_ema_", 1): v
-                for k, v in validate_weights(ema.module, iteration).items()
-            }
-        return {**validate_weights(model_without_ddp, iteration), **summary}
-
-    def validate_weights(net: torch.nn.Module, iteration: int) -> Dict[str, float]:
-        metrics, _ = evaluate(
-            FlipTTA(net) if args.tta == "flip" else net,
+    log = MetricsLog(run_dir, args.log_step, args.tensorboard, args.visdom, args.vis_port)
+    saved = {  # what a checkpoint holds besides the training state, to rebuild the model
+        "args": args_to_dict(args),
+        "class_names": list(train_set.class_names),
+        "category_ids": [int(c) for c in train_set.category_ids],
+    }
+    saver = CheckpointSaver(run_dir, args.save_step, args.keep_checkpoints, saved, last_saved=resume_path)
+    validator = None
+    if val_loader is not None:
+        validator = Validator(
             postprocessor,
             val_loader,
             val_set,
-            device,
+            args.val_step,
+            log,
             args.metric,
             args.iou_thresh,
-            amp_dtype=amp_dtype,
-            sharded=True,
-            progress=is_main,
+            amp_dtype,
+            args.tta,
         )
-        summary = {}
-        if metrics.get("images", {}).get("skipped"):
-            summary["val_skipped_images"] = metrics["images"]["skipped"]
-            summary["val_images"] = metrics["images"]["evaluated"]
-        if "voc" in metrics:
-            summary["val_map50_07"] = metrics["voc"]["map_07_11pt"]
-            summary["val_map50_area"] = metrics["voc"]["map_area"]
-            logger.info("iteration %d validation:\n%s", iteration, metrics["voc"]["table"])
-        if "coco" in metrics:
-            summary["val_coco_ap"] = metrics["coco"]["AP"]
-        if "oid" in metrics:
-            summary["val_oid_map"] = metrics["oid"]["map"]
-            logger.info(
-                "iteration %d validation (Open Images metric):\n%s", iteration, metrics["oid"]["table"]
-            )
-        return summary
-
+    trainer = Trainer(
+        model,
+        criterion,
+        optimizer,
+        scheduler,
+        scaler,
+        train_loader,
+        device,
+        model_without_ddp=model_without_ddp,
+        class_names=train_set.class_names,
+        start_iter=start_iter,
+        max_iter=args.max_iter,
+        amp_dtype=amp_dtype,
+        clip_grad=args.clip_grad,
+        ema=ema,
+        skip_bad_images=args.skip_bad_images,
+        log_step=args.log_step,
+        hooks=(log, saver, validator),
+    )
     if checkpoint is not None:
         # Last, after everything that draws from torch's generators at start-up (weight init): the
         # random draws of training (Faster R-CNN's RPN/RoI sampling) continue as if never stopped.
         restore_rng_state(checkpoint.get("rng_states"), rank, world_size, device)
-    meters = MetricLogger(window_size=args.log_step)
-    progress = Progress(args.max_iter, start_iter, args.log_step, enabled=is_main)
-    num_skipped, num_cropped_out, num_dropped_for_sync, last_val = 0, 0, 0, {}
-    last_saved = resume_path
-    images_per_class = torch.zeros(args.num_classes, dtype=torch.int64)
-    last_time = time.time()
-    iteration = start_iter
     try:
-        for _epoch, (images, targets, skipped) in iterate_batches(train_loader, start_iter):
-            if iteration >= args.max_iter:
-                break
-            num_skipped += len(skipped)
-            if world_size > 1 and args.skip_bad_images:
-                # A process whose whole batch was unreadable cannot take the step; the others must skip
-                # it too, or they would wait for its gradients forever. Their images are counted.
-                if not dist_utils.all_true(len(targets) > 0, device):
-                    num_dropped_for_sync += len(targets)
-                    continue
-            if len(targets) == 0:
-                continue
-            data_time = time.time() - last_time  # waiting for the loader (and the checks above)
-            num_cropped_out += sum(int(t.get("num_cropped_out", 0)) for t in targets)
-            # What the sampler actually delivered, per class (images containing the class), for the log.
-            for t in targets:
-                present = t["labels"][t["labels"] >= 0].unique()
-                images_per_class[present] += 1
-            images = images.to(device, non_blocking=True)
-            targets = targets_to_device(targets, device)
-            terms = train_one_iter(
-                model, criterion, images, targets, optimizer, iteration, scaler, amp_dtype, args.clip_grad
-            )
-            scheduler.step()
-            if ema is not None:
-                ema.update(model_without_ddp)
-            iteration += 1
-            if world_size > 1:  # log the mean over ranks, not rank 0's share of the batch
-                terms = {
-                    k: float(v)
-                    for k, v in dist_utils.reduce_dict(
-                        {k: torch.tensor(v, device=device) for k, v in terms.items()}
-                    ).items()
-                }
-            now = time.time()
-            meters.update(
-                **terms,
-                images_per_s=len(targets) * world_size / max(now - last_time, 1e-9),
-                data_time=data_time,
-                compute_time=now - last_time - data_time,
-            )
-            last_time = now
-            lr = optimizer.param_groups[0]["lr"]
-            progress.update(iteration, f"{meters}  lr {lr:.2e}")
-            if is_main and (iteration % args.log_step == 0 or iteration == args.max_iter):
-                record = {
-                    "iteration": iteration,
-                    "lr": lr,
-                    **meters.averages(),
-                    "skipped_images": num_skipped,
-                    "boxes_cropped_out": num_cropped_out,
-                    **({"max_mem_mib": peak_memory_mib()} if peak_memory_mib() is not None else {}),
-                }
-                metrics_log.write(record)
-                sinks.add_scalars({k: v for k, v in record.items() if k != "iteration"}, iteration)
-            if iteration % args.save_step == 0 or iteration == args.max_iter:
-                bad = non_finite_state(model_without_ddp, optimizer, device)
-                if bad:
-                    raise NonFiniteWeightsError(iteration, bad, last_saved)
-                rng_states = dist_utils.all_gather_object(rng_state(device))  # every rank's, for resume
-                save_error = None
-                if is_main:
-                    path = os.path.join(run_dir, f"model_{iteration:06d}.pth")
-                    try:
-                        save_checkpoint({**checkpoint_state(iteration), "rng_states": rng_states}, path)
-                        prune_checkpoints(run_dir, args.keep_checkpoints)
-                        last_saved = path
-                    except CheckpointError as e:
-                        save_error = str(e)
-                save_error = dist_utils.broadcast_object(save_error)  # every rank stops on a failed save
-                if save_error:
-                    raise CheckpointError(save_error)
-            if val_loader is not None and (
-                (args.val_step and iteration % args.val_step == 0) or iteration == args.max_iter
-            ):
-                last_val = validate(iteration)
-                if is_main:
-                    metrics_log.write({"iteration": iteration, **last_val})
-                    sinks.add_scalars(last_val, iteration)
+        summary = trainer.run()
     except (NonFiniteLossError, NonFiniteWeightsError) as e:
         logger.error("%s", e)
-        progress.close()
         dist_utils.cleanup()
         raise SystemExit(f"training stopped: {e}") from e
-    progress.close()
-    if sinks is not None:
-        sinks.close()
-    bad = non_finite_state(model_without_ddp, optimizer, device)
-    if bad:  # the save at --max_iter checked already; checked again so "done" never covers NaN weights
-        dist_utils.cleanup()
-        raise SystemExit(f"training stopped: {NonFiniteWeightsError(iteration, bad, last_saved)}")
-    if is_main:
-        plot_run_curves(run_dir)
-    if num_skipped:
-        logger.warning("%d unreadable images were skipped during training (--skip_bad_images)", num_skipped)
-    if num_dropped_for_sync:
-        logger.warning(
-            "%d readable images were not trained on because another process's batch was all unreadable",
-            num_dropped_for_sync,
-        )
     logger.info(
         "done: %d iterations, %d boxes removed by random crops; run folder %s",
-        iteration,
-        num_cropped_out,
+        summary["iteration"],
+        summary.pop("boxes_cropped_out"),
         run_dir,
     )
-    delivered = dict(zip(train_set.class_names, images_per_class.tolist()))
-    logger.info("images per class delivered by the %s sampler (this rank): %s", args.sampler, delivered)
+    logger.info(
+        "images per class delivered by the %s sampler (this rank): %s",
+        args.sampler,
+        summary["images_per_class"],
+    )
     dist_utils.cleanup()
-    return {
-        "run_dir": run_dir,
-        "iteration": iteration,
-        "skipped_images": num_skipped,
-        "dropped_for_sync_images": num_dropped_for_sync,
-        **last_val,
-        "final_loss": meters.averages().get("loss"),
-        "images_per_class": delivered,
-    }
+    return {"run_dir": run_dir, **summary, **(validator.last if validator is not None else {})}
 
 
 if __name__ == "__main__":

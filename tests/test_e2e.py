@@ -57,7 +57,7 @@ def test_training_writes_checkpoints_logs_and_validates(trained_run):
     loss_records = [r for r in records if "loss" in r]
     assert [r["iteration"] for r in loss_records] == [3, 6, 9, 12]
     assert all(np.isfinite(r["loss_cls"]) and np.isfinite(r["loss_box"]) for r in loss_records)
-    assert "val_map50_area" in records[-1] and 0.0 <= records[-1]["val_map50_area"] <= 1.0
+    assert "val_voc_map_area" in records[-1] and 0.0 <= records[-1]["val_voc_map_area"] <= 1.0
     with open(os.path.join(run_dir, "args.json")) as f:
         assert json.load(f)["max_iter"] == 12
 
@@ -110,6 +110,11 @@ def test_evaluate_voc_and_coco_paths(trained_run, data_root, tmp_path):
     summary = evaluate.main(evaluate.get_args_parser().parse_args(argv))
     headline = next(iter(summary.values()))
     assert {"voc_map_07_11pt", "voc_map_area", "coco_AP", "coco_AP50"} <= headline.keys()
+    # Validation at iteration 12 scored the same weights: the same numbers, under val_ + the same keys.
+    validated = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))][-1]
+    assert validated["iteration"] == 12 and {"val_voc_map_07_11pt", "val_voc_map_area"} <= validated.keys()
+    for key in (k for k in validated if k.startswith("val_")):
+        assert validated[key] == pytest.approx(headline[key[len("val_") :]], abs=1e-9), key
     results_file = glob.glob(str(tmp_path / "detections_*.json"))[0]
     results = json.load(open(results_file))
     assert results and {r["category_id"] for r in results} <= {1, 2, 3}

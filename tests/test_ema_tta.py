@@ -73,9 +73,9 @@ def test_ema_is_checkpointed_validated_resumed_and_evaluated(data_root, tmp_path
     assert state["ema_updates"] == 12 and state["model_ema"].keys() == state["model"].keys()
     differs = [k for k in state["model"] if not torch.equal(state["model"][k], state["model_ema"][k])]
     assert differs, "EMA weights equal the trained ones"
-    assert "val_ema_map50_area" in summary and "val_map50_area" in summary
+    assert "val_ema_voc_map_area" in summary and "val_voc_map_area" in summary
     last = [json.loads(line) for line in open(run_dir / "metrics.jsonl")][-1]
-    assert "val_ema_map50_area" in last
+    assert "val_ema_voc_map_area" in last
 
     # Resume from iteration 6: the EMA at 12 is bit for bit the uninterrupted one.
     (tmp_path / "b" / "r").mkdir(parents=True)

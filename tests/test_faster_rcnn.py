@@ -402,7 +402,7 @@ def test_train_resume_evaluate_demo_extract_features(data_root, tmp_path):
 
     assert run_train(2, "--no_val")["iteration"] == 2
     summary = run_train(4, "--resume", "auto")  # continues from model_000002.pth and validates at the end
-    assert summary["iteration"] == 4 and 0.0 <= summary["val_map50_area"] <= 1.0
+    assert summary["iteration"] == 4 and 0.0 <= summary["val_voc_map_area"] <= 1.0
     run_dir = tmp_path / "r"
     checkpoint = str(run_dir / "model_000004.pth")
     state = load_checkpoint(checkpoint)

@@ -104,6 +104,27 @@ def test_read_metrics_jsonl_keeps_the_last_record_of_a_resumed_iteration(tmp_pat
         read_metrics_jsonl(str(tmp_path / "missing.jsonl"))
 
 
+def test_old_validation_keys_are_read_under_todays_names(tmp_path):
+    """metrics.jsonl of a run from before engine.metric_summary, resumed after it: one curve per number."""
+    path = tmp_path / "metrics.jsonl"
+    old = {"iteration": 10, "val_map50_07": 0.1, "val_map50_area": 0.2, "val_ema_map50_area": 0.3}
+    old.update(val_coco_ap=0.05, val_images=5, val_skipped_images=1, val_oid_map=0.4)
+    new = {"iteration": 20, "val_voc_map_07_11pt": 0.15, "val_voc_map_area": 0.25, "val_coco_AP": 0.06}
+    write_jsonl(path, [{"iteration": 10, "loss": 1.0}, old, new])
+    _, first, second = read_metrics_jsonl(str(path))
+    assert first == {
+        "iteration": 10,
+        "val_voc_map_07_11pt": 0.1,
+        "val_voc_map_area": 0.2,
+        "val_ema_voc_map_area": 0.3,
+        "val_coco_AP": 0.05,
+        "val_num_images": 5,
+        "val_skipped_images": 1,
+        "val_oid_map": 0.4,
+    }
+    assert second == new
+
+
 def test_plot_run_and_the_script(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -19,6 +19,7 @@ from tiny_shapes import MODEL_OPTS, TRAIN_OPTS, make_tiny_shapes
 
 import evaluate
 import train
+import training
 from utils import distributed as dist_utils
 from utils.checkpoint import (
     args_to_dict,
@@ -283,7 +284,7 @@ def test_resume_with_a_checkpoint_of_another_model_names_the_option(
 def test_non_finite_weights_are_never_saved_and_the_message_is_true(where, data_root, tmp_path, monkeypatch):
     """The loss stays finite but a step makes the weights (or SGD's momentum) NaN at iteration 3: the
     run stops before saving it, says model_000002.pth is intact, and it is."""
-    real = train.train_one_iter
+    real = training.train_one_iter
 
     def step_then_diverge(model, criterion, images, targets, optimizer, iteration, *args):
         terms = real(model, criterion, images, targets, optimizer, iteration, *args)
@@ -294,7 +295,7 @@ def test_non_finite_weights_are_never_saved_and_the_message_is_true(where, data_
                 target.view(-1)[0] = float("nan")
         return terms
 
-    monkeypatch.setattr(train, "train_one_iter", step_then_diverge)
+    monkeypatch.setattr(training, "train_one_iter", step_then_diverge)
     with pytest.raises(
         SystemExit,
         match=r"non-finite weights or optimizer state at iteration 3 .*model_000002.pth, is intact",

@@ -210,8 +210,8 @@ def test_torchrun_validation_and_evaluate_match_one_process(data_root, tmp_path)
     assert one["coco_AP50"] > 0 and one["num_images"] == two["num_images"] == 6  # each image once
     for key in ("voc_map_area", "voc_map_07_11pt", "coco_AP", "coco_AP50"):
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
-    assert validated["val_map50_area"] == pytest.approx(one["voc_map_area"], abs=1e-6)
-    assert validated["val_map50_07"] == pytest.approx(one["voc_map_07_11pt"], abs=1e-6)
+    assert validated["val_voc_map_area"] == pytest.approx(one["voc_map_area"], abs=1e-6)
+    assert validated["val_voc_map_07_11pt"] == pytest.approx(one["voc_map_07_11pt"], abs=1e-6)
     # one process's detections file has each val image's detections exactly once
     (detections,) = glob.glob(str(tmp_path / "two" / "detections_*.json"))
     (reference,) = glob.glob(str(tmp_path / "one" / "detections_*.json"))

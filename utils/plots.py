@@ -153,9 +153,29 @@ def plot_pr_curves(metrics: Dict[str, Any], path: str, title: str = "") -> str:
     return path
 
 
+# train.py's validation keys before they took evaluate.py's names (engine.metric_summary), read under
+# today's names, so an old run draws the same curves and one resumed across the change draws one curve.
+OLD_VAL_KEYS = {
+    "map50_07": "voc_map_07_11pt",
+    "map50_area": "voc_map_area",
+    "coco_ap": "coco_AP",
+    "images": "num_images",
+}
+
+
+def current_key(key: str) -> str:
+    """Today's name of a metrics.jsonl key: ``val_map50_area`` -> ``val_voc_map_area`` (OLD_VAL_KEYS, also
+    after ``val_ema_``); any other key unchanged."""
+    for prefix in ("val_ema_", "val_"):
+        if key.startswith(prefix) and key[len(prefix) :] in OLD_VAL_KEYS:
+            return prefix + OLD_VAL_KEYS[key[len(prefix) :]]
+    return key
+
+
 def read_metrics_jsonl(path: str) -> List[Dict[str, Any]]:
     """Records of a run's ``metrics.jsonl``, sorted by iteration; for an iteration logged more than once
-    (a run resumed from an earlier checkpoint retrains it) the last record of each kind wins.
+    (a run resumed from an earlier checkpoint retrains it) the last record of each kind wins. Keys
+    written by older versions are read under today's names (``current_key``).
 
     Raises:
         UserError: the file does not exist, or a line is not a JSON object with an "iteration" (the line
@@ -174,6 +194,7 @@ def read_metrics_jsonl(path: str) -> List[Dict[str, Any]]:
                 raise UserError(f"{path}:{number}: not JSON ({err})") from err
             if not isinstance(record, dict) or not isinstance(record.get("iteration"), (int, float)):
                 raise UserError(f"{path}:{number}: a record needs a numeric 'iteration'")
+            record = {current_key(k): v for k, v in record.items()}
             kind = "val" if any(k.startswith("val_") for k in record) else "train"
             by_key[(int(record["iteration"]), kind)] = record
     return [by_key[k] for k in sorted(by_key)]
