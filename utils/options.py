@@ -26,7 +26,7 @@ import torch
 
 from layers.anchor_sets import shipped_anchor_file
 from utils.choices import AUGMENTATIONS, CHECK_MODES, CROP_RULES, PIN_MEMORY_MODES
-from utils.cli import BoolAction, OptionParser, add_config_option, str2bool  # noqa: F401 (re-exported)
+from utils.cli import BoolAction, OptionParser, add_config_option  # noqa: F401 (OptionParser re-exported)
 from utils.compile import COMPILE_MODES
 
 logger = logging.getLogger(__name__)
