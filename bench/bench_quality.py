@@ -15,15 +15,17 @@ schedule, with the same seed, and is scored by our evaluator (VOC AP@0.5 area, C
   without TTA, so the table shows what the training recipe gives and what EMA/TTA add.
 - ``ours_focal``: the same with ``--loss_type focal`` (its thresholds and box loss beta follow).
 - ``torchvision``: ``torchvision.models.detection.RetinaNet`` with a ResNet of the same depth (from
-  scratch, or from the same ``--pretrained`` weights; BatchNorm2d from scratch and FrozenBatchNorm2d
-  when pretrained, as ``retinanet_resnet50_fpn`` does), an FPN of ``--fpn_channels``, its own head (4
-  convs), loss and anchors (``--torchvision_anchors``: its 32..512 px set, 3 scales x 3 ratios, scaled
-  by --input_dim / 800 by default, i.e. the sizes relative to the image it was designed for); its
-  transform set to our input size with identity normalisation, so it neither resizes nor normalises
-  again (our loader did both). It is fed our train loader's batches through the same optimizer
-  builder, lr schedule, AMP and clipping as train.py, and its post-processing uses our --conf_thresh,
-  --nms_thresh, --pre_nms_topk and --topk. No EMA or TTA on its side: compare it with ``ours_plain``
-  for the recipes alone.
+  scratch, or from the same ``--pretrained`` weights; BatchNorm2d from scratch and FrozenBatchNorm2d when
+  pretrained, as ``retinanet_resnet50_fpn`` does), an FPN of ``--fpn_channels``, its own head (4 convs)
+  and loss in the design of ``retinanet_resnet50_fpn_v2`` by default (``--torchvision_variant``: v2 =
+  GroupNorm head, GIoU box loss, P6 from C5; v1 = the original RetinaNet's, whose unnormalised head does
+  not train from scratch at 64 FPN channels), and its anchors (``--torchvision_anchors``: its 32..512 px
+  set, 3 scales x 3 ratios, scaled by --input_dim / 800 by default, i.e. the sizes relative to the image
+  it was designed for); its transform set to our input size with identity normalisation, so it neither
+  resizes nor normalises again (our loader did both). It is fed our train loader's batches through the
+  same optimizer builder, lr schedule, AMP and clipping as train.py, and its post-processing uses our
+  --conf_thresh, --nms_thresh, --pre_nms_topk and --topk. No EMA or TTA on its side: compare it with
+  ``ours_plain`` for the recipes alone.
 Prints a table, then one JSON line: ``ours_map50``, ``ours_plain_map50``, ``ours_focal_map50``,
 ``torchvision_map50``, ``ratio_map50`` (ours / torchvision), ``ratio_plain_map50``, the COCO APs and
 the training seconds of each.
@@ -37,6 +39,7 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from typing import Any, Dict, List
 
 import torch
@@ -44,6 +47,7 @@ import torchvision
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d, clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
@@ -62,6 +66,7 @@ from utils.errors import run_cli  # noqa: E402
 from utils.options import amp_dtype_of, resolve_defaults, resolve_device  # noqa: E402
 
 MODELS = ("ours", "ours_focal", "torchvision")
+TORCHVISION_VARIANTS = ("v2", "v1")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -77,6 +82,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         choices=("scaled", "default"),
         help="torchvision's anchor sizes: default = 32..512 px (3 scales, 3 ratios) as made for its 800-px "
         "inputs; scaled = the same set times --input_dim / 800, i.e. the same sizes relative to the image",
+    )
+    g.add_argument(
+        "--torchvision_variant",
+        default="v2",
+        choices=TORCHVISION_VARIANTS,
+        help="v2 = retinanet_resnet50_fpn_v2's design (GroupNorm head, GIoU box loss, P6 from C5); "
+        "v1 = retinanet_resnet50_fpn's (no norm in the head, L1 box loss, P6 from P5). v1's "
+        "4-conv head without norm, initialised N(0, 0.01), does not train from scratch at a narrow "
+        "--fpn_channels (BENCHMARKS.md), so v2 is the default peer",
     )
     return parser
 
@@ -105,17 +119,39 @@ def _torchvision_retinanet(args: argparse.Namespace, num_classes: int) -> Retina
     channels.append(resnet.layer4[-1].conv1.in_channels)
     if args.basenet in ("resnet18", "resnet34"):  # BasicBlock: conv1 keeps the width
         channels = [128, 256, 512]
+    v2 = args.torchvision_variant == "v2"
+    # LastLevelP6P7 takes P6 from C5 when its in_channels differ from out_channels (v2), else from P5 (v1)
+    p6_in = channels[-1] if v2 else args.fpn_channels
+    if v2 and args.fpn_channels % 32:
+        raise SystemExit(
+            f"--torchvision_variant v2 has GroupNorm(32) heads: --fpn_channels {args.fpn_channels} "
+            "is not a multiple of 32"
+        )
+    if v2 and p6_in == args.fpn_channels:
+        raise SystemExit(
+            f"--torchvision_variant v2 takes P6 from C5: --fpn_channels must differ from {p6_in}"
+        )
     backbone = BackboneWithFPN(
         resnet,
         return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
         in_channels_list=channels,
         out_channels=args.fpn_channels,
-        extra_blocks=LastLevelP6P7(args.fpn_channels, args.fpn_channels),
+        extra_blocks=LastLevelP6P7(p6_in, args.fpn_channels),
     )
+    anchor_generator = torchvision_anchor_generator(args.input_dim, args.torchvision_anchors)
+    head = RetinaNetHead(
+        args.fpn_channels,
+        anchor_generator.num_anchors_per_location()[0],
+        num_classes,
+        norm_layer=partial(torch.nn.GroupNorm, 32) if v2 else None,
+    )
+    if v2:
+        head.regression_head._loss_type = "giou"  # as retinanet_resnet50_fpn_v2 sets it
     return RetinaNet(
         backbone,
         num_classes,
-        anchor_generator=torchvision_anchor_generator(args.input_dim, args.torchvision_anchors),
+        anchor_generator=anchor_generator,
+        head=head,
         min_size=args.input_dim,
         max_size=args.input_dim,
         image_mean=[0.0, 0.0, 0.0],
@@ -320,6 +356,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             "ema": args.ema,
             "tta": args.tta,
             "torchvision_anchors": args.torchvision_anchors,
+            "torchvision_variant": args.torchvision_variant,
         }
     )
     print(json.dumps(summary), flush=True)

@@ -72,6 +72,7 @@ def test_bench_quality_tiny_run_prints_its_json_line(data_root, tmp_path):
     ]
     cmd += ["--batch_size", "4", "--max_iter", "3", "--step_values", "2", "--warmup_iters", "1"]
     cmd += ["--bench_root", str(tmp_path), "--conf_thresh", "0.001", "--log_step", "1", "--tta", "flip"]
+    cmd += ["--fpn_channels", "32"]  # the default torchvision v2 peer has GroupNorm(32) heads
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
@@ -106,7 +107,38 @@ def test_torchvision_anchors_default_and_scaled():
     scaled = bench_quality.torchvision_anchor_generator(256, "scaled")
     assert scaled.sizes[0] == pytest.approx((32 * 0.32, 40 * 0.32, 50 * 0.32))
     assert scaled.sizes[4] == pytest.approx((512 * 0.32, 645 * 0.32, 812 * 0.32))
-    args = bench_quality.get_args_parser().parse_args(MODEL_OPTS + ["--input_dim", "256"])
+    args = bench_quality.get_args_parser().parse_args(
+        MODEL_OPTS + ["--input_dim", "256", "--fpn_channels", "32"]
+    )
     assert args.torchvision_anchors == "scaled"
     model = bench_quality._torchvision_retinanet(args, 3)
     assert model.anchor_generator.sizes == scaled.sizes
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_torchvision_variant_is_torchvisions_own_design(variant):
+    """At ResNet-50 and 256 FPN channels, each variant has exactly the parameters (names and shapes) and
+    box loss of torchvision's own builder: retinanet_resnet50_fpn (v1) or retinanet_resnet50_fpn_v2 (v2),
+    whose heads differ by GroupNorm and whose P6 comes from P5 (v1) or C5 (v2)."""
+    from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2
+
+    builder = retinanet_resnet50_fpn_v2 if variant == "v2" else retinanet_resnet50_fpn
+    reference = builder(weights=None, weights_backbone=None, num_classes=5)
+    args = bench_quality.get_args_parser().parse_args(
+        MODEL_OPTS
+        + ["--basenet", "resnet50", "--fpn_channels", "256", "--input_dim", "800"]
+        + ["--torchvision_anchors", "default", "--torchvision_variant", variant]
+    )
+    ours = bench_quality._torchvision_retinanet(args, 5)
+    shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    assert ours.head.regression_head._loss_type == reference.head.regression_head._loss_type
+    assert ours.anchor_generator.sizes == reference.anchor_generator.sizes
+    norms = [m for m in ours.head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == (8 if variant == "v2" else 0)
+
+
+def test_torchvision_variant_v2_checks_fpn_channels():
+    args = bench_quality.get_args_parser().parse_args(MODEL_OPTS + ["--fpn_channels", "48"])
+    with pytest.raises(SystemExit, match="multiple of 32"):
+        bench_quality._torchvision_retinanet(args, 3)
