@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data.annotations import load_annotations
-from prep import shapes
+from prep import shapes, shapes_render
 
 TINY = ["--num_train", "4", "--num_val", "2", "--image_size", "96", "--min_size", "8", "--max_size", "64"]
 
@@ -79,8 +79,8 @@ def test_masks_to_boxes_xyxy_hand_computed():
     masks[0, 1:4, 2:5] = True  # rows 1..3, cols 2..4
     masks[1, 5, 6] = True  # the bottom-right pixel
     masks[1, 0, 0] = True
-    np.testing.assert_array_equal(shapes.masks_to_boxes_xyxy(masks), [[2, 1, 5, 4], [0, 0, 7, 6]])
-    assert shapes.masks_to_boxes_xyxy(np.zeros((0, 6, 7), bool)).shape == (0, 4)
+    np.testing.assert_array_equal(shapes_render.masks_to_boxes_xyxy(masks), [[2, 1, 5, 4], [0, 0, 7, 6]])
+    assert shapes_render.masks_to_boxes_xyxy(np.zeros((0, 6, 7), bool)).shape == (0, 4)
 
 
 def test_every_box_is_tight_around_its_shape_coloured_pixels():
