@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kmeans_for_anchors import cluster_and_report, resize_boxes  # noqa: E402
+from data.box_sets import resize_boxes  # noqa: E402
+from layers.anchor_report import cluster_and_report  # noqa: E402
 
 # (height, width) of frequent COCO train2017 images, and how often each is drawn.
 COCO_LIKE_SIZES = np.array(
