@@ -8,7 +8,7 @@ import sys
 
 import cv2
 import pytest
-from voc_helpers import _args, _fake_devkit, _obj, _write, _write_image, _xml
+from voc_helpers import _args, _fake_devkit, _folder_argv, _obj, _write, _write_image, _xml
 
 from data.annotations import load_annotations
 from prep import voc
@@ -275,16 +275,7 @@ def test_size_from_an_exif_rotated_image_matches_the_loader(tmp_path):
     Image.new("RGB", (30, 20), (90, 90, 90)).save(image_dir / "r.jpg", exif=exif)
     _write(xml_dir / "r.xml", _xml("r.jpg", None, [_obj("x", (1, 1, 20, 30))]))
     data_root = str(tmp_path / "d")
-    argv = [
-        "--xml_dir",
-        str(xml_dir),
-        "--image_dir",
-        str(image_dir),
-        "--dataset",
-        "r",
-        "--data_root",
-        data_root,
-    ]
+    argv = _folder_argv(xml_dir, image_dir, "r", data_root)
     summaries = voc.main(_args(*argv, "--val_fraction", "0"))
     assert summaries["train"]["clipped_boxes"] == {}
     image = load_annotations(os.path.join(data_root, "r", "annotations", "train.json"))["images"][0]

@@ -7,7 +7,7 @@ import logging
 import os
 
 import pytest
-from voc_helpers import _args, _fake_devkit, _obj, _write, _write_image, _xml
+from voc_helpers import _args, _fake_devkit, _folder_argv, _obj, _write, _write_image, _xml
 
 from data.annotations import load_annotations
 from prep import voc
@@ -24,16 +24,7 @@ def _folder(tmp_path, files, *extra):
         else:
             _write(xml_dir / name, content)
     data_root = str(tmp_path / "datasets")
-    argv = [
-        "--xml_dir",
-        str(xml_dir),
-        "--image_dir",
-        str(image_dir),
-        "--dataset",
-        "m",
-        "--data_root",
-        data_root,
-    ]
+    argv = _folder_argv(xml_dir, image_dir, "m", data_root)
     return voc.main(_args(*argv, "--val_fraction", "0", *extra)), os.path.join(data_root, "m")
 
 
@@ -131,16 +122,7 @@ def test_folder_mode_inputs_checked_before_anything_is_written(tmp_path):
     xml_dir.mkdir()
     image_dir.mkdir()
     data_root = tmp_path / "datasets"
-    base = [
-        "--xml_dir",
-        str(xml_dir),
-        "--image_dir",
-        str(image_dir),
-        "--dataset",
-        "m",
-        "--data_root",
-        str(data_root),
-    ]
+    base = _folder_argv(xml_dir, image_dir, "m", data_root)
     with pytest.raises(ValueError, match="holds no .xml file"):
         voc.main(_args(*base))
     _write(xml_dir / "a.xml", _xml("a.jpg", (8, 8), []))

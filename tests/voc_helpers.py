@@ -39,6 +39,20 @@ def _write(path, text):
         f.write(text)
 
 
+def _folder_argv(xml_dir, image_dir, dataset, data_root):
+    """prep/voc.py's folder-mode options."""
+    return [
+        "--xml_dir",
+        str(xml_dir),
+        "--image_dir",
+        str(image_dir),
+        "--dataset",
+        dataset,
+        "--data_root",
+        str(data_root),
+    ]
+
+
 def _args(*argv):
     return voc.get_args_parser().parse_args(list(argv))
 
