@@ -35,7 +35,7 @@ clamped to the grid; the centres are evenly spaced in both of ``AnchorGenerator`
 is exact: for a fixed anchor size, the intersection is the product of the x- and y-overlaps of
 intervals of fixed lengths, each non-increasing in the distance between the interval centres, and
 IoU = I / (area_gt + area_anchor - I) increases with I; so the nearest cell per axis maximises it.
-tests/test_kmeans_for_anchors.py checks it against the exhaustive box_iou.
+tests/test_kmeans.py checks it against the exhaustive box_iou.
 """
 
 import logging
@@ -197,7 +197,7 @@ def iou_kmeans(whs: np.ndarray, init_centres: np.ndarray, max_iter: int = 300) -
     bounds apply: per box an upper bound on the distance to its centre and a lower bound on the distance
     to any other, loosened by how far the centres moved; only boxes whose bounds overlap are re-measured.
     The medians are updated from the boxes that moved (``_ClusterMedians``). The assignments, and so the
-    result, are those of the plain algorithm (tests/test_kmeans_for_anchors.py compares them).
+    result, are those of the plain algorithm (tests/test_kmeans.py compares them).
 
     Args:
         whs (ndarray[N, 2]): box (w, h), > 0.

@@ -10,8 +10,8 @@ that took most of its time. ``oid_gt_arrays`` gives the same arrays, in the same
   verified-absent labels and their descendants, and the classes of the (expanded) boxes;
 - restricted to ``category_ids`` (in that order) after the expansion.
 
-tests/test_oid_eval.py keeps the dict path (``expand_ground_truth`` + ``select_categories``) and checks
-this against it followed by ``gt_to_arrays``.
+tests/test_oid_eval_reference.py keeps the dict path (``expand_ground_truth`` + ``select_categories``)
+and checks this against it followed by ``gt_to_arrays``.
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def evaluate_oid(
             raise UserError("evaluate_oid: a hierarchy needs a 'mid' for every category")
         ancestors = load_hierarchy(hierarchy, mids)
     # = gt_to_arrays(select_categories(expand_ground_truth(gt, ancestors), category_ids)), vectorised
-    # (that dict path is the reference in tests/test_oid_eval.py).
+    # (that dict path is the reference in tests/test_oid_eval_reference.py).
     num_boxes = len(gt["annotations"])
     gta, evaluatable_keys, categories = oid_gt_arrays(gt, ancestors, category_ids)
     if ancestors is not None:
