@@ -193,3 +193,31 @@ def check_tiny_cpu_report(report):
     assert steps["data_loader"]["status"] == ("ok" if bench_data else "missing")
     assert steps["components"]["status"] == "ok" and "components.loss_ours_mbox_ohem" in report["figures"]
     assert set(report["targets"].values()) == {None}  # a tiny CPU run judges no target
+
+
+def test_gpu_paths_import_without_the_packages_the_gpu_image_lacks():
+    """The GPU machine's image has torch, torchvision, OpenCV and tqdm but not pycocotools, tensorboardX,
+    visdom, faster-coco-eval or matplotlib: the suite's modules and what its steps import must load (and
+    build our model) with those blocked. A module that imports one of them at the top fails here."""
+    blocked = ["pycocotools", "tensorboardX", "visdom", "faster_coco_eval", "matplotlib"]
+    code = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, "bench")
+import gpu_suite, gpu_suite_steps, train, engine, evaluate, models, training  # noqa
+for name in {blocked!r}:
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("the blocker let " + name + " through")
+print("imported")
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("imported")
