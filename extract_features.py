@@ -37,6 +37,7 @@ from data.image_list import ImageListDataset, find_images
 from data.loaders import build_eval_loader, loader_options
 from demo import check_skipped, counting_skips
 from engine import Detector
+from models.archs import ARCH_SPECS
 from utils.errors import UserError, run_cli
 from utils.logger import setup_logging
 from utils.options import (
@@ -178,13 +179,14 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         size_divisibility=detector.collate.size_divisibility,
         **loader_options(run_args, detector.device),
     )
-    score_type = "sigmoid" if run_args.loss_type == "focal" and run_args.arch == "fpn_ohem" else "softmax"
+    arch = ARCH_SPECS[run_args.arch]
+    score_type = arch.score_type(run_args.loss_type)
     num_written, shape, skipped = 0, None, []
     batches = detector.predict_batches(counting_skips(loader, skipped), return_features=True)
     for targets, detections, outputs in batches:
         check_skipped(skipped, args.skip_bad_images)
         for i, (target, det) in enumerate(zip(targets, detections)):
-            if "roi_features" in det:  # two-stage models hand back their own per-detection features
+            if arch.feature_rows == "roi":  # two-stage models hand back their own per-detection features
                 rows = det["roi_features"][: args.num_nodes].float()
                 table = rows.new_zeros(args.num_nodes, rows.shape[1])  # zero rows past the detections
                 table[: len(rows)] = rows

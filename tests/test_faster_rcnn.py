@@ -29,7 +29,7 @@ from models.faster_rcnn import (
 )
 from prep import shapes
 from utils.checkpoint import load_checkpoint
-from utils.options import get_common_parser
+from utils.options import get_common_parser, resolve_defaults
 
 
 def make_args(*argv):
@@ -38,7 +38,7 @@ def make_args(*argv):
         + list(argv)
     )
     args.num_classes = 3
-    return args
+    return resolve_defaults(args)
 
 
 def target(boxes, labels, size, difficult=None, iscrowd=None, scale=(1.0, 1.0), orig_size=None, image_id=0):
