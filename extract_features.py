@@ -47,6 +47,7 @@ from utils.options import (
     check_common_args,
     get_common_parser,
     resolve_defaults,
+    set_as_typed,
 )
 from utils.output_paths import output_stems, unique_files
 
@@ -73,7 +74,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument(
         "--save_path", "--out", "--output", default="features", help="output folder, one .pth per image"
     )
-    parser.set_defaults(topk=10)  # --topk / --num_nodes (utils/options.py): detections kept per image
+    parser.set_defaults(topk=10)  # --topk / --num_nodes (utils/options/): detections kept per image
     return parser
 
 
@@ -151,11 +152,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         raise SystemExit(f"--num_nodes must be >= 1, got {args.num_nodes}")
     if args.tta != "none":  # a feature row belongs to one anchor of one pass; the flipped pass has none
         raise SystemExit(f"--tta {args.tta} does not apply to extract_features.py (features are per anchor)")
-    # The original keeps the top detections after class-agnostic NMS.
-    args.class_agnostic_nms = True
-    args.topk = args.num_nodes
-    if getattr(args, "explicit_options", None) is not None:  # these win over the checkpoint's values
-        args.explicit_options = sorted(set(args.explicit_options) | {"class_agnostic_nms", "topk", "tta"})
+    # The original keeps the top detections after class-agnostic NMS, whatever the checkpoint's options.
+    set_as_typed(args, class_agnostic_nms=True, topk=args.num_nodes, tta=args.tta)
     files = None
     if args.images is not None:
         files, _ = unique_files(find_images(args.images))

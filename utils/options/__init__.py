@@ -35,7 +35,7 @@ from utils.options.resolve import (
     require_resolved,
     resolve_defaults,
     resolve_device,
-    resolve_head_defaults,
+    set_as_typed,
 )
 from utils.options.run_names import (
     RUN_NAME_EXTRAS,
@@ -67,11 +67,11 @@ __all__ = [
     "require_resolved",
     "resolve_defaults",
     "resolve_device",
-    "resolve_head_defaults",
     "resume_checkpoint_path",
     "resume_option",
     "run_folder",
     "run_name",
     "run_name_extras",
+    "set_as_typed",
     "split_names",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from typing import FrozenSet
+from typing import Any, FrozenSet
 
 import torch
 
@@ -74,6 +74,16 @@ def resolve_head_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if original and ("freeze_upto" not in typed if typed is not None else args.freeze_upto == 1):
         args.freeze_upto = 0  # the original trains every conv, the stem included
     return args
+
+
+def set_as_typed(args: argparse.Namespace, **values: Any) -> None:
+    """Set options as if typed on the command line, so that they win over a checkpoint's values (a
+    script's fixed choices: extract_features.py's class-agnostic NMS, its --num_nodes and no TTA)."""
+    for key, value in values.items():
+        setattr(args, key, value)
+    typed = getattr(args, "explicit_options", None)  # None: not parsed by OptionParser, nothing typed
+    if typed is not None:
+        args.explicit_options = sorted(set(typed) | set(values))
 
 
 @functools.cache
