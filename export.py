@@ -21,6 +21,7 @@ import os
 from typing import Any, Dict
 
 from engine import Detector
+from models.archs import ARCH_SPECS, archs_with
 from utils.errors import UserError, run_cli
 from utils.export import export_onnx, export_torchscript, export_weights
 from utils.logger import setup_logging
@@ -55,10 +56,10 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         logger.info("wrote %s (%.1f MB)", save_path, info["bytes"] / 1e6)
         return {"path": save_path, **info}
     detector = Detector.from_checkpoint(args.checkpoint, device="cpu", amp=False)
-    if detector.args.arch != "fpn_ohem":
+    if not ARCH_SPECS[detector.args.arch].exportable:
         raise UserError(
-            f"--format {args.format} exports single-stage (--arch fpn_ohem) checkpoints only; "
-            f"{args.checkpoint!r} is {detector.args.arch}: use --format weights with Detector"
+            f"--format {args.format} exports single-stage (--arch {archs_with('exportable')}) checkpoints "
+            f"only; {args.checkpoint!r} is {detector.args.arch}: use --format weights with Detector"
         )
     if args.format == "onnx":
         meta = export_onnx(detector, save_path, args.opset)

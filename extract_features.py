@@ -37,6 +37,7 @@ from data.image_list import ImageListDataset, find_images
 from data.loaders import build_eval_loader, loader_options
 from demo import check_skipped, counting_skips
 from engine import Detector
+from models.archs import ARCH_SPECS
 from utils.errors import UserError, run_cli
 from utils.logger import setup_logging
 from utils.options import (
@@ -46,6 +47,7 @@ from utils.options import (
     check_common_args,
     get_common_parser,
     resolve_defaults,
+    set_as_typed,
 )
 from utils.output_paths import output_stems, unique_files
 
@@ -72,7 +74,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument(
         "--save_path", "--out", "--output", default="features", help="output folder, one .pth per image"
     )
-    parser.set_defaults(topk=10)  # --topk / --num_nodes (utils/options.py): detections kept per image
+    parser.set_defaults(topk=10)  # --topk / --num_nodes (utils/options/): detections kept per image
     return parser
 
 
@@ -150,11 +152,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         raise SystemExit(f"--num_nodes must be >= 1, got {args.num_nodes}")
     if args.tta != "none":  # a feature row belongs to one anchor of one pass; the flipped pass has none
         raise SystemExit(f"--tta {args.tta} does not apply to extract_features.py (features are per anchor)")
-    # The original keeps the top detections after class-agnostic NMS.
-    args.class_agnostic_nms = True
-    args.topk = args.num_nodes
-    if getattr(args, "explicit_options", None) is not None:  # these win over the checkpoint's values
-        args.explicit_options = sorted(set(args.explicit_options) | {"class_agnostic_nms", "topk", "tta"})
+    # The original keeps the top detections after class-agnostic NMS, whatever the checkpoint's options.
+    set_as_typed(args, class_agnostic_nms=True, topk=args.num_nodes, tta=args.tta)
     files = None
     if args.images is not None:
         files, _ = unique_files(find_images(args.images))
@@ -178,13 +177,14 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         size_divisibility=detector.collate.size_divisibility,
         **loader_options(run_args, detector.device),
     )
-    score_type = "sigmoid" if run_args.loss_type == "focal" and run_args.arch == "fpn_ohem" else "softmax"
+    arch = ARCH_SPECS[run_args.arch]
+    score_type = arch.score_type(run_args.loss_type)
     num_written, shape, skipped = 0, None, []
     batches = detector.predict_batches(counting_skips(loader, skipped), return_features=True)
     for targets, detections, outputs in batches:
         check_skipped(skipped, args.skip_bad_images)
         for i, (target, det) in enumerate(zip(targets, detections)):
-            if "roi_features" in det:  # two-stage models hand back their own per-detection features
+            if arch.feature_rows == "roi":  # two-stage models hand back their own per-detection features
                 rows = det["roi_features"][: args.num_nodes].float()
                 table = rows.new_zeros(args.num_nodes, rows.shape[1])  # zero rows past the detections
                 table[: len(rows)] = rows

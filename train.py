@@ -87,7 +87,7 @@ logger = logging.getLogger("train")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    # Every option of train.py is in the common parser (utils/options.py), so that evaluate.py, demo.py
+    # Every option of train.py is in the common parser (utils/options/), so that evaluate.py, demo.py
     # and extract_features.py accept a training command line (and its args.json as --config).
     parser = OptionParser(description=__doc__, add_help=add_help, parents=[get_common_parser()])
     return parser

@@ -401,8 +401,8 @@ def build_dataset(args: argparse.Namespace, split: str | Sequence[str], train: b
     """The dataset for ``split`` (a comma list such as args.train_sets / args.val_sets, or a list).
 
     Reads args.data_root, args.dataset, args.classes, args.skip_bad_images and, for the transforms,
-    args.resize_mode, args.input_dim, args.min_size, args.max_size and args.augment (applied when
-    ``train``).
+    args.resize_mode, args.input_dim, args.min_size, args.max_size, args.augment and args.crop_rule
+    (applied when ``train``): options of the common parser, with no defaults here.
     """
     transforms = build_transforms(
         train,
@@ -410,8 +410,8 @@ def build_dataset(args: argparse.Namespace, split: str | Sequence[str], train: b
         input_dim=args.input_dim,
         min_size=args.min_size,
         max_size=args.max_size,
-        augment=getattr(args, "augment", "ssd"),
-        crop_rule=getattr(args, "crop_rule", "any"),
+        augment=args.augment,
+        crop_rule=args.crop_rule,
     )
     return DetectionDataset(
         os.path.join(args.data_root, args.dataset),

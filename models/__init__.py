@@ -32,18 +32,20 @@ from layers.anchors import DEFAULT_STRIDES, AnchorGenerator, load_anchor_file, p
 from layers.box_coder import BoxCoder
 from layers.losses import FocalLoss, MultiBoxLoss
 from layers.postprocess import PostProcess
+from models.archs import ARCH_SPECS
 from models.backbone import ResNetBackbone
 from models.detector import FPNDetector
 from models.faster_rcnn import build_faster_rcnn
 from models.fpn import FPN
 from models.heads import DetectionHead
 from utils.errors import UserError
-from utils.options import resolve_head_defaults
+from utils.options.resolve import max_per_class_of, require_resolved
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ARCH_BUILDERS",
+    "ARCH_SPECS",
     "FPNDetector",
     "build_model",
     "build_anchors",
@@ -54,8 +56,7 @@ __all__ = [
 
 def anchor_input_side(args: argparse.Namespace) -> int | None:
     """The square side the original anchor sets are computed for: --input_dim, or --min_size (keep_aspect)."""
-    keep_aspect = getattr(args, "resize_mode", "square") == "keep_aspect"
-    return getattr(args, "min_size" if keep_aspect else "input_dim", None)
+    return args.min_size if args.resize_mode == "keep_aspect" else args.input_dim
 
 
 def build_anchors(
@@ -73,10 +74,10 @@ def build_anchors(
     """
     side = anchor_input_side(args)
     if args.anchor_type == "kmeans":
-        path = resolve_anchor_file(args.anchor_file, getattr(args, "dataset", None))
+        path = resolve_anchor_file(args.anchor_file, args.dataset)
         if not path:
             raise UserError(
-                f"--anchor_type kmeans needs --anchor_file for --dataset {getattr(args, 'dataset', None)!r} "
+                f"--anchor_type kmeans needs --anchor_file for --dataset {args.dataset!r} "
                 "(write one with kmeans_for_anchors.py; voc and coco have the original's sets built in)"
             )
         if not need_whs and not os.path.isfile(path):
@@ -86,10 +87,11 @@ def build_anchors(
             return None, "stride"
         whs, meta = load_anchor_file(path, expected_strides=strides, input_side=side)
         # Pixel anchors fitted to another input size are misplaced in scale; say so rather than fail.
-        mode = getattr(args, "resize_mode", None)
-        keys = ("resize_mode",) + (("input_dim",) if mode == "square" else ("min_size", "max_size"))
+        keys = ("resize_mode",) + (
+            ("input_dim",) if args.resize_mode == "square" else ("min_size", "max_size")
+        )
         for key in keys if meta["units"] == "pixels" else ():
-            if key in meta and hasattr(args, key) and meta[key] != getattr(args, key):
+            if key in meta and meta[key] != getattr(args, key):
                 logger.warning(
                     "anchor file %s was made for %s=%s, this run uses %s",
                     path,
@@ -101,8 +103,6 @@ def build_anchors(
     if args.anchor_type == "predefined":
         return predefined_anchor_whs(args.num_scales, args.aspect_ratios), "stride"
     if args.anchor_type in ORIGINAL_ANCHOR_TYPES:
-        if side is None:
-            raise UserError(f"--anchor_type {args.anchor_type} needs the input size (--input_dim)")
         return original_anchor_whs(args.anchor_type, side, strides), "original"
     raise UserError(
         f"--anchor_type must be one of predefined, kmeans, {', '.join(ORIGINAL_ANCHOR_TYPES)}; "
@@ -121,8 +121,7 @@ def build_fpn_ohem(
     if not args.num_classes or args.num_classes < 1:
         raise UserError(f"num_classes must be >= 1 (set from the dataset), got {args.num_classes!r}")
     focal = args.loss_type == "focal"
-    # Same fallbacks as utils.options.resolve_defaults, for callers that did not run it.
-    args = resolve_head_defaults(argparse.Namespace(**vars(args)))
+    score_type = ARCH_SPECS["fpn_ohem"].score_type(args.loss_type)  # as the scripts read the scores
     original = args.fpn_variant == "original"
 
     from_scratch = args.pretrained == "none"
@@ -158,69 +157,49 @@ def build_fpn_ohem(
     head = DetectionHead(
         args.fpn_channels,
         num_anchors=anchor_generator.num_anchors_per_location,
-        num_classes=args.num_classes if focal else args.num_classes + 1,
+        num_classes=args.num_classes if score_type == "sigmoid" else args.num_classes + 1,
         num_layers=args.num_head_layers,
         shared_layers=args.num_shared_layers,
-        score_type="sigmoid" if focal else "softmax",
-        norm=getattr(args, "head_norm", "none"),
+        score_type=score_type,
+        norm=args.head_norm,
         bias=bool(args.bias_heads),
         init="original" if original else "retinanet",
     )
     model = FPNDetector(backbone, fpn, head, anchor_generator)
 
     box_coder = BoxCoder(variances=tuple(args.box_variances))
-    # Same fallbacks as utils.options.resolve_defaults, for callers that did not run it.
-    negative_threshold = args.negative_threshold
-    if negative_threshold is None:
-        negative_threshold = 0.4 if focal else args.positive_threshold
-    smooth_l1_beta = args.smooth_l1_beta
-    if smooth_l1_beta is None:
-        smooth_l1_beta = 1.0 / 9 if focal else 1.0
+    matching = dict(
+        positive_threshold=args.positive_threshold,
+        negative_threshold=args.negative_threshold,
+        smooth_l1_beta=args.smooth_l1_beta,
+        best_anchor_match=args.best_anchor_match,
+        matcher=args.matcher,
+        atss_topk=args.atss_topk,
+    )
     if focal:
-        criterion = FocalLoss(
-            box_coder,
-            positive_threshold=args.positive_threshold,
-            negative_threshold=negative_threshold,
-            alpha=args.focal_alpha,
-            gamma=args.focal_gamma,
-            smooth_l1_beta=smooth_l1_beta,
-            best_anchor_match=getattr(args, "best_anchor_match", "ties"),
-            matcher=getattr(args, "matcher", "iou"),
-            atss_topk=getattr(args, "atss_topk", 9),
-        )
+        criterion = FocalLoss(box_coder, alpha=args.focal_alpha, gamma=args.focal_gamma, **matching)
     else:
-        criterion = MultiBoxLoss(
-            box_coder,
-            positive_threshold=args.positive_threshold,
-            negative_threshold=negative_threshold,
-            neg_pos_ratio=args.neg_pos_ratio,
-            smooth_l1_beta=smooth_l1_beta,
-            best_anchor_match=getattr(args, "best_anchor_match", "ties"),
-            matcher=getattr(args, "matcher", "iou"),
-            atss_topk=getattr(args, "atss_topk", 9),
-        )
+        criterion = MultiBoxLoss(box_coder, neg_pos_ratio=args.neg_pos_ratio, **matching)
     # --protocol original: per class candidates over all levels, NMS on unclipped boxes, per-class caps
-    # of 50 (VOC) / 20 (COCO: the original's evaluate.py tests dataset == "coco") unless --max_per_class.
-    original = getattr(args, "protocol", "ours") == "original"
-    max_per_class = getattr(args, "max_per_class", None)
-    if max_per_class is None:
-        max_per_class = (20 if str(args.dataset).lower().startswith("coco") else 50) if original else 0
+    # (utils.options.resolve.max_per_class_of).
+    original = args.protocol == "original"
     postprocessor = PostProcess(
         box_coder,
-        score_type="sigmoid" if focal else "softmax",
+        score_type=score_type,
         conf_thresh=args.conf_thresh,
         pre_nms_topk=args.pre_nms_topk,
         nms_thresh=args.nms_thresh,
         max_detections=args.topk,
         class_agnostic=args.class_agnostic_nms,
         per_class_topk=original,
-        max_per_class=max_per_class,
+        max_per_class=max_per_class_of(args),
         clip_before_nms=not original,
     )
     return model, criterion, postprocessor
 
 
-# arch name -> builder(args, anchor_whs_per_level, load_pretrained) -> (model, criterion, postprocessor)
+# arch name -> builder(args, anchor_whs_per_level, load_pretrained) -> (model, criterion, postprocessor);
+# what differs between them for the scripts is described next to it, in ARCH_SPECS (models/archs.py).
 ARCH_BUILDERS: Dict[str, Callable[..., Tuple[nn.Module, nn.Module, nn.Module]]] = {
     "fpn_ohem": build_fpn_ohem,
     "faster_rcnn_fpn": build_faster_rcnn,
@@ -232,19 +211,20 @@ def build_model(
     anchor_whs_per_level: Sequence[Tensor] | None = None,
     load_pretrained: bool = True,
 ) -> Tuple[nn.Module, nn.Module, nn.Module]:
-    """Build ``(model, criterion, postprocessor)`` for ``args.arch`` (default "fpn_ohem").
+    """Build ``(model, criterion, postprocessor)`` for ``args.arch``.
 
     Args:
-        args: the options of utils/options.py (``num_classes`` = K, without background, set by the script).
+        args: the options of utils/options, resolved (``resolve_defaults``; a UserError otherwise), with
+            ``num_classes`` = K, without background, set by the script.
         anchor_whs_per_level (list of Tensor[k, 2], optional): anchor sizes saved with a checkpoint;
             they override ``--anchor_type`` / ``--anchor_file``.
         load_pretrained: False when the weights will come from a checkpoint (resuming): the backbone is
             then frozen exactly as ``--pretrained`` implies, but no weight file is read.
     """
-    arch = getattr(args, "arch", "fpn_ohem")  # checkpoints written before --arch existed
-    if arch not in ARCH_BUILDERS:
-        raise UserError(f"unknown --arch {arch!r}; expected one of {sorted(ARCH_BUILDERS)}")
-    model, criterion, postprocessor = ARCH_BUILDERS[arch](args, anchor_whs_per_level, load_pretrained)
+    if args.arch not in ARCH_BUILDERS:
+        raise UserError(f"unknown --arch {args.arch!r}; expected one of {sorted(ARCH_BUILDERS)}")
+    require_resolved(args, f"--arch {args.arch}'s builder")
+    model, criterion, postprocessor = ARCH_BUILDERS[args.arch](args, anchor_whs_per_level, load_pretrained)
     logger.info("%s", model_summary(model))
     return model, criterion, postprocessor
 

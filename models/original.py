@@ -295,7 +295,7 @@ def original_args(
         )
     if contradictions:
         raise UserError(f"{source} is an original checkpoint that contradicts " + ", ".join(contradictions))
-    if getattr(args, "classes", None):
+    if args.classes:
         raise UserError(
             f"--classes: {source} is an original checkpoint, trained on every class of its dataset"
         )
@@ -352,7 +352,7 @@ def build_model_from_original(
         )
     load_original_weights(model, state_dict, source=repr(path))
     model.to(device).eval()
-    if getattr(args, "channels_last", False):
+    if args.channels_last:
         model.to(memory_format=torch.channels_last)
     postprocessor.to(device)
     iteration = checkpoint_iteration(path)

@@ -143,7 +143,7 @@ class Detector:
 
         device: default cuda when available. amp: None uses the checkpoint's ``--amp``/``--amp_dtype``
         (or the command line's, for a script), True/False forces it. batch_size: default the
-        checkpoint's ``--eval_batch_size``. overrides: post-processing options of utils/options.py
+        checkpoint's ``--eval_batch_size``. overrides: post-processing options of utils/options/
         (``conf_thresh=0.01``, ``nms_thresh``, ``topk``, ``pre_nms_topk``, ``class_agnostic_nms``) and
         ``tta="flip"``, which win over the checkpoint's, and ``compile=True`` (``compile_mode=...``):
         torch.compile the network (utils/compile.py; the first batch of each input size compiles).

@@ -1,4 +1,3 @@
-import argparse
 import json
 import logging
 import os
@@ -6,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from option_helpers import parse_options
 from PIL import Image
 
 from data.collate import Collate, SkippedSample
@@ -208,17 +208,13 @@ def test_image_size_must_match_annotation(toy):
 def test_build_dataset_from_args(toy, tmp_path):
     classes_file = tmp_path / "classes.txt"
     classes_file.write_text("# subset\ndog\n\nbird\n")
-    args = argparse.Namespace(
+    args = parse_options(
         data_root=os.path.dirname(toy),
         dataset="toy",
         train_sets="train,val",
         val_sets="val",
         classes=str(classes_file),
-        skip_bad_images=False,
-        resize_mode="square",
         input_dim=32,
-        min_size=600,
-        max_size=1000,
     )
     train_set = build_dataset(args, args.train_sets, train=True)
     assert train_set.splits == ["train", "val"] and train_set.class_names == ["dog", "bird"]

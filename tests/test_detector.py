@@ -1,10 +1,10 @@
-import argparse
 import logging
 import math
 
 import pytest
 import torch
 import torchvision
+from option_helpers import parse_options
 from torch import nn
 
 from layers.anchors import AnchorGenerator, predefined_anchor_whs, save_anchor_file
@@ -15,38 +15,9 @@ from models.detector import FPNDetector
 
 
 def _args(**overrides):
-    """The options of utils/options.py, small enough for CPU tests."""
-    args = dict(
-        arch="fpn_ohem",
-        basenet="resnet18",
-        pretrained="none",
-        freeze_upto=1,
-        freeze_bn=True,
-        fpn_channels=32,
-        p6_from="c5",
-        num_head_layers=2,
-        shared_heads=0,
-        num_classes=3,
-        anchor_type="predefined",
-        anchor_file=None,
-        num_scales=3,
-        aspect_ratios=[0.5, 1.0, 2.0],
-        loss_type="mbox",
-        positive_threshold=0.5,
-        negative_threshold=None,
-        neg_pos_ratio=3,
-        smooth_l1_beta=None,
-        focal_alpha=0.25,
-        focal_gamma=2.0,
-        box_variances=[0.1, 0.2],
-        conf_thresh=0.05,
-        nms_thresh=0.5,
-        pre_nms_topk=1000,
-        topk=100,
-        class_agnostic_nms=False,
-    )
-    args.update(overrides)
-    return argparse.Namespace(**args)
+    """train.py's options, resolved, small enough for CPU tests (keywords: more options, by name)."""
+    tiny = dict(basenet="resnet18", pretrained="none", fpn_channels=32, num_head_layers=2)
+    return parse_options(num_classes=3, **{**tiny, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -242,8 +213,10 @@ def test_losses_and_detections_end_to_end():
 
 def test_arch_dispatch_and_summary(mbox_model):
     assert ARCH_BUILDERS["fpn_ohem"] is build_fpn_ohem and "faster_rcnn_fpn" in ARCH_BUILDERS
+    unknown = _args()
+    unknown.arch = "yolo"  # not a choice of the parser: a checkpoint's options, say
     with pytest.raises(ValueError, match="--arch"):
-        build_model(_args(arch="yolo"))
+        build_model(unknown)
     model = mbox_model
     trainable, frozen = count_parameters(model)
     assert frozen == 0 and trainable == sum(p.numel() for p in model.parameters())

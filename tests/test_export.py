@@ -11,13 +11,13 @@ import onnxruntime
 import pytest
 import torch
 from inference_helpers import train_tiny, val_images
+from option_helpers import parse_options
 from tiny_shapes import MODEL_OPTS, make_tiny_shapes
 
 import demo
 import evaluate
 import export
 import extract_features
-import train
 from engine import Detector
 from models import build_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -151,8 +151,7 @@ def test_weights_only_checkpoint_loads_in_every_script(checkpoint, data_root, tm
 
 
 def test_two_stage_models_are_refused_with_the_way_out():
-    args = train.get_args_parser().parse_args(MODEL_OPTS + ["--arch", "faster_rcnn_fpn"])
-    args.num_classes = 3
+    args = parse_options(*MODEL_OPTS, arch="faster_rcnn_fpn", num_classes=3)
     model, _, _ = build_model(args, load_pretrained=False)
     with pytest.raises(UserError, match="use --format weights and Detector"):
         ExportableNetwork(model)

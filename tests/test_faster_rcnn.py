@@ -24,7 +24,7 @@ from models import build_model
 from models.faster_rcnn import PYRAMID_STRIDES, RPN_ANCHOR_SIZES, build_faster_rcnn
 from prep import shapes
 from utils.checkpoint import load_checkpoint
-from utils.options import get_common_parser
+from utils.options import get_common_parser, resolve_defaults
 
 
 def make_args(*argv):
@@ -33,7 +33,7 @@ def make_args(*argv):
         + list(argv)
     )
     args.num_classes = 3
-    return args
+    return resolve_defaults(args)
 
 
 @pytest.fixture(scope="module")

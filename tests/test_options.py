@@ -1,3 +1,4 @@
+import argparse
 import importlib
 
 import pytest
@@ -13,6 +14,7 @@ from utils.options import (
     run_folder,
     run_name,
 )
+from utils.options.resolve import RESOLVED_OPTIONS
 
 
 def parse(*argv):
@@ -168,3 +170,74 @@ def test_bad_script_options_fail_before_loading_anything(script, argv, message):
     module = importlib.import_module(script)
     with pytest.raises(SystemExit, match=message):
         module.main(module.get_args_parser().parse_args(argv))
+
+
+# ---------------------------------------------------------------- one resolution, one description per arch
+
+
+def test_every_arch_has_a_builder_and_a_description():
+    from models import ARCH_BUILDERS
+    from models.archs import ARCH_SPECS
+
+    assert set(ARCH_SPECS) == set(ARCH_BUILDERS) == {"fpn_ohem", "faster_rcnn_fpn"}
+    arch_action = next(a for a in train.get_args_parser()._actions if a.dest == "arch")
+    assert tuple(arch_action.choices) == tuple(ARCH_SPECS)
+    assert all(name == spec.name for name, spec in ARCH_SPECS.items())
+    single, two_stage = ARCH_SPECS["fpn_ohem"], ARCH_SPECS["faster_rcnn_fpn"]
+    assert (single.score_type("mbox"), single.score_type("focal")) == ("softmax", "sigmoid")
+    assert two_stage.score_type("mbox") == "softmax" and two_stage.loss_types == ("mbox",)
+    assert (single.feature_rows, two_stage.feature_rows) == ("anchor_cell", "roi")
+    assert (single.first_fpn_level, two_stage.first_fpn_level) == (3, 2)  # C3..C5 vs C2..C5 laterals
+
+
+def test_run_name_parts_come_from_the_arch_description():
+    args = resolve_defaults(parse("--arch", "faster_rcnn_fpn"))
+    # Its RPN anchors, one loss and its own heads: no anchor options, loss or head part in the name.
+    assert run_name(args) == "shapes_faster_rcnn_fpn_resnet50_rpn_sq600_bs24_lr0.0005"
+    args = resolve_defaults(parse("--loss_type", "focal", "--num_shared_layers", "2"))
+    assert run_name(args) == "shapes_fpn_ohem_resnet50_pre3x3_focal_sh0k2_sq600_bs24_lr0.0005"
+
+
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("train", []),
+        ("train", ["--dataset", "voc", "--loss_type", "focal", "--fpn_variant", "original"]),
+        ("train", ["--shared_heads", "1", "--train_bn"]),
+        ("evaluate", ["--protocol", "original", "--dataset", "coco"]),
+        ("extract_features", ["--checkpoint", "c.pth", "--protocol", "original"]),
+    ],
+)
+def test_resolution_is_idempotent(script, argv):
+    args = importlib.import_module(script).get_args_parser().parse_args(argv)
+    once = dict(vars(resolve_defaults(args)))
+    assert vars(resolve_defaults(args)) == once
+    assert all(once[k] is not None for k in RESOLVED_OPTIONS)
+
+
+def test_builders_refuse_options_that_are_not_resolved():
+    from models import build_model
+    from utils.errors import UserError
+
+    unresolved = parse("--basenet", "resnet18", "--pretrained", "none")
+    unresolved.num_classes = 3
+    with pytest.raises(
+        UserError, match=r"not resolved: negative_threshold, smooth_l1_beta, num_shared_layers"
+    ):
+        build_model(unresolved)
+    hand_made = argparse.Namespace(
+        **{k: v for k, v in vars(resolve_defaults(unresolved)).items() if k != "matcher"}
+    )
+    with pytest.raises(UserError, match="resolve_defaults; got missing matcher"):
+        build_model(hand_made)
+
+
+def test_protocol_cap_per_class_is_decided_by_the_final_dataset():
+    from utils.options import max_per_class_of
+
+    args = resolve_defaults(parse("--protocol", "original"))
+    assert max_per_class_of(args) == 50
+    args.dataset = "coco_subset"  # e.g. the dataset of the checkpoint being evaluated
+    assert max_per_class_of(args) == 20
+    assert max_per_class_of(resolve_defaults(parse("--protocol", "original", "--max_per_class", "7"))) == 7
+    assert max_per_class_of(resolve_defaults(parse())) == 0

@@ -331,7 +331,11 @@ def build_model_from_checkpoint(
     with ``class_names`` and ``category_ids`` of the training set attached.
     """
     from models import build_model  # late import: utils must not depend on models at import time
+    from utils.options.resolve import resolve_defaults
 
+    # A command line parsed but not resolved (Detector.from_checkpoint's) is resolved as the scripts' are
+    # (a copy; idempotent for theirs): its options fill what the checkpoint lacks.
+    cli_args = resolve_defaults(argparse.Namespace(**vars(cli_args)))
     checkpoint = load_checkpoint(path, allow_original=True)
     if "args" not in checkpoint:  # the original codebase's bare state dict, detected by its keys
         from models.original import build_model_from_original
@@ -341,7 +345,7 @@ def build_model_from_checkpoint(
     model, _criterion, postprocessor = build_model(
         args, anchor_whs_per_level=anchors_from_checkpoint(checkpoint), load_pretrained=False
     )
-    weights = weights_to_run(checkpoint, getattr(args, "eval_weights", "auto"), path)
+    weights = weights_to_run(checkpoint, args.eval_weights, path)
     problem = state_dict_mismatch(model.state_dict(), checkpoint[weights])
     if problem:
         raise CheckpointError(
@@ -351,7 +355,7 @@ def build_model_from_checkpoint(
     args.class_names = checkpoint.get("class_names")
     args.category_ids = checkpoint.get("category_ids")
     model.to(device).eval()
-    if getattr(args, "channels_last", False):
+    if args.channels_last:
         model.to(memory_format=torch.channels_last)
     postprocessor.to(device)
     logger.info(

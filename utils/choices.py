@@ -1,6 +1,6 @@
 """The values of options that the parser and the code acting on them both need, defined once.
 
-``utils/options.py`` gives them to argparse (``choices=``), so a bad value fails at parse time naming the
+``utils/options/`` gives them to argparse (``choices=``), so a bad value fails at parse time naming the
 option; ``data/transforms.py`` and ``data/image_check.py`` check their constructor arguments against the
 same tuples, and ``data/loaders.py``'s ``loader_options`` maps each ``--pin_memory`` value. This module
 imports nothing, so the option parser needs nothing from the data package (utils/ sits below data/).

@@ -52,10 +52,12 @@ def load_init_source(path: str) -> Tuple[Dict[str, Tensor], str, int]:
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
         raise CheckpointError(f"--init_from {path!r}: could not load it with weights_only=True: {e}") from e
     if isinstance(state, dict) and "model" in state and "args" in state:
+        from models.archs import ARCH_SPECS  # late import: utils must not depend on models at import time
+
         args = state["args"]
-        arch = args.get("arch", "fpn_ohem")
+        arch = args.get("arch", "fpn_ohem")  # checkpoints written before --arch existed
         source = f"{arch} {args.get('basenet')} checkpoint, {len(state.get('class_names') or [])} classes"
-        return dict(state["model"]), source, 2 if arch == "faster_rcnn_fpn" else 3
+        return dict(state["model"]), source, ARCH_SPECS[arch].first_fpn_level
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # torchvision's references save {"model": ..., "optimizer": ..., ...}
     if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):

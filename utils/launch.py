@@ -65,7 +65,7 @@ def relaunch_with_torchrun(
     (LOCAL_WORLD_SIZE set) checks that N equals its processes per node. GPUs: with ``--device cpu``
     the processes run on the CPU (gloo); otherwise N visible GPUs are needed.
     """
-    ngpu = int(getattr(args, "ngpu", 1) or 1)
+    ngpu = int(args.ngpu or 1)
     if ngpu < 1:
         raise UserError(f"--ngpu must be >= 1, got {ngpu}")
     local_world_size = os.environ.get("LOCAL_WORLD_SIZE")
