@@ -33,7 +33,7 @@ import torchvision
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.faster_rcnn import ROIS_PER_IMAGE, build_faster_rcnn  # noqa: E402
-from utils.options import get_common_parser  # noqa: E402
+from utils.options import get_common_parser, resolve_defaults  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,8 +52,10 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
 
 
 def build_models(device: torch.device, height: int, width: int):
-    args = get_common_parser().parse_args(
-        ["--arch", "faster_rcnn_fpn", "--basenet", "resnet50", "--pretrained", "none"]
+    args = resolve_defaults(
+        get_common_parser().parse_args(
+            ["--arch", "faster_rcnn_fpn", "--basenet", "resnet50", "--pretrained", "none"]
+        )
     )
     args.num_classes = 20
     ours, criterion, postprocessor = build_faster_rcnn(args)

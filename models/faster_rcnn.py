@@ -266,15 +266,15 @@ def build_faster_rcnn(
     frozen. ``load_pretrained=False`` (resuming) freezes the same way without reading a weight file.
     ``anchor_whs_per_level`` (single-stage anchors from a checkpoint) does not apply here.
     """
-    if not getattr(args, "num_classes", None) or args.num_classes < 1:
+    if not args.num_classes or args.num_classes < 1:
         raise ValueError(f"num_classes must be >= 1 (set from the dataset), got {args.num_classes!r}")
     if anchor_whs_per_level is not None:
         logger.warning("faster_rcnn_fpn ignores the given anchor sizes: its RPN uses %s", RPN_ANCHOR_SIZES)
-    if getattr(args, "anchor_type", "predefined") != "predefined":
+    if args.anchor_type != "predefined":
         logger.warning(
             "--anchor_type %s does not apply to --arch faster_rcnn_fpn (ignored)", args.anchor_type
         )
-    aspect_ratios = tuple(float(r) for r in getattr(args, "aspect_ratios", (0.5, 1.0, 2.0)))
+    aspect_ratios = tuple(float(r) for r in args.aspect_ratios)
     if not aspect_ratios or any(r <= 0 for r in aspect_ratios):
         raise ValueError(f"--aspect_ratios must be positive, got {aspect_ratios}")
 
