@@ -1,11 +1,6 @@
 """The one option parser every script shares: its groups are in groups_model.py and groups_run.py.
 
-Scripts build their parser as ``OptionParser(description=__doc__, parents=[get_common_parser()])`` and
-add only what is theirs (OptionParser, in utils/cli.py, records which options were given, reads
-``--config FILE`` and shows defaults in ``--help``). Groups: data, sampling, input, model, anchors, loss,
-evaluation, schedule, logging, runtime and the original's options. Every script accepts every group,
-so a training command line works unchanged with evaluate.py (which finds the run folder from it), as in
-the original; demo.py and extract_features.py hide the training groups from ``--help``.
+How scripts use it: the package docstring (utils/options/__init__.py).
 
 Option names follow the original codebase (``--basenet``, ``--shared_heads``, ``--anchor_type``,
 ``--loss_type``, ``--max_iter``, ``--step_values``, ``--val_step``, ``--man_seed``), and every option of
