@@ -17,6 +17,28 @@ def _target(boxes, labels=None, difficult=None, iscrowd=None):
     }
 
 
+def reference_low_quality_winners(iou, usable, num_anchors):
+    """{anchor: box} for the low-quality rule: every usable box with some overlap claims the anchors of
+    its best IoU (ties: all of them); an anchor claimed by several boxes goes to the first of the highest
+    IoU."""
+    claims = {}
+    for g in usable:
+        best = max(iou[g])
+        if best <= 0:
+            continue
+        for a in range(num_anchors):
+            if iou[g][a] == best:
+                claims.setdefault(a, []).append(g)
+    winners = {}
+    for a, gs in claims.items():
+        winner = gs[0]
+        for g in gs[1:]:
+            if iou[g][a] > iou[winner][a]:
+                winner = g
+        winners[a] = winner
+    return winners
+
+
 def reference_match(anchors, target, pos_thr, neg_thr, low_quality):
     """Straightforward per-image version of the rules in match_anchors' docstring (loops on purpose)."""
     num_anchors = anchors.shape[0]
@@ -42,19 +64,7 @@ def reference_match(anchors, target, pos_thr, neg_thr, low_quality):
         if best >= pos_thr:
             result[a], positive[a] = best_g, True
     if low_quality:
-        claims = {}
-        for g in usable:
-            best = max(iou[g])
-            if best <= 0:
-                continue
-            for a in range(num_anchors):
-                if iou[g][a] == best:
-                    claims.setdefault(a, []).append(g)
-        for a, gs in claims.items():
-            winner = gs[0]
-            for g in gs[1:]:
-                if iou[g][a] > iou[winner][a]:
-                    winner = g
+        for a, winner in reference_low_quality_winners(iou, usable, num_anchors).items():
             result[a], positive[a] = winner, True
     for a in range(num_anchors):
         if positive[a]:

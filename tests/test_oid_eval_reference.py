@@ -123,6 +123,49 @@ def test_matches_loop_port_of_reference_on_random_data(seed, weight):
         assert res["ap"][c["name"]] == pytest.approx(expected, nan_ok=True)
 
 
+def _inter(p, q):
+    return max(0, min(p[2], q[2]) - max(p[0], q[0])) * max(0, min(p[3], q[3]) - max(p[1], q[1]))
+
+
+def _area(p):
+    return (p[2] - p[0]) * (p[3] - p[1])
+
+
+def reference_image_entries(d, normal, group, thr, group_of_weight):
+    """(scores, labels) one image adds for one class: ``d`` its detections sorted by falling score,
+    ``normal`` / ``group`` its plain and group-of boxes (xyxy)."""
+    scores, labels = [], []
+    to_xyxy = lambda b: (b[0], b[1], b[0] + b[2], b[1] + b[3])  # noqa: E731
+    tp = [False] * len(d)
+    taken = [False] * len(normal)
+    for i, x in enumerate(d):
+        b = to_xyxy(x["bbox"])
+        if normal:
+            ious = [_inter(b, q) / (_area(b) + _area(q) - _inter(b, q)) for q in normal]
+            j = int(np.argmax(ious))
+            if ious[j] >= thr and not taken[j]:
+                tp[i], taken[j] = True, True
+    group_score = [0.0] * len(group)
+    in_group = [False] * len(d)
+    for i, x in enumerate(d):
+        b = to_xyxy(x["bbox"])
+        if group and not tp[i]:
+            ioas = [_inter(b, q) / _area(b) for q in group]
+            j = int(np.argmax(ioas))
+            if ioas[j] >= thr:
+                in_group[i] = True
+                group_score[j] = max(group_score[j], x["score"])
+    for i, x in enumerate(d):
+        if not in_group[i]:
+            scores.append(x["score"])
+            labels.append(float(tp[i]))
+    for s in group_score:
+        if s > 0 and group_of_weight > 0:
+            scores.append(s)
+            labels.append(group_of_weight)
+    return scores, labels
+
+
 def reference_ap(gt, dets, cls_id, thr=0.5, group_of_weight=1.0):
     """Loop port of OpenImagesChallengeEvaluator for one class (no difficult boxes).
 
@@ -147,40 +190,9 @@ def reference_ap(gt, dets, cls_id, thr=0.5, group_of_weight=1.0):
         to_xyxy = lambda b: (b[0], b[1], b[0] + b[2], b[1] + b[3])  # noqa: E731
         normal = [to_xyxy(a["bbox"]) for a in g if not a["iscrowd"]]
         group = [to_xyxy(a["bbox"]) for a in g if a["iscrowd"]]
-
-        def inter(p, q):
-            return max(0, min(p[2], q[2]) - max(p[0], q[0])) * max(0, min(p[3], q[3]) - max(p[1], q[1]))
-
-        def area(p):
-            return (p[2] - p[0]) * (p[3] - p[1])
-
-        tp = [False] * len(d)
-        taken = [False] * len(normal)
-        for i, x in enumerate(d):
-            b = to_xyxy(x["bbox"])
-            if normal:
-                ious = [inter(b, q) / (area(b) + area(q) - inter(b, q)) for q in normal]
-                j = int(np.argmax(ious))
-                if ious[j] >= thr and not taken[j]:
-                    tp[i], taken[j] = True, True
-        group_score = [0.0] * len(group)
-        in_group = [False] * len(d)
-        for i, x in enumerate(d):
-            b = to_xyxy(x["bbox"])
-            if group and not tp[i]:
-                ioas = [inter(b, q) / area(b) for q in group]
-                j = int(np.argmax(ioas))
-                if ioas[j] >= thr:
-                    in_group[i] = True
-                    group_score[j] = max(group_score[j], x["score"])
-        for i, x in enumerate(d):
-            if not in_group[i]:
-                scores.append(x["score"])
-                labels.append(float(tp[i]))
-        for s in group_score:
-            if s > 0 and group_of_weight > 0:
-                scores.append(s)
-                labels.append(group_of_weight)
+        image_scores, image_labels = reference_image_entries(d, normal, group, thr, group_of_weight)
+        scores += image_scores
+        labels += image_labels
     if num_gt == 0:
         return float("nan")
     order = np.argsort(-np.array(scores), kind="mergesort")
