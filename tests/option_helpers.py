@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from typing import Any
 
 
@@ -26,3 +27,11 @@ def parse_options(*argv: str, script: str = "train", num_classes: int | None = N
     if num_classes is not None:
         args.num_classes = num_classes
     return args
+
+
+def parser_of(script: str, monkeypatch: Any = None) -> argparse.ArgumentParser:
+    """``script``'s own parser (``script``.py's get_args_parser), with sys.argv set to it when given
+    ``monkeypatch`` (the program name in --help comes from there)."""
+    if monkeypatch is not None:
+        monkeypatch.setattr(sys, "argv", [f"{script}.py"])
+    return importlib.import_module(script).get_args_parser()

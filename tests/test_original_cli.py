@@ -1,4 +1,6 @@
-"""The original codebase's command lines, its option names and ours: parsing, help, --config, --ngpu.
+"""The original codebase's command lines, its option names and ours: parsing and help.
+
+--config is tested in test_config_file.py, --ngpu in test_ngpu.py.
 
 The README commands are copied from the original's README (checked against it when the original is checked
 out: FPN_ORIGINAL_REPO or /work/original), and every option of the original's four argparse parsers,
@@ -7,16 +9,16 @@ with its default value, must parse in the matching script here.
 
 import argparse
 import importlib
-import json
 import os
 import re
 import shlex
 import sys
 
 import pytest
+from option_helpers import parser_of
 
 from utils import launch
-from utils.checkpoint import args_from_checkpoint, args_to_dict
+from utils.checkpoint import args_from_checkpoint
 from utils.errors import UserError
 from utils.options import resolve_defaults, resume_checkpoint_path
 
@@ -62,12 +64,6 @@ README_VALUES = {
     "demo": dict(checkpoint="runs/x/model_150000.pth", images=["demo_data/samples"]),
     "extract_features": dict(checkpoint="runs/x/model_150000.pth", topk=10),
 }
-
-
-def parser_of(script, monkeypatch=None):
-    if monkeypatch is not None:
-        monkeypatch.setattr(sys, "argv", [f"{script}.py"])
-    return importlib.import_module(script).get_args_parser()
 
 
 def argv_of(command):
@@ -274,91 +270,6 @@ def test_run_cli_error_names_the_program(monkeypatch, capsys, tmp_path):
     assert capsys.readouterr().err.strip() == "demo.py: error: something named"
 
 
-# ---------------------------------------------------------------- --config
-
-
-def _write(tmp_path, values, name="args.json"):
-    path = tmp_path / name
-    path.write_text(json.dumps(values))
-    return str(path)
-
-
-def test_config_from_a_runs_args_json_round_trips(tmp_path):
-    """train.py writes args_to_dict(args) (with num_classes) to args.json: --config args.json gives the
-    same options back, and the file's options count as given."""
-    trained = parser_of("train").parse_args(
-        ["--dataset", "voc", "--lr", "0.01", "--step_values", "10,20", "--aspect_ratios", "0.5,1", "--amp"]
-    )
-    resolve_defaults(trained)
-    trained.num_classes = 20
-    path = _write(tmp_path, args_to_dict(trained))
-    again = parser_of("train").parse_args(["--config", path])
-    skip = {"explicit_options", "config", "num_classes"}
-    assert {k: v for k, v in vars(again).items() if k not in skip} == {
-        k: v for k, v in vars(trained).items() if k not in skip
-    }
-    assert again.config == path
-    assert set(again.explicit_options) == set(args_to_dict(trained)) - {"num_classes", "config"}
-
-
-def test_config_is_overridden_by_the_command_line(tmp_path):
-    path = _write(
-        tmp_path, {"nms_thresh": 0.3, "conf_thresh": 0.2, "step_values": "5,6", "checkpoint": "c.pth"}
-    )
-    args = parser_of("demo").parse_args(["--config", path, "--nms_thresh", "0.4"])
-    assert (args.nms_thresh, args.conf_thresh, args.checkpoint) == (0.4, 0.2, "c.pth")  # --checkpoint from it
-    assert args.step_values == [5, 6]  # a typed string in the file is parsed as on the command line
-    assert {"nms_thresh", "conf_thresh", "step_values", "checkpoint"} <= set(args.explicit_options)
-    assert "input_dim" not in args.explicit_options
-    # Given options (typed or from the file) override a checkpoint's; the others keep its values.
-    checkpoint = {"args": {"nms_thresh": 0.6, "conf_thresh": 0.05, "input_dim": 300, "basenet": "resnet18"}}
-    merged = args_from_checkpoint(checkpoint, args, parser_of("demo"))
-    assert (merged.nms_thresh, merged.conf_thresh, merged.input_dim) == (0.4, 0.2, 300)
-
-
-@pytest.mark.parametrize(
-    "values, message",
-    [
-        ({"nms_tresh": 0.3}, "'nms_tresh' is no option of"),
-        ({"basenet": "resnet77"}, "basenet: 'resnet77' is not one of"),
-        ({"input_dim": "big"}, "input_dim: invalid literal"),
-        ({"input_dim": 1.5}, "input_dim: expected an integer"),
-        ({"amp": "perhaps"}, "amp: expected a boolean"),
-        ({"aspect_ratios": "a,b"}, "aspect_ratios: expected comma-separated numbers"),
-        ({"conf_thresh": None}, "conf_thresh: null is not a value"),
-    ],
-)
-def test_bad_config_values_are_errors_naming_key_and_file(tmp_path, capsys, values, message):
-    path = _write(tmp_path, values, "my_config.json")
-    with pytest.raises(SystemExit) as e:
-        parser_of("evaluate").parse_args(["--config", path])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "my_config.json" in err
-
-
-def test_config_file_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        parser_of("evaluate").parse_args(["--config", str(tmp_path / "none.json")])
-    assert "does not exist" in capsys.readouterr().err
-    bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    with pytest.raises(SystemExit):
-        parser_of("evaluate").parse_args(["--config", str(bad)])
-    assert "is not valid JSON" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        parser_of("evaluate").parse_args([f"--config={_write(tmp_path, [1, 2], 'list.json')}"])
-    assert "must hold a JSON object" in capsys.readouterr().err
-
-
-def test_config_run_only_and_renamed_keys(tmp_path, caplog):
-    path = _write(tmp_path, {"num_classes": 20, "explicit_options": ["lr"], "val_metric": "coco", "lr": 0.1})
-    with caplog.at_level("WARNING"):
-        args = parser_of("train").parse_args(["--config", path])
-    assert args.metric == "coco" and args.lr == 0.1 and not hasattr(args, "num_classes")
-    assert "ignored num_classes" in caplog.text and "explicit_options" not in caplog.text
-
-
 # ---------------------------------------------------------------- --protocol original
 
 
@@ -427,68 +338,6 @@ def test_protocol_original_builds_the_originals_postprocessor(argv, expected):
     )
 
 
-# ---------------------------------------------------------------- --ngpu
-
-
-def test_torchrun_command_keeps_the_total_batch():
-    command = launch.torchrun_command("train.py", ["--dataset=coco", "--ngpu=2", "--batch_size=24"], 2, 24)
-    assert command[0] == sys.executable
-    assert command[1:] == [
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "train.py",
-        "--dataset=coco",
-        "--ngpu=2",
-        "--batch_size=24",
-        "--ngpu",
-        "1",
-        "--batch_size",
-        "12",
-    ]
-    with pytest.raises(UserError, match="--batch_size 25 does not split evenly over --ngpu 2"):
-        launch.torchrun_command("train.py", [], 2, 25)
-
-
-def test_ngpu_relaunches_under_torchrun(monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr(launch.os, "execv", lambda path, command: calls.append((path, command)))
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    argv = ["--device", "cpu", "--ngpu", "3", "--batch_size", "6"]
-    args = parser_of("train").parse_args(argv)
-    launch.relaunch_with_torchrun(args, argv=argv, script="train.py")
-    assert calls == [(sys.executable, launch.torchrun_command("train.py", argv, 3, 6))]
-    assert "starting 3 processes of --batch_size 2 each (total 6" in capsys.readouterr().err
-    # --ngpu 1 (the default) and torchrun's own processes run on.
-    launch.relaunch_with_torchrun(parser_of("train").parse_args([]), argv=[], script="train.py")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
-    launch.relaunch_with_torchrun(args, argv=argv, script="train.py")
-    assert len(calls) == 1
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="--ngpu 3 under torchrun with 2 processes per node"):
-        launch.relaunch_with_torchrun(args, argv=argv, script="train.py")
-
-
-def test_ngpu_needs_the_gpus(monkeypatch):
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: False)
-    args = parser_of("train").parse_args(["--ngpu", "2"])
-    with pytest.raises(UserError, match="--ngpu 2 needs 2 GPUs, 0 visible"):
-        launch.relaunch_with_torchrun(args, argv=[], script="train.py")
-
-
-def test_other_scripts_warn_that_ngpu_is_ignored(monkeypatch, caplog):
-    from utils.options import check_common_args
-
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    args = resolve_defaults(parser_of("evaluate").parse_args(["--ngpu", "2"]))
-    with caplog.at_level("WARNING"):
-        check_common_args(args)
-    assert "--ngpu 2 ignored" in caplog.text
-
-
 def test_namespace_without_record_still_resolves():
     """resolve_defaults on a namespace not made by OptionParser (no explicit_options) applies the protocol."""
     args = argparse.Namespace(
@@ -496,34 +345,3 @@ def test_namespace_without_record_still_resolves():
     )
     resolve_defaults(args)
     assert args.conf_thresh == 0.001 and args.explicit_options is None
-
-
-@pytest.mark.slow
-def test_ngpu_trains_under_torchrun_end_to_end(tmp_path):
-    """`train.py --ngpu 2 --batch_size 4` on the CPU: two gloo processes of batch 2 (the same total batch),
-    in the run folder named for the total batch, each process's options saying batch 2."""
-    import subprocess
-
-    import torch
-    from tiny_shapes import MODEL_OPTS, ROOT, make_tiny_shapes
-
-    data_root = make_tiny_shapes(str(tmp_path / "data"))
-    argv = MODEL_OPTS + ["--data_root", data_root, "--lr", "0.01", "--max_iter", "2", "--step_values", ""]
-    argv += ["--warmup_iters", "0", "--save_step", "2", "--log_step", "1", "--no_val"]
-    argv += ["--save_root", str(tmp_path / "runs"), "--ngpu=2", "--batch_size=4"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
-    done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), *argv],
-        cwd=ROOT,
-        env={**env, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "--ngpu 2: starting 2 processes of --batch_size 2 each (total 4" in done.stderr
-    (run_dir,) = [p for p in (tmp_path / "runs").iterdir()]
-    assert "_bs4_" in run_dir.name
-    checkpoint = torch.load(run_dir / "model_000002.pth", weights_only=True)
-    assert (checkpoint["args"]["batch_size"], checkpoint["args"]["ngpu"]) == (2, 1)
-    assert len(checkpoint["rng_states"]) == 2  # saved by two processes
