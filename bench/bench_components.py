@@ -44,6 +44,9 @@ from torchvision.models.detection import retinanet_resnet50_fpn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from component_inputs import make_targets  # noqa: E402
+from loss_memory import peak_memory  # noqa: E402
+
 from layers.anchors import AnchorGenerator, predefined_anchor_whs  # noqa: E402
 from layers.box_coder import BoxCoder  # noqa: E402
 from layers.losses import FocalLoss, MultiBoxLoss  # noqa: E402
@@ -72,7 +75,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     parser.add_argument(
         "--memory",
         action="store_true",
-        help="also the peak memory of the loss forward + backward, ours vs torchvision (see peak_memory)",
+        help="also the peak memory of the loss forward + backward, ours vs torchvision (loss_memory.py)",
     )
     parser.add_argument("--skip_backward", action="store_true", help="time the losses' forward only")
     return parser
@@ -100,31 +103,6 @@ def timed(fns: Dict[str, Callable[[], object]], repeats: int, device: torch.devi
             sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def make_targets(
-    num_images: int, input_dim: int, num_labels: int, generator: torch.Generator, device: torch.device
-) -> List[Dict[str, torch.Tensor]]:
-    """2..20 random boxes per image (sides 16..input_dim/2 px), labels 0..num_labels-1, plus our fields."""
-    targets = []
-    for _ in range(num_images):
-        count = int(torch.randint(2, 21, (1,), generator=generator))
-        wh = torch.empty(count, 2).uniform_(16, input_dim / 2, generator=generator)
-        xy = torch.rand(count, 2, generator=generator) * (input_dim - wh)
-        boxes = torch.cat([xy, xy + wh], dim=1)
-        size = torch.tensor([input_dim, input_dim])
-        targets.append(
-            {
-                "boxes": boxes.to(device),
-                "labels": torch.randint(0, num_labels, (count,), generator=generator).to(device),
-                "difficult": torch.zeros(count, dtype=torch.bool, device=device),
-                "iscrowd": torch.zeros(count, dtype=torch.bool, device=device),
-                "size": size.to(device),
-                "orig_size": size.to(device),
-                "scale": torch.ones(2, device=device),
-            }
-        )
-    return targets
 
 
 def bench_loss_and_postprocess(args, device, tv_model) -> Dict[str, float]:
@@ -213,101 +191,6 @@ def bench_loss_and_postprocess(args, device, tv_model) -> Dict[str, float]:
     num_dets_tv = [len(d["boxes"]) for d in tv_post()]
     print("detections per image, ours (sigmoid):", num_dets, "torchvision:", num_dets_tv)
     return results
-
-
-def _loss_inputs(args, device):
-    """The loss benchmark's tensors (seeded), built in place so that building leaves no higher peak."""
-    generator = torch.Generator().manual_seed(args.seed)
-    anchor_generator = AnchorGenerator(predefined_anchor_whs())
-    grid_sizes = anchor_generator.grid_sizes_for_input(args.input_dim, args.input_dim)
-    anchors = anchor_generator(grid_sizes, device)
-    n, num_anchors, c = args.batch_size, anchors.shape[0], args.num_classes
-    logits = torch.randn(n, num_anchors, c, generator=generator).mul_(1.5).sub_(6.0).to(device)
-    deltas = torch.randn(n, num_anchors, 4, generator=generator).mul_(0.5).to(device)
-    targets = make_targets(n, args.input_dim, c - 1, generator, device)
-    return anchors, logits.requires_grad_(True), deltas.requires_grad_(True), targets
-
-
-def _loss_step(side: str, args, device):
-    """forward + backward of one loss ("ours_mbox_ohem", "ours_focal" or "torchvision") as a closure."""
-    anchors, logits, deltas, targets = _loss_inputs(args, device)
-    box_coder = BoxCoder((0.1, 0.2))
-    if side == "torchvision":
-        torch.manual_seed(args.seed)
-        head = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=args.num_classes)
-        tv_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
-        head_outputs = {"cls_logits": logits, "bbox_regression": deltas}
-        fn = lambda: head.compute_loss(tv_targets, head_outputs, [anchors] * len(targets))
-    else:
-        loss = (
-            MultiBoxLoss(box_coder, 0.5, 0.5, 3)
-            if side == "ours_mbox_ohem"
-            else FocalLoss(box_coder, 0.5, 0.4)
-        )
-        outputs = {"pred_logits": logits, "pred_box_deltas": deltas, "anchors": anchors}
-        fn = lambda: loss(outputs, targets)
-
-    def step():
-        sum(fn().values()).backward()
-
-    return step
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_child(side: str, args, queue) -> None:
-    import resource
-
-    torch.set_num_threads(1)
-    # A warm-up on tiny inputs first: lazy library initialisation (autograd engine, kernels) is not
-    # the loss's memory; only then the measured inputs.
-    _loss_step(
-        side, argparse.Namespace(**{**vars(args), "batch_size": 1, "input_dim": 64}), torch.device("cpu")
-    )()
-    step = _loss_step(side, args, torch.device("cpu"))
-    before = _rss_bytes()
-    step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    queue.put(max(0, peak - before))
-
-
-def peak_memory(args, device) -> Dict[str, float]:
-    """Peak memory (MB) of the loss forward + backward at --batch_size, --num_classes, per side.
-
-    CUDA: torch.cuda.max_memory_allocated over the call, after reset_peak_memory_stats, minus what was
-    allocated before (the inputs). CPU (tracemalloc does not see torch's allocations): each side in a
-    fresh process (multiprocessing spawn), peak RSS (ru_maxrss) after the call minus the RSS just before
-    it; the inputs are built in place so that building them leaves no higher peak. The call includes
-    the first-call costs (the allocator's growth), which is what a training step's peak sees too.
-    """
-    sides = ("ours_mbox_ohem", "ours_focal", "torchvision")
-    out: Dict[str, float] = {}
-    if device.type == "cuda":
-        for side in sides:
-            step = _loss_step(side, args, device)
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            step()
-            torch.cuda.synchronize(device)
-            out[f"peak_mb_loss_{side}"] = round((torch.cuda.max_memory_allocated(device) - before) / 2**20, 1)
-            del step
-            torch.cuda.empty_cache()
-        return out
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    for side in sides:
-        queue = context.Queue()
-        process = context.Process(target=_peak_rss_child, args=(side, args, queue))
-        process.start()
-        value = queue.get(timeout=600)
-        process.join()
-        out[f"peak_mb_loss_{side}"] = round(value / 2**20, 1)
-    return out
 
 
 def bench_full_step(args, device, tv_model) -> Dict[str, float]:
@@ -450,7 +333,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
         report["peak_memory_method"] = (
             "torch.cuda.max_memory_allocated over the call (after reset_peak_memory_stats)"
             if device.type == "cuda"
-            else "peak RSS of a fresh process (ru_maxrss) minus its RSS just before the call"
+            else "torch.profiler(profile_memory=True): peak of the running sum of allocations during the call"
         )
     print(json.dumps(report))
     return report
