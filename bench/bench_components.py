@@ -53,6 +53,7 @@ from layers.losses import FocalLoss, MultiBoxLoss  # noqa: E402
 from layers.postprocess import PostProcess  # noqa: E402
 from models import build_model  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
+from utils.options import get_common_parser, resolve_defaults  # noqa: E402
 
 
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
@@ -206,35 +207,14 @@ def bench_full_step(args, device, tv_model) -> Dict[str, float]:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
     def ours(loss_type: str, fast: bool = True):
-        model_args = argparse.Namespace(
-            arch="fpn_ohem",
-            basenet="resnet50",
-            pretrained="none",
-            freeze_upto=0,
-            freeze_bn=False,
-            fpn_channels=256,
-            p6_from="c5",
-            num_head_layers=4,
-            shared_heads=0,
-            num_classes=args.num_classes - 1 if loss_type == "mbox" else args.num_classes,
-            anchor_type="predefined",
-            anchor_file=None,
-            num_scales=3,
-            aspect_ratios=[0.5, 1.0, 2.0],
-            loss_type=loss_type,
-            positive_threshold=0.5,
-            negative_threshold=None,
-            neg_pos_ratio=3,
-            smooth_l1_beta=None,
-            focal_alpha=0.25,
-            focal_gamma=2.0,
-            box_variances=[0.1, 0.2],
-            conf_thresh=0.05,
-            nms_thresh=0.5,
-            pre_nms_topk=1000,
-            topk=100,
-            class_agnostic_nms=False,
-        )
+        # train.py's own parser and resolution: RetinaNet's ResNet-50 FPN 256 with 4-conv heads, 9 anchors
+        argv = ["--arch", "fpn_ohem", "--basenet", "resnet50", "--pretrained", "none", "--freeze_upto", "0"]
+        argv += ["--fpn_channels", "256", "--p6_from", "c5", "--num_head_layers", "4", "--shared_heads", "0"]
+        argv += ["--anchor_type", "predefined", "--num_scales", "3", "--aspect_ratios", "0.5,1,2"]
+        argv += ["--loss_type", loss_type, "--conf_thresh", "0.05", "--nms_thresh", "0.5"]
+        argv += ["--pre_nms_topk", "1000", "--topk", "100"]
+        model_args = resolve_defaults(get_common_parser().parse_args(argv))
+        model_args.num_classes = args.num_classes - 1 if loss_type == "mbox" else args.num_classes
         torch.manual_seed(args.seed)
         model, criterion, _ = build_model(model_args)
         model.to(device).train()
