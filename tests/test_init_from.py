@@ -108,6 +108,9 @@ def test_mismatches_outside_the_predictors_and_foreign_files_are_errors(tmp_path
     )
     with pytest.raises(UserError, match=r"does not fit this model in \d+ layers.*--fpn_channels"):
         init_model_from(our_model("--fpn_channels", "32"), str(tmp_path / "c.pth"))
+    torch.save({"model": {}, "args": {"arch": "yolo"}}, tmp_path / "yolo.pth")
+    with pytest.raises(CheckpointError, match="its arch 'yolo' is none of this codebase's"):
+        init_model_from(our_model(), str(tmp_path / "yolo.pth"))
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="neither a checkpoint of this project nor a state dict"):
         init_model_from(our_model(), str(tmp_path / "list.pth"))

@@ -56,6 +56,11 @@ def load_init_source(path: str) -> Tuple[Dict[str, Tensor], str, int]:
 
         args = state["args"]
         arch = args.get("arch", "fpn_ohem")  # checkpoints written before --arch existed
+        if arch not in ARCH_SPECS:
+            raise CheckpointError(
+                f"--init_from {path!r}: its arch {arch!r} is none of this codebase's "
+                f"({', '.join(ARCH_SPECS)})"
+            )
         source = f"{arch} {args.get('basenet')} checkpoint, {len(state.get('class_names') or [])} classes"
         return dict(state["model"]), source, ARCH_SPECS[arch].first_fpn_level
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
