@@ -30,11 +30,8 @@ from utils.draw import draw_detections
 from utils.errors import UserError, run_cli
 from utils.logger import setup_logging
 from utils.options import (
-    TRAINING_GROUPS,
-    TRAINING_OPTIONS,
-    OptionParser,
     check_common_args,
-    get_common_parser,
+    get_checkpoint_script_parser,
     resolve_defaults,
 )
 from utils.output_paths import output_stems, unique_files
@@ -43,15 +40,7 @@ logger = logging.getLogger("demo")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = OptionParser(
-        description=__doc__,
-        add_help=add_help,
-        parents=[get_common_parser()],
-        hidden_groups=TRAINING_GROUPS,
-        hidden_options=TRAINING_OPTIONS,
-    )
-    g = parser.add_argument_group("demo (the original's names are aliases)")
-    g.add_argument("--checkpoint", "--model_path", required=True, help="a checkpoint written by train.py")
+    parser, g = get_checkpoint_script_parser(__doc__, "demo (the original's names are aliases)", add_help)
     g.add_argument(
         "--images",
         "--samples_path",

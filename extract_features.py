@@ -41,11 +41,8 @@ from models.archs import ARCH_SPECS
 from utils.errors import UserError, run_cli
 from utils.logger import setup_logging
 from utils.options import (
-    TRAINING_GROUPS,
-    TRAINING_OPTIONS,
-    OptionParser,
     check_common_args,
-    get_common_parser,
+    get_checkpoint_script_parser,
     resolve_defaults,
     set_as_typed,
 )
@@ -55,15 +52,8 @@ logger = logging.getLogger("extract_features")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = OptionParser(
-        description=__doc__,
-        add_help=add_help,
-        parents=[get_common_parser()],
-        hidden_groups=TRAINING_GROUPS,
-        hidden_options=TRAINING_OPTIONS,
-    )
-    g = parser.add_argument_group("extraction (the original's names are aliases)")
-    g.add_argument("--checkpoint", "--model_path", required=True, help="a checkpoint written by train.py")
+    title = "extraction (the original's names are aliases)"
+    parser, g = get_checkpoint_script_parser(__doc__, title, add_help)
     g.add_argument(
         "--images",
         "--samples_path",

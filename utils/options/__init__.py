@@ -26,7 +26,13 @@ folder names). What differs between architectures is in models/archs.py.
 from utils.options.checks import check_common_args, check_range_options, non_finite_options
 from utils.options.groups_model import BASENETS, float_list, int_list, split_names
 from utils.options.groups_run import ORIGINAL_PROTOCOL, OURS_PROTOCOL, PROTOCOLS, resume_option
-from utils.options.parser import TRAINING_GROUPS, TRAINING_OPTIONS, OptionParser, get_common_parser
+from utils.options.parser import (
+    TRAINING_GROUPS,
+    TRAINING_OPTIONS,
+    OptionParser,
+    get_checkpoint_script_parser,
+    get_common_parser,
+)
 from utils.options.resolve import (
     COMMON_SPLITS,
     ORIGINAL_SPLITS,
@@ -56,6 +62,7 @@ __all__ = [
     "TRAINING_GROUPS",
     "TRAINING_OPTIONS",
     "OptionParser",
+    "get_checkpoint_script_parser",
     "amp_dtype_of",
     "check_common_args",
     "check_range_options",

@@ -12,6 +12,7 @@ its four scripts parses: its other spellings are aliases (``--learning-rate``, `
 from __future__ import annotations
 
 import argparse
+from typing import Tuple
 
 from utils.cli import OptionParser  # noqa: F401 (re-exported: scripts build their parser with it)
 from utils.options.groups_model import add_model_groups
@@ -33,3 +34,21 @@ def get_common_parser() -> argparse.ArgumentParser:
     add_model_groups(parser)
     add_run_groups(parser)
     return parser
+
+
+def get_checkpoint_script_parser(
+    description: str | None, title: str, add_help: bool = True
+) -> Tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
+    """The parser of a script that runs a trained checkpoint (demo.py, extract_features.py): every
+    common option (the training ones accepted but not listed in --help) and, in the group ``title``,
+    --checkpoint (the original's --model_path). Returns the parser and that group for the script's own."""
+    parser = OptionParser(
+        description=description,
+        add_help=add_help,
+        parents=[get_common_parser()],
+        hidden_groups=TRAINING_GROUPS,
+        hidden_options=TRAINING_OPTIONS,
+    )
+    group = parser.add_argument_group(title)
+    group.add_argument("--checkpoint", "--model_path", required=True, help="a checkpoint written by train.py")
+    return parser, group
