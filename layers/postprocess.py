@@ -1,13 +1,15 @@
 """Detections from head outputs: per-level threshold and top-k, decode, clip, NMS, back to original pixels."""
 
 import logging
+import math
 from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, nms
+from torchvision.ops import batched_nms
 
 from layers.box_coder import BoxCoder
+from layers.grouped_nms import first_k_per_group, nms_sorted_groups
 from utils.box_ops import clip_xyxy
 
 logger = logging.getLogger(__name__)
@@ -19,8 +21,12 @@ class PostProcess(nn.Module):
     Steps: per level, scores above ``conf_thresh`` (strictly), the ``pre_nms_topk`` best (anchor, class)
     pairs per image; decode those boxes and clip them to the image's valid (unpadded) size; NMS per image
     and class (or per image with ``class_agnostic``) for the whole batch at once (CUDA: one
-    ``batched_nms``; CPU: ``_nms_sorted_groups``, the same result); keep the ``max_detections`` best per
-    image; map to original image pixels.
+    ``batched_nms``; CPU: ``grouped_nms.nms_sorted_groups``, the same result); keep the ``max_detections``
+    best per image; map to original image pixels.
+
+    With max_detections set, the same detections usually come from far fewer pairs: the best few hundred
+    per image over all levels, widened until NMS leaves max_detections (``_detections_from_prefix``; the
+    per-level steps above decide wherever it cannot show that it gives their result).
 
     Args:
         box_coder: decodes the deltas (same variances as in training).
@@ -90,13 +96,8 @@ class PostProcess(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: Dict[str, Tensor], targets: List[Dict]) -> List[Dict[str, Tensor]]:
-        pred_logits, pred_box_deltas, anchors = (
-            outputs["pred_logits"],
-            outputs["pred_box_deltas"],
-            outputs["anchors"],
-        )
+        pred_logits = outputs["pred_logits"]
         num_images, num_anchors, num_columns = pred_logits.shape
-        device = pred_logits.device
         if len(targets) != num_images:
             raise ValueError(f"{len(targets)} targets for {num_images} images")
         num_anchors_per_level = outputs.get("num_anchors_per_level") or [num_anchors]
@@ -105,85 +106,176 @@ class PostProcess(nn.Module):
                 f"num_anchors_per_level sums to {sum(num_anchors_per_level)}, "
                 f"pred_logits has {num_anchors} anchors"
             )
-        softmax = self.score_type == "softmax"
-        num_classes = num_columns - 1 if softmax else num_columns
         if num_images == 0:  # (the reshapes below cannot infer a size from 0 elements)
             return []
+        softmax = self.score_type == "softmax"
+        if self.per_class_topk:  # per class, the best anchors over all levels
+            candidates = _per_class_candidates(pred_logits, softmax, self.pre_nms_topk, self.conf_thresh)
+            return self._detections(*self._nms(candidates, outputs, targets), targets)
 
-        # 1. Per level, the pre_nms_topk best (anchor, class) pairs above conf_thresh, per image.
-        # They lie within the pre_nms_topk anchors of highest best-class score (each better anchor has a
-        # pair at least as good), so only those anchors' K scores are computed: one max-reduction over
-        # the level instead of scores, a mask and a top-k over all A_l * K pairs.
+        # Each anchor's best class score: sigmoid is monotonic, so the logit ranks; softmax ranks by the
+        # log of the best class probability, which needs the normaliser of every anchor.
+        if softmax:
+            best, log_norm = _softmax_best(pred_logits)  # [N, A] each
+        else:
+            log_norm, best = None, pred_logits.amax(dim=2)
+        if self.max_detections and self.pre_nms_topk >= self.max_detections:
+            detections = self._detections_from_prefix(best, log_norm, outputs, targets)
+            if detections is not None:
+                return detections
+        candidates = self._per_level_candidates(best, log_norm, pred_logits, num_anchors_per_level)
+        return self._detections(*self._nms(candidates, outputs, targets), targets)
+
+    def _pair_scores(self, pred_logits: Tensor, log_norm: Tensor | None, top_anchors: Tensor) -> Tensor:
+        """Scores of every class of the given anchors, those not above conf_thresh set to -1.
+
+        pred_logits (Tensor[N, A, C]), log_norm (Tensor[N, A] or None for sigmoid), top_anchors (Tensor[N,
+        k] int64). Returns Tensor[N, k * K] float32, anchor-major (pair j is anchor j // K, class j % K).
+        """
+        num_images, num_anchors, num_columns = pred_logits.shape
+        image_range = torch.arange(num_images, device=pred_logits.device)
+        # [N, k, C]: whole rows copied (index_select on rows, much faster than gather or logits[i, j])
+        rows = (top_anchors + (image_range * num_anchors)[:, None]).flatten()
+        sel = pred_logits.reshape(-1, num_columns).index_select(0, rows).view(num_images, -1, num_columns)
+        if log_norm is not None:
+            sel_log_norm = log_norm.flatten().index_select(0, rows).view(num_images, -1, 1)
+            scores = (sel[..., 1:].float() - sel_log_norm).exp()
+        else:
+            scores = sel.float().sigmoid()
+        scores = scores.reshape(num_images, -1)
+        return scores.masked_fill(scores <= self.conf_thresh, -1.0)
+
+    def _per_level_candidates(
+        self, best: Tensor, log_norm: Tensor | None, pred_logits: Tensor, num_anchors_per_level: List[int]
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Per level, the pre_nms_topk best (anchor, class) pairs above conf_thresh, per image.
+
+        They lie within the pre_nms_topk anchors of highest best-class score (each better anchor has a pair
+        at least as good), so only those anchors' K scores are computed: one max-reduction over the level
+        instead of scores, a mask and a top-k over all A_l * K pairs. Returns scores (Tensor[N, M], -1
+        where not above conf_thresh), anchor indices and labels (Tensor[N, M] int64), level after level.
+        """
+        num_classes = pred_logits.shape[2] - (log_norm is not None)
         cand_scores, cand_anchor_idxs, cand_labels = [], [], []
-        if self.per_class_topk:  # instead: per class, the best anchors over all levels
-            cand_scores, cand_anchor_idxs, cand_labels = _per_class_candidates(
-                pred_logits, softmax, self.pre_nms_topk, self.conf_thresh
-            )
-        image_range = torch.arange(num_images, device=device)
-        flat_logits = pred_logits.reshape(-1, num_columns)  # [N * A, C], a view
         start = 0
-        for num_level in [] if self.per_class_topk else num_anchors_per_level:
-            logits = pred_logits[:, start : start + num_level]  # [N, A_l, C]
-            if softmax:
-                log_norm = _logsumexp_last(logits.float())  # [N, A_l]
-                best = logits[..., 1:].amax(dim=2).float() - log_norm  # log of the best class probability
-            else:
-                best = logits.amax(dim=2)  # sigmoid is monotonic: rank by logit
+        for num_level in num_anchors_per_level:
             k = min(self.pre_nms_topk, num_level)
-            top_anchors = best.topk(k, dim=1).indices  # [N, k]
-            # [N, k, C]: whole rows copied (index_select on rows, much faster than gather or logits[i, j])
-            rows = (top_anchors + (image_range * num_anchors + start)[:, None]).flatten()
-            sel = flat_logits.index_select(0, rows).view(num_images, k, -1).float()
-            if softmax:
-                scores = (sel[..., 1:] - log_norm.gather(1, top_anchors)[..., None]).exp()
-            else:
-                scores = sel.sigmoid()
-            scores = scores.reshape(num_images, -1)  # [N, k * K], anchor-major
-            scores = scores.masked_fill(scores <= self.conf_thresh, -1.0)
+            top_anchors = best[:, start : start + num_level].topk(k, dim=1).indices + start  # [N, k]
+            scores = self._pair_scores(pred_logits, log_norm, top_anchors)  # [N, k * K]
             top_scores, top_idxs = scores.topk(min(self.pre_nms_topk, scores.shape[1]), dim=1)
             cand_scores.append(top_scores)
-            cand_anchor_idxs.append(top_anchors.gather(1, top_idxs // num_classes) + start)
+            cand_anchor_idxs.append(top_anchors.gather(1, top_idxs // num_classes))
             cand_labels.append(top_idxs % num_classes)
             start += num_level
-        scores = torch.cat(cand_scores, dim=1)  # [N, M]
+        return tuple(torch.cat(c, dim=1) for c in (cand_scores, cand_anchor_idxs, cand_labels))
+
+    def _detections_from_prefix(
+        self, best: Tensor, log_norm: Tensor | None, outputs: Dict[str, Tensor], targets: List[Dict]
+    ) -> List[Dict[str, Tensor]] | None:
+        """The per-level path's detections, from each image's best pairs only; None (for the per-level
+        path to decide) with a NaN score, or where max_detections do not survive within pre_nms_topk pairs.
+
+        Greedy NMS keeps or drops a pair by looking only at the pairs before it in its group (by score,
+        ties by anchor then class: see _nms), so the pairs of an image scoring above some value decide
+        their own fate; if at least max_detections of them survive NMS (and max_per_class), they are the
+        image's detections. With at most pre_nms_topk such pairs, each is among the pre_nms_topk best of
+        its level, so among the per-level path's candidates. The prefix of an image is its pairs scoring
+        above its (T + 1)-th best score (at most T pairs: ties at the cut all stay out); they come from its
+        T + 1 best anchors, as in the per-level path. T starts at _PREFIX_START * max_detections and grows
+        by _PREFIX_GROWTH, up to pre_nms_topk, while an image is short and has more pairs above
+        conf_thresh. (On CUDA, batched_nms orders pairs of exactly equal score its own way, so there the
+        two paths can keep different ones of two tied, overlapping pairs.)
+        """
+        pred_logits = outputs["pred_logits"]
+        num_images, num_anchors, num_columns = pred_logits.shape
+        num_classes = num_columns - (log_norm is not None)
+        prefix = min(self.pre_nms_topk, _PREFIX_START * self.max_detections)
+        while True:
+            top_best, top_anchors = best.topk(min(prefix + 1, num_anchors), dim=1)  # [N, k]
+            scores = self._pair_scores(pred_logits, log_norm, top_anchors)  # [N, k * K]
+            top_scores, top_idxs = scores.topk(min(prefix + 1, scores.shape[1]), dim=1)  # [N, T + 1], sorted
+            if top_best.isnan().any() or top_scores.isnan().any():
+                return None  # (NaN ranks above everything in topk: the argument above does not hold)
+            if top_anchors.shape[1] * num_classes > prefix + 1:
+                cut = top_scores[:, prefix:]  # [N, 1]: the (T + 1)-th best, -1 if not above conf_thresh
+                in_prefix, complete = top_scores > cut, cut[:, 0] <= self.conf_thresh
+            else:  # every pair of the image is here
+                in_prefix, complete = (
+                    top_scores > self.conf_thresh,
+                    torch.ones_like(top_scores[:, 0], dtype=torch.bool),
+                )
+            candidates = (
+                top_scores.masked_fill(~in_prefix, -1.0),
+                top_anchors.gather(1, top_idxs // num_classes),
+                top_idxs % num_classes,
+            )
+            flat, keep = self._nms(candidates, outputs, targets)
+            counts = torch.bincount(flat[0][keep], minlength=num_images)
+            if bool(((counts >= self.max_detections) | complete).all()):
+                return self._detections(flat, keep, targets)
+            if prefix >= self.pre_nms_topk:
+                return None
+            prefix = min(self.pre_nms_topk, prefix * _PREFIX_GROWTH)
+
+    def _nms(
+        self, candidates: Tuple[Tensor, Tensor, Tensor], outputs: Dict[str, Tensor], targets: List[Dict]
+    ) -> Tuple[Tuple[Tensor, ...], Tensor]:
+        """Decode and clip the candidates above conf_thresh, NMS them, apply max_per_class.
+
+        candidates: scores (Tensor[N, M], -1 where not above conf_thresh), anchor indices and labels
+        (Tensor[N, M] int64). Returns the flat candidates (image_idxs, scores, anchor_idxs, labels, boxes:
+        Tensor[D] each, boxes Tensor[D, 4] xyxy input px) and keep (Tensor[D'] int64 into them, by
+        decreasing score).
+        """
+        pred_box_deltas, anchors = outputs["pred_box_deltas"], outputs["anchors"]
+        num_images, num_anchors = pred_box_deltas.shape[:2]
+        num_classes = outputs["pred_logits"].shape[2] - (self.score_type == "softmax")
+        device = pred_box_deltas.device
+        scores, anchor_idxs, labels = candidates
         keep = scores > self.conf_thresh  # -1: below threshold
         image_idxs = torch.arange(num_images, device=device)[:, None].expand_as(scores)[keep]
-        scores = scores[keep]
-        anchor_idxs = torch.cat(cand_anchor_idxs, dim=1)[keep]
-        labels = torch.cat(cand_labels, dim=1)[keep]
+        scores, anchor_idxs, labels = scores[keep], anchor_idxs[keep], labels[keep]
+        # In (image, anchor, class) order, so that the stable sorts below break ties in score by anchor then
+        # class, whichever way the candidates were selected.
+        canonical = torch.argsort((image_idxs * num_anchors + anchor_idxs) * num_classes + labels)
+        image_idxs, scores, anchor_idxs, labels = (
+            t[canonical] for t in (image_idxs, scores, anchor_idxs, labels)
+        )
 
-        # 2. Decode and clip to the valid (unpadded) image area.
-        sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets]).to(device)  # [N, 2] (h, w)
-        # index_select (row copies): several times faster than advanced indexing for thousands of rows
+        # Decode and clip to the valid (unpadded) image area. index_select (row copies): several times
+        # faster than advanced indexing for thousands of rows.
         boxes = self.box_coder.decode(
             pred_box_deltas.reshape(-1, 4).index_select(0, image_idxs * num_anchors + anchor_idxs),
             anchors.index_select(0, anchor_idxs),
         )
         if self.clip_before_nms:
-            boxes = clip_xyxy(boxes, sizes[image_idxs].float())
+            boxes = clip_xyxy(boxes, _sizes(targets, device)[image_idxs].float())
 
-        # 3. NMS per image and class (or per image). On CPU: one sort makes every group a contiguous
-        # slice, then _nms_sorted_groups (batched_nms would scan all boxes once per group); on GPU: one
-        # batched_nms.
+        # NMS per image and class (or per image). On CPU: one sort makes every group a contiguous slice,
+        # then nms_sorted_groups (batched_nms would scan all boxes once per group); on GPU: one batched_nms.
         nms_groups = image_idxs if self.class_agnostic else image_idxs * num_classes + labels
         if device.type == "cpu":
             # Sort once by group, then score: every group is a contiguous, already sorted slice.
             order = torch.argsort(scores, descending=True, stable=True)
             order = order[torch.argsort(nms_groups[order], stable=True)]
             group_sizes = torch.unique_consecutive(nms_groups[order], return_counts=True)[1]
-            keep = order[
-                _nms_sorted_groups(
-                    boxes.index_select(0, order), scores.index_select(0, order), group_sizes, self.nms_thresh
-                )
-            ]
+            sorted_boxes, sorted_scores = boxes.index_select(0, order), scores.index_select(0, order)
+            keep = order[nms_sorted_groups(sorted_boxes, sorted_scores, group_sizes, self.nms_thresh)]
             keep = keep[torch.argsort(scores[keep], descending=True, stable=True)]
         else:
             keep = batched_nms(boxes.double(), scores.double(), nms_groups, self.nms_thresh)
 
         if self.max_per_class:  # keep is sorted by decreasing score: the first of each group are its best
-            keep = keep[_first_k_per_group(image_idxs[keep] * num_classes + labels[keep], self.max_per_class)]
+            keep = keep[first_k_per_group(image_idxs[keep] * num_classes + labels[keep], self.max_per_class)]
+        return (image_idxs, scores, anchor_idxs, labels, boxes), keep
 
-        # 4. The max_detections best per image: stable sort by image keeps the score order within each.
+    def _detections(
+        self, flat: Tuple[Tensor, ...], keep: Tensor, targets: List[Dict]
+    ) -> List[Dict[str, Tensor]]:
+        """The max_detections best kept per image, mapped to original image pixels (see forward)."""
+        image_idxs, scores, anchor_idxs, labels, boxes = flat
+        device, num_images = boxes.device, len(targets)
+        # Stable sort by image keeps the score order within each.
         keep = keep[torch.sort(image_idxs[keep], stable=True).indices]
         kept_image_idxs = image_idxs[keep]
         counts = torch.bincount(kept_image_idxs, minlength=num_images)
@@ -193,8 +285,7 @@ class PostProcess(nn.Module):
             keep = keep[rank < self.max_detections]
             counts = counts.clamp(max=self.max_detections)
 
-        # 5. Back to original image pixels.
-        scales, orig_sizes = _scales_and_orig_sizes(targets, sizes)
+        scales, orig_sizes = _scales_and_orig_sizes(targets, _sizes(targets, device))
         image_idxs = image_idxs[keep]
         boxes = boxes[keep] / scales.to(device)[image_idxs].repeat(1, 2)
         boxes = clip_xyxy(boxes, orig_sizes.to(device)[image_idxs].float())
@@ -210,112 +301,63 @@ class PostProcess(nn.Module):
         ]
 
 
-# CPU row chunks of the softmax normaliser: [rows, C] temporaries of about 1 MB, served from the
-# allocator's free memory (a level-wide temporary would be fresh pages, whose first touch costs more
-# than the arithmetic on CPU).
-_LOGSUMEXP_ROWS = 4096
-# _nms_sorted_groups resolves groups of up to this many boxes with vectorised pairwise IoUs (at most
-# 128 * 127 / 2 pairs per group) and calls torchvision's nms for larger ones.
-_NMS_VECTOR_MAX = 128
-_NMS_PAIRS_PER_CHUNK = 1 << 15
+def _sizes(targets: List[Dict], device: torch.device) -> Tensor:
+    """Tensor[N, 2] (h, w): each image's valid (unpadded) size in input pixels."""
+    return torch.stack([torch.as_tensor(t["size"]) for t in targets]).to(device)
 
 
-def _logsumexp_last(x: Tensor) -> Tensor:
-    """torch.logsumexp(x, dim=2) for x (Tensor[N, R, C]), by chunks of rows on CPU (the same values: each
-    row is reduced on its own). Returns Tensor[N, R]."""
-    if x.device.type != "cpu":
-        return torch.logsumexp(x, dim=2)
-    out = x.new_empty(x.shape[:2])
-    for i in range(x.shape[0]):
-        for begin in range(0, x.shape[1], _LOGSUMEXP_ROWS):
-            rows = slice(begin, begin + _LOGSUMEXP_ROWS)
-            torch.logsumexp(x[i, rows], dim=1, out=out[i, rows])
-    return out
+# CPU row chunks of the softmax ranking, per intra-op thread: [rows, C] temporaries of about 1 MB per
+# thread that stay in its cache between the passes (one read of the logits from memory), reused chunk
+# after chunk (a level-wide temporary would be fresh pages, whose first touch costs more than the
+# arithmetic on CPU). Per thread, so that the number of parallel ops, each waiting for its slowest
+# thread (long waits on a loaded machine), does not grow with the thread count.
+_SOFTMAX_ROWS_PER_THREAD = 4096
+# The prefix path starts with the best _PREFIX_START * max_detections pairs per image and widens by
+# _PREFIX_GROWTH while an image has too few detections left after NMS (up to pre_nms_topk).
+_PREFIX_START = 4
+_PREFIX_GROWTH = 4
+_LOG2_E = 1.0 / math.log(2.0)
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-def _nms_sorted_groups(boxes: Tensor, scores: Tensor, group_sizes: Tensor, iou_threshold: float) -> Tensor:
-    """torchvision's nms within each group, on CPU, for boxes already sorted by group then score.
+def _softmax_best(pred_logits: Tensor) -> Tuple[Tensor, Tensor]:
+    """Each anchor's best class log-probability, and its softmax normaliser.
 
-    Args:
-        boxes (Tensor[M, 4] float, xyxy), scores (Tensor[M]): group after group, each group by decreasing
-            score (ties in a stable order, which is the order torchvision's CPU nms keeps them in).
-        group_sizes (Tensor[G] int64): boxes per group, summing to M.
+    pred_logits (Tensor[N, A, C], column 0 background). Returns best (Tensor[N, A] float32: the largest of
+    columns 1.. minus log_norm) and log_norm (Tensor[N, A] float32: logsumexp over all C columns).
 
-    Returns:
-        Tensor[D] int64: the positions kept, increasing (so group by group, each by decreasing score).
-
-    A box is kept iff no kept box before it in its group overlaps it by IoU > iou_threshold (greedy NMS).
-    Groups of up to _NMS_VECTOR_MAX boxes are resolved together: the IoU of every pair within a group,
-    computed with the same float operations as torchvision's kernel (so the same comparisons at the
-    threshold), then the rule above iterated to its fixed point (the greedy result is its unique
-    solution, reached after at most one pass per box of the longest suppression chain). Larger groups
-    call torchvision's nms each.
+    On CPU, chunk by chunk of rows: the class max, the row max m (class max or background), then
+    log(sum(exp2((x - m) * log2(e)))) + m. exp2 is about 3x cheaper than exp in torch's CPU kernels; the
+    normaliser differs from torch.logsumexp's by about 1e-7 (tests/test_postprocess_equivalence.py).
     """
-    num_boxes = boxes.shape[0]
-    keep = torch.ones(num_boxes, dtype=torch.bool)
-    starts = torch.cumsum(group_sizes, 0) - group_sizes
-    large = group_sizes > _NMS_VECTOR_MAX
-    for start, size in zip(starts[large].tolist(), group_sizes[large].tolist()):
-        kept = nms(boxes[start : start + size], scores[start : start + size], iou_threshold)
-        keep[start : start + size] = False
-        keep[kept + start] = True
-
-    # Pairs (i, j), i before j, within the small groups: position p pairs with the rest of its group.
-    size_per_box = torch.repeat_interleave(group_sizes, group_sizes)
-    rank = torch.arange(num_boxes) - torch.repeat_interleave(starts, group_sizes)
-    partners = torch.where(size_per_box <= _NMS_VECTOR_MAX, size_per_box - 1 - rank, 0)  # [M]
-    x1, y1, x2, y2 = (c.contiguous() for c in boxes.unbind(1))
-    areas = (x2 - x1) * (y2 - y1)
-    # The pairs of a run of positions at a time, about _NMS_PAIRS_PER_CHUNK: [pairs] temporaries of a few
-    # hundred kB, reused, where all pairs at once (a million on bench_components' batch) would be fresh
-    # pages for each of the twenty operations below.
-    pairs_before = torch.cumsum(partners, 0) - partners
-    bounds = torch.searchsorted(pairs_before, torch.arange(0, int(partners.sum()), _NMS_PAIRS_PER_CHUNK))
-    overlapping_pairs = []
-    for lo, hi in zip(bounds.tolist(), bounds[1:].tolist() + [num_boxes]):
-        count = partners[lo:hi]
-        first = torch.repeat_interleave(torch.arange(lo, hi), count)
-        second = first + 1 + torch.arange(first.numel()) - torch.repeat_interleave(pairs_before[lo:hi], count)
-        second += pairs_before[lo]  # (pairs_before counts from position 0, the chunk's arange from 0)
-        # index_select: much faster than values[first] for many indices
-        pair = lambda values, first=first, second=second: (  # noqa: E731
-            values.index_select(0, first),
-            values.index_select(0, second),
-        )
-        # As torchvision's nms_kernel: areas (x2 - x1) * (y2 - y1); w, h = max(0, min(x2) - max(x1)), ...;
-        # ovr = inter / (area_i + area_j - inter) in the boxes' dtype; suppress if ovr > threshold (double).
-        w = torch.minimum(*pair(x2)).sub_(torch.maximum(*pair(x1))).clamp_(min=0)
-        h = torch.minimum(*pair(y2)).sub_(torch.maximum(*pair(y1))).clamp_(min=0)
-        inter = w.mul_(h)
-        area_first, area_second = pair(areas)
-        iou = inter / area_first.add_(area_second).sub_(inter)
-        overlapping = iou.double() > iou_threshold
-        overlapping_pairs.append((first[overlapping], second[overlapping]))
-    first = (
-        torch.cat([f for f, _ in overlapping_pairs])
-        if overlapping_pairs
-        else torch.zeros(0, dtype=torch.int64)
-    )
-    second = torch.cat([s for _, s in overlapping_pairs]) if overlapping_pairs else first
-
-    small_keep = torch.ones(num_boxes, dtype=torch.bool)
-    while True:
-        suppressed = torch.zeros(num_boxes, dtype=torch.bool)
-        suppressed[second[small_keep[first]]] = True
-        if torch.equal(suppressed, ~small_keep):
-            break
-        small_keep = ~suppressed
-    return (keep & small_keep).nonzero().flatten()
+    if pred_logits.device.type != "cpu":
+        log_norm = torch.logsumexp(pred_logits.float(), dim=2)
+        return pred_logits[..., 1:].amax(dim=2).float() - log_norm, log_norm
+    rows = pred_logits.reshape(-1, pred_logits.shape[2])  # [N * A, C], a view
+    num_rows, num_columns = rows.shape
+    class_max, row_max, log_norm = (torch.empty(num_rows) for _ in range(3))
+    chunk_rows = _SOFTMAX_ROWS_PER_THREAD * torch.get_num_threads()
+    buffer = torch.empty(min(chunk_rows, num_rows), num_columns)
+    for begin in range(0, num_rows, chunk_rows):
+        end = min(begin + chunk_rows, num_rows)
+        chunk = rows[begin:end].float()
+        torch.amax(chunk[:, 1:], dim=1, out=class_max[begin:end])
+        shift = torch.maximum(class_max[begin:end], chunk[:, 0], out=row_max[begin:end])
+        # A finite shift where the row max is infinite: the normaliser is then +-inf, as torch's.
+        shift.clamp_(-_FLOAT32_MAX, _FLOAT32_MAX)
+        shifted = torch.sub(chunk, shift[:, None], out=buffer[: end - begin])
+        torch.sum(shifted.mul_(_LOG2_E).exp2_(), dim=1, out=log_norm[begin:end])
+    log_norm = log_norm.log_().add_(row_max).view(pred_logits.shape[:2])
+    return class_max.view(pred_logits.shape[:2]) - log_norm, log_norm
 
 
 def _per_class_candidates(
     pred_logits: Tensor, softmax: bool, topk: int, conf_thresh: float
-) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Per image and class, the ``topk`` best anchors over all levels (the original's selection).
 
-    pred_logits (Tensor[N, A, C]). Returns one-element lists (the layout of the per-level selection) of
-    scores (Tensor[N, K * k], -1 where not above ``conf_thresh``), anchor indices and labels (Tensor[N,
-    K * k] int64), k = min(topk, A), class-major.
+    pred_logits (Tensor[N, A, C]). Returns scores (Tensor[N, K * k], -1 where not above ``conf_thresh``),
+    anchor indices and labels (Tensor[N, K * k] int64), k = min(topk, A), class-major.
     """
     num_images = pred_logits.shape[0]
     if softmax:
@@ -327,20 +369,10 @@ def _per_class_candidates(
     top_scores = top_scores.masked_fill(top_scores <= conf_thresh, -1.0)
     labels = torch.arange(num_classes, device=pred_logits.device)[None, :, None].expand_as(top_anchors)
     return (
-        [top_scores.reshape(num_images, -1)],
-        [top_anchors.reshape(num_images, -1)],
-        [labels.reshape(num_images, -1)],
+        top_scores.reshape(num_images, -1),
+        top_anchors.reshape(num_images, -1),
+        labels.reshape(num_images, -1),
     )
-
-
-def _first_k_per_group(groups: Tensor, k: int) -> Tensor:
-    """Bool mask [M]: the first ``k`` elements of each group value in ``groups`` (Tensor[M] int64)."""
-    order = torch.sort(groups, stable=True).indices
-    counts = torch.unique_consecutive(groups[order], return_counts=True)[1]
-    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    mask = torch.empty_like(groups, dtype=torch.bool)
-    mask[order] = torch.arange(groups.numel(), device=groups.device) - first < k
-    return mask
 
 
 def _scales_and_orig_sizes(targets: List[Dict], sizes: Tensor):
