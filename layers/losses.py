@@ -226,9 +226,11 @@ class MultiBoxLoss(_AnchorLoss):
         return {"loss_cls": loss_cls, "loss_box": loss_box}
 
 
-# Rows per chunk: [rows, K] temporaries stay a few MB, so they are served from the allocator's free
-# memory instead of fresh pages (on CPU, first-touch page faults cost more than the arithmetic).
-_CHUNK_ROWS = 4096
+# Rows per chunk and intra-op thread: [rows, K] temporaries stay a few MB per thread, so they are served
+# from the allocator's free memory instead of fresh pages (on CPU, first-touch page faults cost more
+# than the arithmetic). Per thread, so that the number of parallel ops, each waiting for its slowest
+# thread (long waits on a loaded machine), does not grow with the thread count.
+_CHUNK_ROWS_PER_THREAD = 4096
 
 
 def _softplus(x: Tensor, out: Tensor) -> Tensor:
@@ -244,7 +246,7 @@ def _negative_focal_terms(logits: Tensor, gamma: float, grad: Tensor | None) -> 
     reused across chunks, and nothing else of size [M, K] but ``grad``.
     """
     num_rows, num_columns = logits.shape
-    rows = max(1, min(_CHUNK_ROWS, num_rows))
+    rows = max(1, min(_CHUNK_ROWS_PER_THREAD * torch.get_num_threads(), num_rows))
     p_buf, s_buf = logits.new_empty((rows, num_columns)), logits.new_empty((rows, num_columns))
     row_sums = logits.new_empty(num_rows)
     for begin in range(0, num_rows, rows):
