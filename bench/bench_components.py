@@ -11,8 +11,9 @@ columns, 2 to 20 ground-truth boxes per image, the 67,995 anchors of P3..P7 (9 p
   forward pass only, on logits that require grad (so both sides record their autograd graph); then
   forward + backward (``*_fwd_bwd``, the figures to compare: our FocalLoss computes its gradient during
   the forward pass, so its forward row includes most of its backward).
-- postprocess: ours (sigmoid, also softmax for information) vs ``RetinaNet.postprocess_detections`` on the
-  outputs split per level, both with score 0.05, 1000 candidates per level, NMS 0.5, 100 detections.
+- postprocess: ours (sigmoid, and softmax, the OHEM models' scores, which also need each anchor's
+  normaliser over all 81 columns) vs ``RetinaNet.postprocess_detections`` on the outputs split per
+  level, both with score 0.05, 1000 candidates per level, NMS 0.5, 100 detections.
   Logits are N(-6, 1.5^2), so about 2 % of the (anchor, class) pairs pass 0.05: the trained-model
   regime, rather than random logits where every pair passes.
 - full_step: zero_grad + forward + loss + backward of our ResNet-50 FPN detector (from scratch: nothing
