@@ -81,7 +81,7 @@ def batch(num_images=4, side=64, seed=0):
     ],
 )
 def test_postprocess_cuda_batched_nms_matches_cpu(score_type, options, monkeypatch):
-    """The CUDA path (one batched_nms) and the CPU path (one nms per group) keep the same detections."""
+    """The CUDA path (batched_nms) and the CPU path (grouped nms) keep the same detections."""
     generator = torch.Generator().manual_seed(1)
     num_images, side, num_classes = 3, 256, 5
     anchor_generator = AnchorGenerator(
@@ -110,13 +110,18 @@ def test_postprocess_cuda_batched_nms_matches_cpu(score_type, options, monkeypat
         return real_batched_nms(*args, **kwargs)
 
     monkeypatch.setattr(postprocess_module, "batched_nms", counting_batched_nms)
+    rounds = []  # NMS runs: one per round of the prefix path (layers/postprocess.py), one per-level
+    real_nms_step = PostProcess._nms
+    monkeypatch.setattr(PostProcess, "_nms", lambda self, *a: rounds.append(1) or real_nms_step(self, *a))
     on_cpu = post(outputs, targets)
     assert nms_calls == []  # the CPU path: nms per group
+    cpu_rounds, rounds[:] = len(rounds), []
     on_cuda = post(
         {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()},
         [{k: v.cuda() for k, v in t.items()} for t in targets],
     )
-    assert nms_calls == ["cuda"]  # the CUDA path: one batched_nms over the batch
+    # The CUDA path: one batched_nms over the batch per NMS run, and as many runs as on the CPU.
+    assert cpu_rounds >= 1 and nms_calls == ["cuda"] * cpu_rounds == ["cuda"] * len(rounds)
     assert sum(len(d["scores"]) for d in on_cpu) > 50  # enough detections for the comparison to mean much
     for cpu, cuda in zip(on_cpu, on_cuda):
         assert torch.equal(cuda["labels"].cpu(), cpu["labels"])
