@@ -4,7 +4,7 @@ each group.
 torchvision's ``batched_nms`` on the CPU scans every box once per group when there are more than a few
 thousand boxes (one ``idxs == group`` mask each), and ``nms`` per group costs a call per group: hundreds
 of (image, class) groups per batch in post-processing. ``nms_sorted_groups`` resolves the small groups
-together with vectorised pairwise IoUs and gives torchvision's result (tests/test_postprocess_equivalence.py).
+together with vectorised pairwise IoUs and gives torchvision's result (tests/test_grouped_nms.py).
 """
 
 import torch

@@ -328,7 +328,7 @@ def _softmax_best(pred_logits: Tensor) -> Tuple[Tensor, Tensor]:
 
     On CPU, chunk by chunk of rows: the class max, the row max m (class max or background), then
     log(sum(exp2((x - m) * log2(e)))) + m. exp2 is about 3x cheaper than exp in torch's CPU kernels; the
-    normaliser differs from torch.logsumexp's by about 1e-7 (tests/test_postprocess_equivalence.py).
+    normaliser differs from torch.logsumexp's by about 1e-7 (tests/test_postprocess_prefix.py).
     """
     if pred_logits.device.type != "cpu":
         log_norm = torch.logsumexp(pred_logits.float(), dim=2)
