@@ -126,6 +126,10 @@ class PostProcess(nn.Module):
         candidates = self._per_level_candidates(best, log_norm, pred_logits, num_anchors_per_level)
         return self._detections(*self._nms(candidates, outputs, targets), targets)
 
+    def _num_classes(self, pred_logits: Tensor) -> int:
+        """K: the score columns of pred_logits (Tensor[N, A, C]) less softmax's background column."""
+        return pred_logits.shape[2] - (self.score_type == "softmax")
+
     def _pair_scores(self, pred_logits: Tensor, log_norm: Tensor | None, top_anchors: Tensor) -> Tensor:
         """Scores of every class of the given anchors, those not above conf_thresh set to -1.
 
@@ -155,7 +159,7 @@ class PostProcess(nn.Module):
         instead of scores, a mask and a top-k over all A_l * K pairs. Returns scores (Tensor[N, M], -1
         where not above conf_thresh), anchor indices and labels (Tensor[N, M] int64), level after level.
         """
-        num_classes = pred_logits.shape[2] - (log_norm is not None)
+        num_classes = self._num_classes(pred_logits)
         cand_scores, cand_anchor_idxs, cand_labels = [], [], []
         start = 0
         for num_level in num_anchors_per_level:
@@ -188,7 +192,7 @@ class PostProcess(nn.Module):
         """
         pred_logits = outputs["pred_logits"]
         num_images, num_anchors, num_columns = pred_logits.shape
-        num_classes = num_columns - (log_norm is not None)
+        num_classes = self._num_classes(pred_logits)
         prefix = min(self.pre_nms_topk, _PREFIX_START * self.max_detections)
         while True:
             top_best, top_anchors = best.topk(min(prefix + 1, num_anchors), dim=1)  # [N, k]
@@ -229,7 +233,7 @@ class PostProcess(nn.Module):
         """
         pred_box_deltas, anchors = outputs["pred_box_deltas"], outputs["anchors"]
         num_images, num_anchors = pred_box_deltas.shape[:2]
-        num_classes = outputs["pred_logits"].shape[2] - (self.score_type == "softmax")
+        num_classes = self._num_classes(outputs["pred_logits"])
         device = pred_box_deltas.device
         scores, anchor_idxs, labels = candidates
         keep = scores > self.conf_thresh  # -1: below threshold
